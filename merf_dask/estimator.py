@@ -1,0 +1,499 @@
+"""The scikit-learn estimator :class:`MERF`.
+
+``MERF`` fits y_i = f(X_i) + Z_i b_i + e_i with b_i ~ N(0, D), e_i ~ N(0, sigma2 I) by the EM
+algorithm of Hajjem, Bellavance & Larocque (2014), with out-of-bag forest predictions inside EM
+as the authors' own code does.
+
+Where the fit runs is decided by the data (as in dask-ml and LightGBM's Dask estimators):
+
+* numpy / pandas input and no Dask client: in this process (:class:`em.InMemoryEMData`);
+* Dask collections, or any input while a ``distributed`` client is active or given: on the
+  cluster (:class:`dask_em.DaskEMData`), with every cluster's rows in one partition.
+
+Both paths run the same loop (:func:`em.run_em`) on the same numerical core (:mod:`._core`).
+
+Input is either merf 1.0's ``fit(X, Z, clusters, y)`` or, with ``formula=``, one frame
+``fit(data)`` (a pandas or Dask DataFrame) described by an lme4 formula.
+"""
+
+from __future__ import annotations
+
+import warnings
+from numbers import Integral, Real
+
+import joblib
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import r2_score
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted
+
+from . import _validation as check
+from ._core import random_effects_offset
+from .em import InMemoryEMData, run_em
+from .learners import default_learner, is_bagged_forest, supports_oob
+
+__all__ = ["MERF", "SingularFitWarning"]
+
+#: D is called singular (a boundary fit) when its smallest eigenvalue is below this fraction of
+#: its largest, the threshold lme4's ``isSingular`` uses on the relative covariance factor.
+_SINGULAR_TOLERANCE = 1e-4
+
+# internal column names of the one frame the distributed fit works on
+_CLUSTER, _RESPONSE = "__cluster__", "__response__"
+
+
+class SingularFitWarning(UserWarning):
+    """The estimated random-effects covariance D is (nearly) singular: a boundary fit."""
+
+
+def _is_dask(obj) -> bool:
+    return hasattr(obj, "dask") and hasattr(obj, "npartitions")
+
+
+def _active_client():
+    from distributed import default_client
+    try:
+        return default_client()
+    except ValueError:  # no client has been created in this process
+        return None
+
+
+class MERF(RegressorMixin, BaseEstimator):
+    """Mixed Effects Random Forest, fitted by EM, in-process or on a Dask cluster.
+
+    Parameters
+    ----------
+    fixed_effects_model : estimator, default=None
+        Learner of the fixed effects f (any scikit-learn regressor). None gives a random forest of
+        100 trees with out-of-bag predictions. It is cloned, never modified or shared.
+    formula : str, default=None
+        lme4 formula such as ``"y ~ x1 + x2 + (1 + t | g)"``; then ``fit(data)`` and
+        ``predict(data)`` take one DataFrame. See :mod:`merf_dask.formula`.
+    max_iterations : int, default=20
+        Maximum number of EM iterations.
+    tol : float, default=1e-3
+        Stop when the relative change of the generalised log-likelihood (GLL) falls below
+        ``tol``; 0 runs all ``max_iterations``.
+    oob : "auto" or bool, default="auto"
+        Use out-of-bag predictions of f at the training rows inside EM. "auto" uses them whenever
+        the learner offers them (bagged ensembles); False uses in-sample predictions (merf 1.0,
+        which biases sigma2 low for forests).
+    m_step : {"auto", "local", "global"}, default="auto"
+        Fixed-effects step of a distributed fit. "local": every partition grows its share of the
+        forest's trees on its own rows and computes out-of-bag predictions where the rows live.
+        "global": one learner fitted on rows gathered to the driver (any learner). "auto": "local"
+        for bagged scikit-learn forests, "global" otherwise.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the default forest and the bootstrap of the data-local M-step.
+    client : distributed.Client, default=None
+        Client of the cluster to fit on. None uses the active client if there is one and runs in
+        this process otherwise.
+
+    Attributes
+    ----------
+    fe_model_ : estimator
+        The fitted fixed-effects learner.
+    b_ : DataFrame of shape (n_clusters, q)
+        Random effects (BLUPs) indexed by cluster id, one column per Z column.
+    b_cov_ : ndarray of shape (n_clusters, q, q)
+        Conditional covariances Var(b_i | y_i), rows in the order of ``b_``.
+    D_ : ndarray of shape (q, q)
+        Covariance of the random effects.
+    sigma2_ : float
+        Residual variance.
+    gll_history_, sigma2_history_ : list of float
+    D_history_ : list of ndarray of shape (q, q)
+    val_loss_history_ : list of float
+        Validation MSE per iteration (empty without validation data).
+    history_ : list of IterationRecord
+        Everything logged per iteration, including timings.
+    n_iter_ : int
+    converged_ : bool
+    oob_ : bool
+        Whether out-of-bag predictions were used inside EM.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of the features (formula columns, or X's DataFrame columns).
+    z_names_ : list of str
+        Names of the random-effect columns.
+
+    Examples
+    --------
+    >>> from merf_dask import MERF
+    >>> from merf_dask.simulate import simulate_frame
+    >>> df = simulate_frame(n_rows=2000, n_clusters=50, seed=0)
+    >>> model = MERF(formula="y ~ x1 + x2 + x3 + (1 | cluster)", random_state=0).fit(df)
+    >>> model.predict(df).shape
+    (2000,)
+    """
+
+    _parameter_constraints: dict = {
+        "fixed_effects_model": [HasMethods(["fit", "predict"]), None],
+        "formula": [str, None],
+        "max_iterations": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "oob": [StrOptions({"auto"}), "boolean"],
+        "m_step": [StrOptions({"auto", "local", "global"})],
+        "random_state": ["random_state"],
+        "client": [HasMethods(["submit", "gather"]), None],
+    }
+
+    def __init__(self, fixed_effects_model=None, *, formula=None, max_iterations=20, tol=1e-3,
+                 oob="auto", m_step="auto", random_state=None, client=None):
+        self.fixed_effects_model = fixed_effects_model
+        self.formula = formula
+        self.max_iterations = max_iterations
+        self.tol = tol
+        self.oob = oob
+        self.m_step = m_step
+        self.random_state = random_state
+        self.client = client
+
+    # A client is shared, never copied: sklearn's clone deep-copies non-estimator parameters.
+    def __sklearn_clone__(self):
+        params = self.get_params(deep=False)
+        return type(self)(**{name: value if name == "client" else clone(value, safe=False)
+                             for name, value in params.items()})
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["client"] = None  # a client cannot travel with the model
+        return state
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, X, Z=None, clusters=None, y=None, X_val=None, Z_val=None, clusters_val=None,
+            y_val=None):
+        """Fit the model by EM.
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+            Fixed-effects features; with ``formula``, the one DataFrame holding every column
+            (pandas or Dask), and Z, clusters and y are left out.
+        Z : array-like or DataFrame of shape (n_samples, q)
+            Random-effects design (a column of ones for a random intercept).
+        clusters : array-like of shape (n_samples,)
+            Cluster id of every row, of any hashable type.
+        y : array-like of shape (n_samples,) or DataFrame with one column
+        X_val, Z_val, clusters_val, y_val : optional
+            Validation data (in memory); its MSE is recorded every iteration. With ``formula``,
+            pass the validation frame as ``X_val``.
+
+        Returns
+        -------
+        self : MERF
+        """
+        self._validate_params()
+        learner = self._learner()
+        use_oob = self._use_oob(learner)
+        if self.formula is not None:
+            data, validation = self._formula_training_data(X, Z, clusters, y, X_val)
+        else:
+            data, validation = self._array_training_data(X, Z, clusters, y, X_val, Z_val,
+                                                         clusters_val, y_val)
+        client = self.client or _active_client()
+        if data["distributed"] or client is not None:
+            em_data = self._distributed_em_data(data, client, learner, use_oob)
+        else:
+            em_data = InMemoryEMData(X=data["X"], Z=data["Z"], codes=data["codes"], y=data["y"],
+                                     cluster_ids=data["cluster_ids"])
+        result = run_em(em_data, learner=learner, use_oob=use_oob, q=len(self.z_names_),
+                        max_iterations=self.max_iterations, tol=self.tol,
+                        validation_mse=validation)
+        self._store_result(result, use_oob)
+        return self
+
+    def _learner(self):
+        if self.fixed_effects_model is None:
+            return default_learner(random_state=self.random_state)
+        return clone(self.fixed_effects_model)
+
+    def _use_oob(self, learner) -> bool:
+        if self.oob == "auto":
+            return supports_oob(learner)
+        if self.oob and not supports_oob(learner):
+            raise ValueError(f"oob=True but {type(learner).__name__} has no out-of-bag "
+                             "predictions; use a bagged ensemble or oob='auto'")
+        return bool(self.oob)
+
+    def _array_training_data(self, X, Z, clusters, y, X_val, Z_val, clusters_val, y_val):
+        if Z is None or clusters is None or y is None:
+            raise ValueError("fit(X, Z, clusters, y) needs Z, clusters and y "
+                             "(or set formula= and pass one DataFrame)")
+        inputs = (X, Z, clusters, y)
+        if any(map(_is_dask, inputs)):
+            if not all(map(_is_dask, inputs)):
+                raise ValueError("X, Z, clusters and y must all be Dask collections or none")
+            return self._dask_array_training_data(X, Z, clusters, y), self._validation_mse(
+                X_val, Z_val, clusters_val, y_val)
+        X, x_names = check.check_matrix(X, name="X")
+        Z, z_names = check.check_matrix(Z, name="Z")
+        ids = check.check_clusters(clusters)
+        y = check.check_vector(y, name="y")
+        check.check_same_length(X=X, Z=Z, clusters=ids, y=y)
+        self.n_features_in_ = X.shape[1]
+        self.feature_names_in_ = np.asarray(x_names, dtype=object)
+        self.z_names_ = z_names
+        codes, cluster_ids = pd.factorize(ids, sort=False)
+        data = dict(distributed=False, X=X, Z=Z, y=y, codes=codes.astype(np.int64),
+                    cluster_ids=pd.Index(cluster_ids))
+        return data, self._validation_mse(X_val, Z_val, clusters_val, y_val)
+
+    def _dask_array_training_data(self, X, Z, clusters, y):
+        import dask.dataframe as dd
+        x_names = [str(c) for c in X.columns]
+        z_names = [str(c) for c in Z.columns] if hasattr(Z, "columns") else ["Z0"]
+        self.n_features_in_ = len(x_names)
+        self.feature_names_in_ = np.asarray(x_names, dtype=object)
+        self.z_names_ = z_names
+        z_columns = [f"Z[{name}]" for name in z_names]
+        frame = dd.map_partitions(_combine_columns, X, Z, clusters, y, x_names=x_names,
+                                  z_columns=z_columns, align_dataframes=False)
+        return dict(distributed=True, frame=frame, x_columns=x_names, z_columns=z_columns)
+
+    def _formula_training_data(self, data, Z, clusters, y, data_val):
+        from .formula import FeatureEncoder, design_matrices, parse_formula
+        if Z is not None or clusters is not None or y is not None:
+            raise ValueError("with formula=, fit(data) takes one DataFrame; Z, clusters and y "
+                             "come from the formula")
+        data = _as_frame(data)
+        spec = parse_formula(self.formula, columns=[str(c) for c in data.columns])
+        self.formula_spec_ = spec
+        self.encoder_ = FeatureEncoder().fit(data[list(spec.fixed)])
+        self.n_features_in_ = len(spec.fixed)
+        self.feature_names_in_ = np.asarray(spec.fixed, dtype=object)
+        self.z_names_ = list(spec.z_names)
+        validation = None
+        if data_val is not None:
+            X_v, Z_v, g_v, y_v = design_matrices(_as_frame(data_val), spec, self.encoder_)
+            validation = self._validation_mse(X_v, Z_v, g_v, y_v)
+        if _is_dask(data):
+            z_columns = [f"Z[{name}]" for name in spec.z_names]
+            x_columns = list(spec.fixed)
+            frame = data.map_partitions(_formula_partition, spec=spec, encoder=self.encoder_,
+                                        x_columns=x_columns, z_columns=z_columns)
+            return dict(distributed=True, frame=frame, x_columns=x_columns,
+                        z_columns=z_columns), validation
+        X, Z, groups, y = design_matrices(data, spec, self.encoder_)
+        return self._array_training_data(X, Z, groups, y, None, None, None, None)[0], validation
+
+    def _validation_mse(self, X_val, Z_val, clusters_val, y_val):
+        given = [v is not None for v in (X_val, Z_val, clusters_val, y_val)]
+        if not any(given):
+            return None
+        if not all(given):
+            raise ValueError("validation needs all of X_val, Z_val, clusters_val and y_val")
+        X_val, _ = check.check_matrix(X_val, name="X_val")
+        Z_val, _ = check.check_matrix(Z_val, name="Z_val")
+        ids_val = check.check_clusters(clusters_val, name="clusters_val")
+        y_val = check.check_vector(y_val, name="y_val")
+        check.check_same_length(X_val=X_val, Z_val=Z_val, clusters_val=ids_val, y_val=y_val)
+
+        def validation_mse(fe_model, cluster_ids, b):
+            codes = cluster_ids.get_indexer(ids_val)
+            prediction = fe_model.predict(X_val) + random_effects_offset(Z_val, b, codes)
+            return float(np.mean((y_val - prediction) ** 2))
+        return validation_mse
+
+    def _distributed_em_data(self, data, client, learner, use_oob):
+        import dask.dataframe as dd
+        from .dask_em import DaskEMData
+        from .partitioning import ensure_cluster_partitions
+        if client is None:
+            raise ValueError("a distributed fit needs a dask.distributed Client: create one "
+                             "(Client()) or pass client=")
+        if data["distributed"]:
+            frame, x_columns, z_columns = data["frame"], data["x_columns"], data["z_columns"]
+        else:
+            x_columns = [f"X[{i}]" for i in range(data["X"].shape[1])]
+            z_columns = [f"Z[{i}]" for i in range(data["Z"].shape[1])]
+            pandas_frame = pd.DataFrame(np.column_stack([data["X"], data["Z"]]),
+                                        columns=x_columns + z_columns)
+            pandas_frame[_CLUSTER] = np.asarray(data["cluster_ids"], dtype=object)[data["codes"]]
+            pandas_frame[_RESPONSE] = data["y"]
+            # a sorted index of cluster codes: from_pandas never splits equal index values
+            pandas_frame.index = pd.Index(data["codes"])
+            n_partitions = min(len(data["cluster_ids"]),
+                               2 * max(1, len(client.scheduler_info()["workers"])))
+            frame = dd.from_pandas(pandas_frame.sort_index(kind="stable"),
+                                   npartitions=n_partitions, sort=True)
+        frame = ensure_cluster_partitions(frame, _CLUSTER)
+        m_step = self.m_step
+        if m_step == "auto":
+            m_step = "local" if is_bagged_forest(learner) and use_oob else "global"
+        if m_step == "local" and not (is_bagged_forest(learner) and use_oob):
+            raise ValueError("m_step='local' grows a bagged scikit-learn forest on each partition "
+                             f"with out-of-bag predictions; {type(learner).__name__} with "
+                             f"oob={self.oob!r} cannot; use m_step='global'")
+        partitions = client.compute(frame.to_delayed())
+        em_data = DaskEMData(client=client, partitions=partitions, x_columns=x_columns,
+                             z_columns=z_columns, cluster_column=_CLUSTER, y_column=_RESPONSE,
+                             m_step=m_step,
+                             seed=int(check_random_state(self.random_state).randint(2**31 - 1)))
+        self.n_partitions_ = len(partitions)
+        self.m_step_ = m_step
+        return em_data
+
+    def _store_result(self, result, use_oob):
+        self.fe_model_ = result.fe_model
+        ids = result.cluster_ids
+        self.b_ = pd.DataFrame(result.b, index=ids, columns=self.z_names_)
+        self.b_.index.name = "cluster"
+        self.b_cov_ = result.b_cov
+        self.D_ = result.D
+        self.sigma2_ = result.sigma2
+        self.history_ = result.history
+        self.gll_history_ = [r.gll for r in result.history]
+        self.sigma2_history_ = [r.sigma2 for r in result.history]
+        self.D_history_ = [r.D for r in result.history]
+        self.val_loss_history_ = [r.val_mse for r in result.history if r.val_mse is not None]
+        self.n_iter_ = len(result.history)
+        self.converged_ = result.converged
+        self.oob_ = use_oob
+        if self.tol > 0 and not result.converged:
+            warnings.warn(f"MERF did not converge in {self.max_iterations} iterations "
+                          f"(relative GLL change {result.history[-1].relative_change:.2e} > "
+                          f"tol={self.tol}); increase max_iterations", ConvergenceWarning,
+                          stacklevel=3)
+        eigenvalues = np.linalg.eigvalsh(self.D_)
+        if eigenvalues[0] <= _SINGULAR_TOLERANCE * max(eigenvalues[-1], np.finfo(float).tiny):
+            warnings.warn("boundary (singular) fit: the random-effects covariance D is nearly "
+                          f"singular (eigenvalues {eigenvalues}); consider fewer random-effect "
+                          "columns", SingularFitWarning, stacklevel=3)
+
+    # -------------------------------------------------------------- predict
+
+    def predict(self, X, Z=None, clusters=None):
+        """Predict f(X) + Z b_i for known clusters and f(X) for new ones.
+
+        Parameters
+        ----------
+        X : array-like or DataFrame of shape (n_samples, n_features)
+            With ``formula``, the one DataFrame (pandas or Dask) holding every column.
+        Z : array-like of shape (n_samples, q)
+        clusters : array-like of shape (n_samples,)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,), or a Dask Series (lazy) for Dask input
+        """
+        check_is_fitted(self, "fe_model_")
+        if self.formula is not None:
+            return self._predict_formula(X)
+        if _is_dask(X):
+            import dask.dataframe as dd
+            return dd.map_partitions(_predict_partition, X, Z, clusters, model=self,
+                                     align_dataframes=False, meta=("prediction", float))
+        X, _ = check.check_matrix(X, name="X")
+        Z, _ = check.check_matrix(Z, name="Z")
+        ids = check.check_clusters(clusters)
+        check.check_same_length(X=X, Z=Z, clusters=ids)
+        return self._predict_arrays(X, Z, ids)
+
+    def _predict_arrays(self, X, Z, ids) -> np.ndarray:
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, the model was fitted with "
+                             f"{self.n_features_in_}")
+        if Z.shape[1] != self.D_.shape[0]:
+            raise ValueError(f"Z has {Z.shape[1]} columns, the model was fitted with "
+                             f"{self.D_.shape[0]}")
+        codes = self.b_.index.get_indexer(ids)
+        return (np.asarray(self.fe_model_.predict(X), dtype=float)
+                + random_effects_offset(Z, self.b_.to_numpy(), codes))
+
+    def _predict_formula(self, data):
+        from .formula import design_matrices
+        if _is_dask(data):
+            return data.map_partitions(_predict_formula_partition, model=self,
+                                       meta=("prediction", float))
+        X, Z, groups, _ = design_matrices(_as_frame(data), self.formula_spec_, self.encoder_,
+                                          require_response=False)
+        return self._predict_arrays(X, Z, groups)
+
+    def score(self, X, Z=None, clusters=None, y=None):
+        """R^2 of ``predict`` (with ``formula``: ``score(data)``, the response from the frame)."""
+        if self.formula is not None:
+            from .formula import design_matrices
+            X_, Z_, groups, y_ = design_matrices(_as_frame(X), self.formula_spec_, self.encoder_)
+            return r2_score(y_, self._predict_arrays(X_, Z_, groups))
+        return r2_score(check.check_vector(y, name="y"), self.predict(X, Z, clusters))
+
+    # ----------------------------------------------------- merf 1.0 names
+
+    @property
+    def trained_fe_model(self):
+        """merf 1.0 name of ``fe_model_``."""
+        return self.fe_model_
+
+    @property
+    def trained_b(self):
+        """merf 1.0 name of ``b_``."""
+        return self.b_
+
+    @property
+    def gll_history(self):
+        """merf 1.0 name of ``gll_history_``."""
+        return self.gll_history_
+
+    @property
+    def sigma2_hat_history(self):
+        """merf 1.0 name of ``sigma2_history_``."""
+        return self.sigma2_history_
+
+    @property
+    def D_hat_history(self):
+        """merf 1.0 name of ``D_history_``."""
+        return self.D_history_
+
+    @property
+    def val_loss_history(self):
+        """merf 1.0 name of ``val_loss_history_``."""
+        return self.val_loss_history_
+
+
+def _as_frame(data):
+    if isinstance(data, pd.DataFrame) or _is_dask(data):
+        return data
+    raise ValueError(f"with formula=, data must be a pandas or Dask DataFrame, got "
+                     f"{type(data).__name__}")
+
+
+def _combine_columns(X, Z, clusters, y, *, x_names, z_columns) -> pd.DataFrame:
+    """One partition of the frame a distributed fit works on (runs on the workers)."""
+    Z = Z.to_frame() if isinstance(Z, pd.Series) else Z
+    frame = pd.DataFrame(X.to_numpy(dtype=float), columns=x_names)
+    frame[z_columns] = Z.to_numpy(dtype=float)
+    frame[_CLUSTER] = np.asarray(clusters)
+    frame[_RESPONSE] = np.asarray(y, dtype=float).reshape(-1)
+    return frame
+
+
+def _formula_partition(part, *, spec, encoder, x_columns, z_columns) -> pd.DataFrame:
+    from .formula import design_matrices
+    X, Z, groups, y = design_matrices(part, spec, encoder)
+    frame = pd.DataFrame(X, columns=x_columns)
+    frame[z_columns] = Z
+    frame[_CLUSTER] = np.asarray(groups)
+    frame[_RESPONSE] = y
+    return frame
+
+
+# Worker processes are daemons and cannot start joblib's process pool: forests predict on threads.
+
+def _predict_partition(X, Z, clusters, *, model) -> pd.Series:
+    Z = Z.to_frame() if isinstance(Z, pd.Series) else Z
+    with joblib.parallel_config(backend="threading"):
+        prediction = model._predict_arrays(X.to_numpy(dtype=float), Z.to_numpy(dtype=float),
+                                           check.check_clusters(clusters))
+    return pd.Series(prediction, index=X.index, name="prediction")
+
+
+def _predict_formula_partition(part, *, model) -> pd.Series:
+    with joblib.parallel_config(backend="threading"):
+        prediction = model._predict_formula(part)
+    return pd.Series(prediction, index=part.index, name="prediction")
