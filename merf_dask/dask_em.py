@@ -174,6 +174,14 @@ def _tree_reduce(client, futures: list, combine):
     return futures[0]
 
 
+def _allocate_trees(n_rows: np.ndarray, n_trees: int) -> np.ndarray:
+    """Trees per partition in proportion to its rows (largest remainders), at least one each."""
+    share = n_rows / n_rows.sum() * n_trees
+    allocated = np.floor(share).astype(int)
+    allocated[np.argsort(allocated - share)[: n_trees - allocated.sum()]] += 1
+    return np.maximum(allocated, 1)
+
+
 def _merge_forest(template, trees: list, n_features: int):
     """A fitted scikit-learn forest made of ``trees`` grown elsewhere."""
     forest = clone(template).set_params(n_estimators=len(trees), oob_score=False)
@@ -229,9 +237,7 @@ class DaskEMData:
         return fitted
 
     def _fit_local_forest(self, learner, *, iteration):
-        # trees in proportion to rows, at least one per partition
-        share = self.n_rows / self.n_rows.sum() * learner.n_estimators
-        n_trees = np.maximum(1, np.round(share)).astype(int)
+        n_trees = _allocate_trees(self.n_rows, learner.n_estimators)
         seeds = np.random.SeedSequence([self.seed, iteration]).generate_state(len(n_trees))
         grown = self.client.map(_grow_trees, self.states, n_trees.tolist(), seeds.tolist(),
                                 tree_class=type(learner.estimator),

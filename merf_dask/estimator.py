@@ -39,8 +39,10 @@ from .learners import default_learner, is_bagged_forest, supports_oob
 __all__ = ["MERF", "SingularFitWarning"]
 
 #: D is called singular (a boundary fit) when its smallest eigenvalue is below this fraction of
-#: its largest, the threshold lme4's ``isSingular`` uses on the relative covariance factor.
-_SINGULAR_TOLERANCE = 1e-4
+#: sigma2. lme4's ``isSingular`` asks 1e-4 of the standard-deviation ratio, but EM approaches a
+#: boundary only like 1/iterations, so the variance ratio 1e-3 (a standard-deviation ratio of
+#: about 0.03, a negligible random effect) is what a finished EM fit can show.
+_SINGULAR_TOLERANCE = 1e-3
 
 # internal column names of the one frame the distributed fit works on
 _CLUSTER, _RESPONSE = "__cluster__", "__response__"
@@ -361,10 +363,11 @@ class MERF(RegressorMixin, BaseEstimator):
                           f"tol={self.tol}); increase max_iterations", ConvergenceWarning,
                           stacklevel=3)
         eigenvalues = np.linalg.eigvalsh(self.D_)
-        if eigenvalues[0] <= _SINGULAR_TOLERANCE * max(eigenvalues[-1], np.finfo(float).tiny):
+        if eigenvalues[0] <= _SINGULAR_TOLERANCE * self.sigma2_:
             warnings.warn("boundary (singular) fit: the random-effects covariance D is nearly "
-                          f"singular (eigenvalues {eigenvalues}); consider fewer random-effect "
-                          "columns", SingularFitWarning, stacklevel=3)
+                          f"singular (eigenvalues {np.array2string(eigenvalues, precision=3)}, "
+                          f"sigma2 {self.sigma2_:.3g}); consider fewer random-effect columns",
+                          SingularFitWarning, stacklevel=3)
 
     # -------------------------------------------------------------- predict
 

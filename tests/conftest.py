@@ -1,0 +1,35 @@
+"""Shared fixtures: simulated data and a real multi-process Dask cluster."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """A real LocalCluster with two worker processes, one per module (start-up takes seconds)."""
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
+
+
+def simulate_lmm(*, n_clusters=120, seed=0, slope=True, min_size=1, max_size=40,
+                 beta=(1.5, -2.0, 0.5), intercept=3.0, D=((2.0, 0.3), (0.3, 0.5)), sigma2=1.0):
+    """Linear mixed-model data with a random intercept (and slope on ``t``), uneven clusters."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(min_size, max_size + 1, n_clusters)
+    codes = np.repeat(np.arange(n_clusters), sizes)
+    n = len(codes)
+    X = rng.standard_normal((n, len(beta)))
+    t = rng.uniform(-1, 1, n)
+    D = np.asarray(D) if slope else np.asarray(D)[:1, :1]
+    b = rng.multivariate_normal(np.zeros(len(D)), D, n_clusters)
+    Z = np.column_stack([np.ones(n), t]) if slope else np.ones((n, 1))
+    y = intercept + X @ np.asarray(beta) + np.einsum("nq,nq->n", Z, b[codes]) \
+        + rng.normal(0, np.sqrt(sigma2), n)
+    frame = pd.DataFrame(X, columns=[f"x{i + 1}" for i in range(len(beta))])
+    frame["t"] = t
+    frame["g"] = np.array([f"g{c}" for c in range(n_clusters)])[codes]
+    frame["y"] = y
+    return frame

@@ -1,0 +1,83 @@
+"""Distributed fits on a real two-process LocalCluster agree with in-process fits."""
+
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LinearRegression
+
+from merf_dask import MERF
+from merf_dask.partitioning import check_cluster_partitions, ensure_cluster_partitions
+
+from conftest import simulate_lmm
+
+LINEAR = dict(max_iterations=15, tol=0)
+
+
+@pytest.fixture(scope="module")
+def frame():
+    frame = simulate_lmm(n_clusters=60, seed=5)
+    frame["one"] = 1.0
+    return frame
+
+
+@pytest.fixture(scope="module")
+def in_process(frame):
+    return MERF(LinearRegression(), **LINEAR).fit(
+        frame[["x1", "x2", "x3"]], frame[["one", "t"]], frame["g"], frame["y"])
+
+
+def assert_same_model(model, reference):
+    np.testing.assert_allclose(model.sigma2_, reference.sigma2_, rtol=1e-8)
+    np.testing.assert_allclose(model.D_, reference.D_, rtol=1e-8)
+    np.testing.assert_allclose(model.gll_history_, reference.gll_history_, rtol=1e-8)
+    b = model.b_.loc[reference.b_.index].to_numpy()
+    np.testing.assert_allclose(b, reference.b_.to_numpy(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("npartitions", [1, 4])
+def test_dask_collections_match_in_process(dask_client, frame, in_process, npartitions):
+    # partitions cut by row count split clusters: the fit must shuffle them whole first
+    ddf = dd.from_pandas(frame, npartitions=npartitions, sort=False)
+    model = MERF(LinearRegression(), client=dask_client, **LINEAR).fit(
+        ddf[["x1", "x2", "x3"]], ddf[["one", "t"]], ddf["g"], ddf["y"])
+    assert model.n_partitions_ == npartitions
+    assert_same_model(model, in_process)
+
+
+def test_pandas_input_with_a_client_runs_on_the_cluster(dask_client, frame, in_process):
+    model = MERF(LinearRegression(), client=dask_client, **LINEAR).fit(
+        frame[["x1", "x2", "x3"]], frame[["one", "t"]], frame["g"], frame["y"])
+    assert model.n_partitions_ > 1
+    assert_same_model(model, in_process)
+
+
+def test_dask_predict_is_lazy_and_equals_in_memory(dask_client, frame, in_process):
+    ddf = dd.from_pandas(frame, npartitions=3)
+    lazy = in_process.predict(ddf[["x1", "x2", "x3"]], ddf[["one", "t"]], ddf["g"])
+    assert isinstance(lazy, dd.Series)
+    eager = in_process.predict(frame[["x1", "x2", "x3"]], frame[["one", "t"]], frame["g"])
+    np.testing.assert_allclose(lazy.compute().to_numpy(), eager, rtol=1e-12)
+
+
+def test_data_local_forest_fits_on_the_workers(dask_client):
+    from merf_dask.simulate import simulate_frame
+    data = simulate_frame(n_rows=6000, n_clusters=150, seed=2)
+    ddf = dd.from_pandas(data, npartitions=4, sort=False)
+    ones = ddf[["x1"]].map_partitions(lambda p: pd.DataFrame({"one": np.ones(len(p))},
+                                                             index=p.index))
+    model = MERF(random_state=0, max_iterations=6, tol=0, client=dask_client).fit(
+        ddf[["x1", "x2", "x3"]], ones, ddf["cluster"], ddf["y"])
+    assert model.m_step_ == "local"
+    assert len(model.fe_model_.estimators_) >= 100
+    # honest predictions keep the variance components near the truth (sigma2 = 1, D = 4.5)
+    assert 0.7 < model.sigma2_ < 2.5
+    assert 0.75 * 4.5 < model.D_[0, 0] < 1.25 * 4.5
+    assert set(model.b_.index) == set(data["cluster"])
+
+
+def test_partition_invariant_is_checked(dask_client, frame):
+    ddf = dd.from_pandas(frame, npartitions=4, sort=False)
+    with pytest.raises(ValueError, match="span more than one partition"):
+        check_cluster_partitions(ddf, "g")
+    check_cluster_partitions(ensure_cluster_partitions(ddf, "g"), "g")
