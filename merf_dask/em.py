@@ -123,6 +123,7 @@ class EMResult:
     cluster_ids: pd.Index
     b: np.ndarray
     b_cov: np.ndarray
+    n_rows: int
     converged: bool
     history: list[IterationRecord] = field(default_factory=list)
 
@@ -190,4 +191,4 @@ def run_em(data: EMData, *, learner: BaseEstimator, use_oob: bool, q: int,
         previous_gll = gll
     cluster_ids, b, b_cov = data.random_effects()
     return EMResult(fe_model=fe_model, sigma2=sigma2, D=D, cluster_ids=cluster_ids, b=b,
-                    b_cov=b_cov, converged=converged, history=history)
+                    b_cov=b_cov, n_rows=int(sums.n_rows), converged=converged, history=history)

@@ -233,17 +233,10 @@ class MERF(RegressorMixin, BaseEstimator):
                 raise ValueError("X, Z, clusters and y must all be Dask collections or none")
             return self._dask_array_training_data(X, Z, clusters, y), self._validation_mse(
                 X_val, Z_val, clusters_val, y_val)
-        X, x_names = check.check_matrix(X, name="X")
-        Z, z_names = check.check_matrix(Z, name="Z")
-        ids = check.check_clusters(clusters)
-        y = check.check_vector(y, name="y")
-        check.check_same_length(X=X, Z=Z, clusters=ids, y=y)
-        self.n_features_in_ = X.shape[1]
+        data, x_names, z_names = _in_memory_data(X, Z, clusters, y)
+        self.n_features_in_ = len(x_names)
         self.feature_names_in_ = np.asarray(x_names, dtype=object)
         self.z_names_ = z_names
-        codes, cluster_ids = pd.factorize(ids, sort=False)
-        data = dict(distributed=False, X=X, Z=Z, y=y, codes=codes.astype(np.int64),
-                    cluster_ids=pd.Index(cluster_ids))
         return data, self._validation_mse(X_val, Z_val, clusters_val, y_val)
 
     def _dask_array_training_data(self, X, Z, clusters, y):
@@ -281,8 +274,7 @@ class MERF(RegressorMixin, BaseEstimator):
                                         x_columns=x_columns, z_columns=z_columns)
             return dict(distributed=True, frame=frame, x_columns=x_columns,
                         z_columns=z_columns), validation
-        X, Z, groups, y = design_matrices(data, spec, self.encoder_)
-        return self._array_training_data(X, Z, groups, y, None, None, None, None)[0], validation
+        return _in_memory_data(*design_matrices(data, spec, self.encoder_))[0], validation
 
     def _validation_mse(self, X_val, Z_val, clusters_val, y_val):
         given = [v is not None for v in (X_val, Z_val, clusters_val, y_val)]
@@ -355,6 +347,7 @@ class MERF(RegressorMixin, BaseEstimator):
         self.D_history_ = [r.D for r in result.history]
         self.val_loss_history_ = [r.val_mse for r in result.history if r.val_mse is not None]
         self.n_iter_ = len(result.history)
+        self.n_rows_ = result.n_rows
         self.converged_ = result.converged
         self.oob_ = use_oob
         if self.tol > 0 and not result.converged:
@@ -371,7 +364,7 @@ class MERF(RegressorMixin, BaseEstimator):
 
     # -------------------------------------------------------------- predict
 
-    def predict(self, X, Z=None, clusters=None):
+    def predict(self, X, Z=None, clusters=None, *, return_std=False):
         """Predict f(X) + Z b_i for known clusters and f(X) for new ones.
 
         Parameters
@@ -380,25 +373,33 @@ class MERF(RegressorMixin, BaseEstimator):
             With ``formula``, the one DataFrame (pandas or Dask) holding every column.
         Z : array-like of shape (n_samples, q)
         clusters : array-like of shape (n_samples,)
+        return_std : bool, default=False
+            Also return the standard deviation of a new observation at each row:
+            sqrt(sigma2 + z' Var(b_i | y_i) z) for a known cluster and sqrt(sigma2 + z' D z) for a
+            new one. sigma2 comes from out-of-bag residuals, so it includes the forest's own
+            error.
 
         Returns
         -------
-        ndarray of shape (n_samples,), or a Dask Series (lazy) for Dask input
+        prediction : ndarray of shape (n_samples,), or a lazy Dask Series for Dask input
+        std : ndarray of shape (n_samples,), only with ``return_std``; for Dask input the
+            result is one lazy Dask DataFrame with columns ``prediction`` and ``prediction_std``
         """
         check_is_fitted(self, "fe_model_")
         if self.formula is not None:
-            return self._predict_formula(X)
+            return self._predict_formula(X, return_std=return_std)
         if _is_dask(X):
             import dask.dataframe as dd
-            return dd.map_partitions(_predict_partition, X, Z, clusters, model=self,
-                                     align_dataframes=False, meta=("prediction", float))
+            return dd.map_partitions(_predict_partition, X, Z, clusters, model=_shipped(self),
+                                     return_std=return_std, align_dataframes=False,
+                                     meta=_prediction_meta(return_std))
         X, _ = check.check_matrix(X, name="X")
         Z, _ = check.check_matrix(Z, name="Z")
         ids = check.check_clusters(clusters)
         check.check_same_length(X=X, Z=Z, clusters=ids)
-        return self._predict_arrays(X, Z, ids)
+        return self._predict_arrays(X, Z, ids, return_std=return_std)
 
-    def _predict_arrays(self, X, Z, ids) -> np.ndarray:
+    def _predict_arrays(self, X, Z, ids, *, return_std=False):
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, the model was fitted with "
                              f"{self.n_features_in_}")
@@ -406,17 +407,26 @@ class MERF(RegressorMixin, BaseEstimator):
             raise ValueError(f"Z has {Z.shape[1]} columns, the model was fitted with "
                              f"{self.D_.shape[0]}")
         codes = self.b_.index.get_indexer(ids)
-        return (np.asarray(self.fe_model_.predict(X), dtype=float)
-                + random_effects_offset(Z, self.b_.to_numpy(), codes))
+        # threads, not processes: Dask workers are daemons and cannot start joblib's process pool
+        with joblib.parallel_config(backend="threading"):
+            f_hat = np.asarray(self.fe_model_.predict(X), dtype=float)
+        prediction = f_hat + random_effects_offset(Z, self.b_.to_numpy(), codes)
+        if not return_std:
+            return prediction
+        known = codes >= 0
+        random_effect_var = np.einsum("np,pq,nq->n", Z, self.D_, Z)  # new clusters: b ~ N(0, D)
+        random_effect_var[known] = np.einsum("np,npq,nq->n", Z[known], self.b_cov_[codes[known]],
+                                             Z[known])
+        return prediction, np.sqrt(self.sigma2_ + random_effect_var)
 
-    def _predict_formula(self, data):
+    def _predict_formula(self, data, *, return_std=False):
         from .formula import design_matrices
         if _is_dask(data):
-            return data.map_partitions(_predict_formula_partition, model=self,
-                                       meta=("prediction", float))
+            return data.map_partitions(_predict_formula_partition, model=_shipped(self),
+                                       return_std=return_std, meta=_prediction_meta(return_std))
         X, Z, groups, _ = design_matrices(_as_frame(data), self.formula_spec_, self.encoder_,
                                           require_response=False)
-        return self._predict_arrays(X, Z, groups)
+        return self._predict_arrays(X, Z, groups, return_std=return_std)
 
     def score(self, X, Z=None, clusters=None, y=None):
         """R^2 of ``predict`` (with ``formula``: ``score(data)``, the response from the frame)."""
@@ -425,6 +435,51 @@ class MERF(RegressorMixin, BaseEstimator):
             X_, Z_, groups, y_ = design_matrices(_as_frame(X), self.formula_spec_, self.encoder_)
             return r2_score(y_, self._predict_arrays(X_, Z_, groups))
         return r2_score(check.check_vector(y, name="y"), self.predict(X, Z, clusters))
+
+    # ------------------------------------------------------------ artifacts
+
+    def save(self, url, *, overwrite=False, storage_options=None, fingerprint=None, report=True):
+        """Write the fitted model as a model directory (see :mod:`merf_dask.artifacts`)."""
+        from .artifacts import save_model
+        check_is_fitted(self, "fe_model_")
+        save_model(self, url, overwrite=overwrite, storage_options=storage_options,
+                   fingerprint=fingerprint, report=report)
+
+    def summary(self) -> str:
+        """A text summary like statsmodels' ``summary()``: data, convergence, variance components
+        (as variances, standard deviations and correlations), learner and feature importances."""
+        check_is_fitted(self, "fe_model_")
+        sd = np.sqrt(np.diag(self.D_))
+        correlation = self.D_ / np.outer(sd, sd) if np.all(sd > 0) else np.full_like(self.D_, np.nan)
+        lines = [
+            "Mixed Effects Random Forest (MERF)",
+            f"  formula:        {self.formula or '(arrays: X, Z, clusters, y)'}",
+            f"  rows:           {self.n_rows_}",
+            f"  clusters:       {len(self.b_)}",
+            f"  iterations:     {self.n_iter_} ({'converged' if self.converged_ else 'not converged'},"
+            f" tol={self.tol})",
+            f"  final GLL:      {self.gll_history_[-1]:.6g}",
+            f"  honest f in EM: {'out-of-bag' if self.oob_ else 'in-sample'}",
+            f"  learner:        {type(self.fe_model_).__name__}",
+            "",
+            "Random effects            Variance    Std.Dev.  Corr",
+        ]
+        for j, name in enumerate(self.z_names_):
+            corr = " ".join(f"{correlation[j, k]:+.2f}" for k in range(j))
+            lines.append(f"  {name:<22}{self.D_[j, j]:>10.4g}{sd[j]:>12.4g}  {corr}")
+        lines.append(f"  {'Residual':<22}{self.sigma2_:>10.4g}{np.sqrt(self.sigma2_):>12.4g}")
+        importances = getattr(self.fe_model_, "feature_importances_", None)
+        if importances is not None:
+            lines += ["", "Feature importances"]
+            for k in np.argsort(importances)[::-1]:
+                lines.append(f"  {self.feature_names_in_[k]:<22}{importances[k]:>10.4f}")
+        return "\n".join(lines)
+
+    @classmethod
+    def load(cls, url, *, storage_options=None):
+        """Load a model directory, refusing files whose SHA-256 differs from the manifest."""
+        from .artifacts import load_model
+        return load_model(url, storage_options=storage_options)
 
     # ----------------------------------------------------- merf 1.0 names
 
@@ -459,6 +514,19 @@ class MERF(RegressorMixin, BaseEstimator):
         return self.val_loss_history_
 
 
+def _in_memory_data(X, Z, clusters, y):
+    """Checked arrays of an in-memory fit, with the column names of X and Z."""
+    X, x_names = check.check_matrix(X, name="X")
+    Z, z_names = check.check_matrix(Z, name="Z")
+    ids = check.check_clusters(clusters)
+    y = check.check_vector(y, name="y")
+    check.check_same_length(X=X, Z=Z, clusters=ids, y=y)
+    codes, cluster_ids = pd.factorize(ids, sort=False)
+    data = dict(distributed=False, X=X, Z=Z, y=y, codes=codes.astype(np.int64),
+                cluster_ids=pd.Index(cluster_ids))
+    return data, x_names, z_names
+
+
 def _as_frame(data):
     if isinstance(data, pd.DataFrame) or _is_dask(data):
         return data
@@ -486,17 +554,34 @@ def _formula_partition(part, *, spec, encoder, x_columns, z_columns) -> pd.DataF
     return frame
 
 
-# Worker processes are daemons and cannot start joblib's process pool: forests predict on threads.
+def _prediction_meta(return_std):
+    if return_std:
+        return pd.DataFrame({"prediction": pd.Series(dtype=float),
+                             "prediction_std": pd.Series(dtype=float)})
+    return ("prediction", float)
 
-def _predict_partition(X, Z, clusters, *, model) -> pd.Series:
+
+def _as_prediction_frame(result, index, return_std):
+    if return_std:
+        prediction, std = result
+        return pd.DataFrame({"prediction": prediction, "prediction_std": std}, index=index)
+    return pd.Series(result, index=index, name="prediction")
+
+
+def _predict_partition(X, Z, clusters, *, model, return_std):
     Z = Z.to_frame() if isinstance(Z, pd.Series) else Z
-    with joblib.parallel_config(backend="threading"):
-        prediction = model._predict_arrays(X.to_numpy(dtype=float), Z.to_numpy(dtype=float),
-                                           check.check_clusters(clusters))
-    return pd.Series(prediction, index=X.index, name="prediction")
+    result = model._predict_arrays(X.to_numpy(dtype=float), Z.to_numpy(dtype=float),
+                                   check.check_clusters(clusters), return_std=return_std)
+    return _as_prediction_frame(result, X.index, return_std)
 
 
-def _predict_formula_partition(part, *, model) -> pd.Series:
-    with joblib.parallel_config(backend="threading"):
-        prediction = model._predict_formula(part)
-    return pd.Series(prediction, index=part.index, name="prediction")
+def _predict_formula_partition(part, *, model, return_std):
+    return _as_prediction_frame(model._predict_formula(part, return_std=return_std), part.index,
+                                return_std)
+
+
+def _shipped(model):
+    """The model as a future broadcast to the workers when a client is active, so a lazy
+    prediction graph carries a reference instead of the pickled forest in every task."""
+    client = model.client or _active_client()
+    return model if client is None else client.scatter(model, broadcast=True, hash=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import boto3
 import dask.dataframe as dd
@@ -285,14 +286,13 @@ def test_a_failure_mid_write_leaves_nothing_and_keeps_the_old_lake(tmp_path, fra
 def test_atomic_directory_publishes_only_a_finished_directory(tmp_path):
     with atomic_directory(tmp_path / "model") as staging:
         assert os.path.basename(staging).startswith(".model.tmp-")
-        (tmp_path / staging / "weights.bin").write_bytes(b"1")
+        (Path(staging) / "weights.bin").write_bytes(b"1")
         assert not (tmp_path / "model").exists()
     assert os.listdir(tmp_path / "model") == ["weights.bin"]
 
-    with pytest.raises(KeyError):
-        with atomic_directory(tmp_path / "model", overwrite=True) as staging:
-            (tmp_path / staging / "weights.bin").write_bytes(b"2")
-            raise KeyError("interrupted")
+    with pytest.raises(KeyError), atomic_directory(tmp_path / "model", overwrite=True) as staging:
+        (Path(staging) / "weights.bin").write_bytes(b"2")
+        raise KeyError("interrupted")
     assert (tmp_path / "model" / "weights.bin").read_bytes() == b"1"
     assert hidden_entries(tmp_path) == []
 

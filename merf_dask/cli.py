@@ -1,0 +1,293 @@
+"""The ``merf-dask`` command line (also ``dask merf`` through the ``dask_cli`` entry point).
+
+Commands
+--------
+simulate   write the paper's data-generating process as a lake bucketed by cluster
+fit        fit a formula on a lake, on a Dask cluster, and write a model directory
+predict    add ``prediction`` (and ``prediction_std``) to every row of a lake
+evaluate   MSE and R^2 on a labelled lake, for rows of known and of new clusters
+show       the summary of a model directory
+demo       simulate, fit on an embedded LocalCluster, predict, evaluate and show
+
+Every expected failure (bad formula, unknown column, missing or corrupt lake, existing output,
+...) ends with one line ``merf-dask: error: ...`` on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+import yaml
+
+__all__ = ["cli", "main"]
+
+LEARNERS = ("random-forest", "extra-trees", "linear")
+_EXPECTED_ERRORS = (ValueError, OSError, KeyError, ImportError)
+_JOB_KEYS = {"lake", "formula", "output", "scheduler", "cluster_config", "n_workers",
+             "memory_limit", "max_iterations", "learner", "overwrite", "quiet", "seed"}
+
+
+class _CleanErrors(click.Group):
+    """A click group that turns expected exceptions into one line on stderr."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _EXPECTED_ERRORS as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            click.echo(f"merf-dask: error: {message}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_CleanErrors)
+@click.version_option(package_name="merf-dask")
+def cli():
+    """Mixed Effects Random Forests on Parquet lakes and Dask clusters."""
+
+
+def _learner(name: str, seed: int | None):
+    from sklearn.ensemble import ExtraTreesRegressor
+    from sklearn.linear_model import LinearRegression
+    from .learners import default_learner
+    if name == "random-forest":
+        return default_learner(random_state=seed)
+    if name == "extra-trees":
+        return ExtraTreesRegressor(n_estimators=100, min_samples_leaf=5, bootstrap=True,
+                                   oob_score=True, n_jobs=-1, random_state=seed)
+    return LinearRegression()
+
+
+def _log_iterations(quiet: bool) -> None:
+    # the cluster's own INFO/WARNING chatter would drown the one line per EM iteration
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    logger = logging.getLogger("merf_dask")
+    logger.handlers.clear()
+    if not quiet:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _refuse_existing(path: str, overwrite: bool) -> None:
+    """Fail before any work when the output exists (the write itself checks again, atomically)."""
+    from .lake import open_filesystem
+    filesystem, root = open_filesystem(path)
+    if not overwrite and filesystem.exists(root):
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def _fit(*, lake, formula, output, scheduler=None, cluster_config=None, n_workers=None,
+         memory_limit=None, max_iterations=20, learner="random-forest", overwrite=False,
+         quiet=False, seed=0):
+    from .artifacts import data_fingerprint
+    from .cluster import connect
+    from .estimator import MERF
+    from .formula import parse_formula
+    from .lake import read_lake
+
+    _refuse_existing(output, overwrite)
+    _log_iterations(quiet)
+    config = {"address": scheduler} if scheduler else cluster_config
+    with connect(config, n_workers=n_workers, memory_limit=memory_limit) as client:
+        frame = read_lake(lake)
+        spec = parse_formula(formula, columns=list(frame.columns))
+        frame = read_lake(lake, columns=list(spec.columns), cluster_column=spec.group)
+        model = MERF(_learner(learner, seed), formula=formula, max_iterations=max_iterations,
+                     random_state=seed, client=client).fit(frame)
+    model.save(output, overwrite=overwrite, fingerprint=data_fingerprint(lake))
+    if not quiet:
+        click.echo(model.summary())
+        click.echo(f"\nmodel written to {output} (report: {output}/report.html)")
+    return model
+
+
+@cli.command()
+@click.option("--rows", type=click.IntRange(min=1), required=True, help="Number of rows.")
+@click.option("--clusters", type=click.IntRange(min=1), required=True, help="Number of clusters.")
+@click.option("--output", required=True, help="Lake to write (path or URL).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def simulate(rows, clusters, output, seed, overwrite):
+    """Write the paper's data-generating process as a lake bucketed by cluster."""
+    from .lake import write_simulated_lake
+    write_simulated_lake(output, n_rows=rows, n_clusters=clusters, seed=seed, overwrite=overwrite)
+    click.echo(f"wrote {rows} rows in {clusters} clusters to {output}")
+
+
+@cli.command()
+@click.argument("lake", required=False)
+@click.option("--formula", help='lme4 formula, e.g. "y ~ x1 + x2 + (1 + t | g)".')
+@click.option("--output", help="Model directory to write (path or URL).")
+@click.option("--scheduler", help="Address of a running scheduler (tcp://host:8786).")
+@click.option("--cluster-config", type=click.Path(dir_okay=False),
+              help="A file from cluster_configs/ naming the cluster.")
+@click.option("--n-workers", type=click.IntRange(min=1), help="Workers of the embedded cluster.")
+@click.option("--memory-limit", help="Memory per worker of the embedded cluster, e.g. 1GiB.")
+@click.option("--max-iterations", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--learner", type=click.Choice(LEARNERS), default="random-forest",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
+@click.option("--quiet", is_flag=True, help="No per-iteration lines and no summary.")
+@click.option("--job", type=click.Path(exists=True, dir_okay=False),
+              help="YAML job spec whose keys stand for the flags (flags win).")
+@click.pass_context
+def fit(ctx, job, **options):
+    """Fit a MERF on LAKE and write a model directory.
+
+    With no --scheduler or --cluster-config, DASK_SCHEDULER_ADDRESS is used when set (a Dask
+    Kubernetes DaskJob sets it); otherwise an embedded LocalCluster sized to the machine runs.
+    """
+    if job:
+        spec = yaml.safe_load(Path(job).read_text()) or {}
+        unknown = set(spec) - _JOB_KEYS
+        if not isinstance(spec, dict) or unknown:
+            raise ValueError(f"job spec {job} has unknown keys {sorted(unknown)}; "
+                             f"allowed: {sorted(_JOB_KEYS)}")
+        for name, value in spec.items():
+            if ctx.get_parameter_source(name) in (None, click.core.ParameterSource.DEFAULT):
+                options[name] = value
+    missing = [name for name in ("lake", "formula", "output") if not options.get(name)]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (give them as flags or in --job)")
+    _fit(**options)
+
+
+def _with_predictions(part: pd.DataFrame, *, model, intervals: bool) -> pd.DataFrame:
+    result = model.predict(part, return_std=intervals)
+    part = part.copy()
+    if intervals:
+        part["prediction"], part["prediction_std"] = result
+    else:
+        part["prediction"] = result
+    return part
+
+
+@cli.command()
+@click.argument("lake")
+@click.option("--model", "model_dir", required=True, help="Model directory.")
+@click.option("--output", required=True, help="Prediction lake to write.")
+@click.option("--intervals", is_flag=True, help="Add prediction_std (for intervals).")
+@click.option("--scheduler", help="Address of a running scheduler.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def predict(lake, model_dir, output, intervals, scheduler, overwrite):
+    """Add a prediction column to every row of LAKE and write it to OUTPUT."""
+    from .cluster import connect
+    from .estimator import MERF
+    from .lake import read_lake, write_dataset
+    _refuse_existing(output, overwrite)
+    model = MERF.load(model_dir)
+    with connect({"address": scheduler} if scheduler else None) as client:
+        model_future = client.scatter(model, broadcast=True, hash=False)
+        frame = read_lake(lake)
+        meta = frame._meta.assign(prediction=np.float64(0))
+        if intervals:
+            meta = meta.assign(prediction_std=np.float64(0))
+        predicted = frame.map_partitions(_with_predictions, model=model_future, intervals=intervals,
+                                         meta=meta)
+        write_dataset(predicted, output, overwrite=overwrite)
+    click.echo(f"predictions written to {output}")
+
+
+def _squared_errors(part: pd.DataFrame, *, model) -> pd.DataFrame:
+    spec = model.formula_spec_
+    known = model.b_.index.get_indexer(part[spec.group]) >= 0
+    y = part[spec.response].to_numpy(dtype=float)
+    error = y - model.predict(part)
+    rows = []
+    for name, mask in (("known clusters", known), ("new clusters", ~known)):
+        rows.append({"rows": name, "n": int(mask.sum()), "sse": float(np.sum(error[mask] ** 2)),
+                     "sum_y": float(y[mask].sum()), "sum_y2": float(np.sum(y[mask] ** 2))})
+    return pd.DataFrame(rows)
+
+
+def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
+    """MSE and R^2 of ``model`` on a labelled lake, by known / new cluster and overall."""
+    from .lake import read_lake
+    frame = read_lake(lake, columns=list(model.formula_spec_.columns),
+                      cluster_column=model.formula_spec_.group)
+    meta = pd.DataFrame({"rows": pd.Series(dtype=object), "n": pd.Series(dtype="int64"),
+                         "sse": pd.Series(dtype=float), "sum_y": pd.Series(dtype=float),
+                         "sum_y2": pd.Series(dtype=float)})
+    model_future = client.scatter(model, broadcast=True, hash=False)
+    sums = frame.map_partitions(_squared_errors, model=model_future, meta=meta).compute()
+    sums = sums.groupby("rows", sort=False).sum()
+    sums.loc["all rows"] = sums.sum()
+    sums = sums[sums["n"] > 0]
+    total_ss = sums["sum_y2"] - sums["sum_y"] ** 2 / sums["n"]
+    return pd.DataFrame({"rows": sums["n"].astype(int), "MSE": sums["sse"] / sums["n"],
+                         "R2": 1 - sums["sse"] / total_ss})
+
+
+@cli.command()
+@click.argument("lake")
+@click.option("--model", "model_dir", required=True, help="Model directory.")
+@click.option("--scheduler", help="Address of a running scheduler.")
+def evaluate(lake, model_dir, scheduler):
+    """MSE and R^2 on a labelled LAKE, for rows of known and of new clusters."""
+    from .cluster import connect
+    from .estimator import MERF
+    model = MERF.load(model_dir)
+    with connect({"address": scheduler} if scheduler else None) as client:
+        click.echo(evaluate_lake(lake, model, client).to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+@cli.command()
+@click.argument("model_dir")
+def show(model_dir):
+    """Print the summary of a model directory."""
+    from .estimator import MERF
+    model = MERF.load(model_dir)
+    click.echo(model.summary())
+    manifest = model.manifest_
+    click.echo(f"\nmodel size: {manifest['model_size_bytes'] / 1e6:.1f} MB; "
+               f"report: {model_dir}/report.html")
+
+
+@cli.command()
+@click.option("--output", default="demo-output", show_default=True,
+              help="Directory for the demo's lake, model and predictions (replaced).")
+@click.option("--rows", type=click.IntRange(min=100), default=50_000, show_default=True)
+@click.option("--clusters", type=click.IntRange(min=2), default=1_000, show_default=True)
+def demo(output, rows, clusters):
+    """Simulate a lake, fit on an embedded LocalCluster, predict, evaluate and show."""
+    from .cluster import connect
+    from .lake import write_lake
+    from .simulate import simulate_frame
+    root = Path(output)
+    root.mkdir(parents=True, exist_ok=True)
+    train, test, model_dir = root / "lake", root / "test-lake", root / "model"
+    click.echo(f"1. simulating {rows} rows in {clusters} clusters -> {train}, {test}")
+    # 10 % of the clusters are held out entirely (new clusters); of the rest, 20 % of the rows
+    frame = simulate_frame(n_rows=rows, n_clusters=clusters, seed=0)
+    cluster_number = frame["cluster"].str[1:].astype(int)
+    rng = np.random.default_rng(1)
+    is_test = (cluster_number % 10 == 9) | (rng.random(len(frame)) < 0.2)
+    write_lake(frame[~is_test], train, cluster_column="cluster", overwrite=True)
+    write_lake(frame[is_test], test, cluster_column="cluster", overwrite=True)
+    click.echo("2. fitting 'y ~ x1 + x2 + x3 + (1 | cluster)' on an embedded LocalCluster")
+    model = _fit(lake=str(train), formula="y ~ x1 + x2 + x3 + (1 | cluster)",
+                 output=str(model_dir), overwrite=True, quiet=True, n_workers=2)
+    for line in (f"   iteration {r.iteration}: GLL {r.gll:.6g}, sigma2 {r.sigma2:.4g}"
+                 for r in model.history_):
+        click.echo(line)
+    click.echo(f"3. evaluating on {test}")
+    with connect(None, n_workers=2) as client:
+        click.echo(evaluate_lake(str(test), model, client).to_string(float_format=lambda v: f"{v:.4f}"))
+    click.echo("4. the model\n")
+    click.echo(model.summary())
+    click.echo(f"\nmodel directory: {model_dir}\nreport: {model_dir / 'report.html'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    cli(prog_name="merf-dask")

@@ -1,0 +1,697 @@
+"""Parquet data lakes bucketed by cluster id, on a local disk or any fsspec store (``s3://``, ...).
+
+A *lake* is a hive-partitioned Parquet dataset with exactly one file per bucket::
+
+    url/bucket=0/part-0.parquet
+    url/bucket=1/part-0.parquet
+    ...
+
+Rows go to bucket ``bucket_of(cluster id)``, a stable hash of the id, so every cluster lies in one
+file and reading one Dask partition per bucket directory keeps each cluster in one partition with
+no shuffle (the invariant the distributed E-step relies on).
+
+Functions
+---------
+bucket_of
+    The bucket of each cluster id.
+write_lake
+    Write a pandas or Dask DataFrame as a bucketed lake (Dask input is shuffled by bucket once and
+    each bucket is written by the worker holding it).
+write_simulated_lake
+    Write the paper's data-generating process as a bucketed lake, one block of clusters at a time.
+write_dataset
+    Write a DataFrame as plain Parquet, one file per partition (predictions and other outputs).
+read_lake
+    Read a lake (or any Parquet dataset) into a Dask DataFrame with every cluster in one
+    partition, after checking the footers: missing, empty, corrupt or mixed-schema input and unknown
+    columns fail with a message naming the file or column.
+atomic_directory
+    Context manager that publishes a directory only when everything in it was written.
+check_complete
+    Raise when a directory carries the marker of an interrupted publish on an object store.
+open_filesystem
+    The fsspec filesystem and bare path of a URL.
+
+Atomicity
+---------
+Everything is written into a hidden sibling ``.<name>.tmp-<uuid>`` and moved into place only after
+the last byte was written; any failure removes the sibling. On a local disk the move is a
+``rename``, which is atomic (replacing an existing directory takes two renames, so a reader may
+briefly find nothing there, but never a mix of old and new). Object stores have no rename: a marker
+file ``_INCOMPLETE`` is put in the destination, the old files are deleted, the new ones copied, and
+the marker is deleted last; a failed copy removes the destination. :func:`read_lake` refuses a
+directory holding the marker, so a publish killed half-way is detected rather than read. Tools that
+do not know the marker can still see a lake mid-copy, and two writers racing for one destination
+are not arbitrated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import posixpath
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import dask
+import dask.dataframe as dd
+import distributed
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from merf_dask.partitioning import ensure_cluster_partitions
+from merf_dask.simulate import simulate_frame
+
+__all__ = [
+    "BUCKET_COLUMN",
+    "INCOMPLETE_MARKER",
+    "bucket_of",
+    "write_lake",
+    "write_simulated_lake",
+    "write_dataset",
+    "read_lake",
+    "atomic_directory",
+    "check_complete",
+    "open_filesystem",
+]
+
+#: Hive partition key of the bucket directories (``bucket=K``); no data column may use this name.
+BUCKET_COLUMN = "bucket"
+#: File present in a destination on an object store while a publish is copying into it.
+INCOMPLETE_MARKER = "_INCOMPLETE"
+
+# Parquet key-value metadata recording the column a lake was bucketed by, so that a reader asking
+# for that column can trust the layout without checking it.
+_BUCKETED_BY_KEY = b"merf_dask:bucketed_by"
+_BUCKET_DIRECTORY = re.compile(rf"{BUCKET_COLUMN}=(\d+)")
+_BUCKET_FIELD = pa.field(BUCKET_COLUMN, pa.int32())
+_BUCKET_FILE_NAME = "part-0.parquet"
+
+# The default bucket count aims at ~100 MB per bucket in memory for a few dozen numeric columns,
+# and gives every worker thread several buckets so that stragglers even out, but never makes a
+# bucket so small that per-task overhead dominates.
+_TARGET_ROWS_PER_BUCKET = 1_000_000
+_BUCKETS_PER_THREAD = 4
+_MIN_ROWS_PER_BUCKET = 10_000
+
+# Footers are read concurrently because each costs a round trip or two on an object store.
+_FOOTER_READERS = 16
+
+
+def bucket_of(ids: pd.Series, n_buckets: int) -> np.ndarray:
+    """Bucket of each cluster id, the same in every process, machine and session.
+
+    Uses pandas' SipHash with a fixed key (``hash_pandas_object``), never Python's ``hash()``,
+    which is salted per process. Equal ids give equal buckets whatever their string dtype.
+
+    Parameters
+    ----------
+    ids : Series of shape (n_rows,)
+        Cluster ids.
+    n_buckets : int
+        Number of buckets, at least 1.
+
+    Returns
+    -------
+    ndarray of shape (n_rows,), dtype int64
+        Values in ``[0, n_buckets)``.
+    """
+    if n_buckets < 1:
+        raise ValueError(f"n_buckets must be at least 1, got {n_buckets}")
+    hashes = pd.util.hash_pandas_object(ids, index=False).to_numpy()
+    return (hashes % np.uint64(n_buckets)).astype(np.int64)
+
+
+def open_filesystem(url: str | os.PathLike, *, storage_options: dict | None = None
+                    ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of ``url`` and the path within it, without a trailing slash.
+
+    Parameters
+    ----------
+    url : str or path-like
+        A local path or an fsspec URL such as ``s3://bucket/prefix``.
+    storage_options : dict, optional
+        Passed to the filesystem (credentials, ``client_kwargs={"endpoint_url": ...}``, ...).
+
+    Returns
+    -------
+    filesystem : fsspec.AbstractFileSystem
+    path : str
+    """
+    filesystem, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
+    return filesystem, path.rstrip("/") or path
+
+
+def check_complete(url: str | os.PathLike, *, storage_options: dict | None = None) -> None:
+    """Raise ``ValueError`` when ``url`` holds the marker of an interrupted publish.
+
+    Parameters
+    ----------
+    url : str or path-like
+        A directory written through :func:`atomic_directory`.
+    storage_options : dict, optional
+    """
+    filesystem, path = open_filesystem(url, storage_options=storage_options)
+    if filesystem.exists(f"{path}/{INCOMPLETE_MARKER}"):
+        raise ValueError(
+            f"{url} is incomplete: a write into it was interrupted (it holds "
+            f"{INCOMPLETE_MARKER}); write it again with overwrite=True / --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_directory(url: str | os.PathLike, *, overwrite: bool = False,
+                     storage_options: dict | None = None) -> Iterator[str]:
+    """Write a directory in a hidden sibling and move it to ``url`` only if the block succeeds.
+
+    Parameters
+    ----------
+    url : str or path-like
+        Destination directory (local path or fsspec URL); it must have a parent.
+    overwrite : bool
+        Replace an existing destination. Locally the old directory stays in place until the new one
+        is complete; on an object store it is deleted when the copy starts (see the module notes).
+    storage_options : dict, optional
+
+    Yields
+    ------
+    str
+        The temporary directory to write into, a local path or a URL like ``url``.
+
+    Raises
+    ------
+    FileExistsError
+        ``url`` exists and ``overwrite`` is False.
+    OSError
+        The temporary directory cannot be created (read-only or missing parent, parent is a file,
+        permission denied); same subclass as the underlying error, naming ``url``.
+    """
+    filesystem, path = open_filesystem(url, storage_options=storage_options)
+    parent, name = posixpath.split(path)
+    if not parent or not name:
+        raise ValueError(f"cannot write {url}: a directory needs a parent directory or prefix")
+    if not overwrite and filesystem.exists(path):
+        raise FileExistsError(
+            f"{url} already exists; pass overwrite=True / --overwrite to replace it")
+    staging = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        filesystem.makedirs(staging)
+    except OSError as error:
+        raise type(error)(f"cannot write {url}: creating {staging} failed: {error}") from error
+    try:
+        yield _url_of(filesystem, staging)
+        if isinstance(filesystem, LocalFileSystem):
+            _rename_into_place(filesystem, staging, path)
+        else:
+            _copy_into_place(filesystem, staging, path)
+    except BaseException as error:
+        _remove_after_failure(filesystem, staging, error)
+        raise
+
+
+def write_lake(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *, cluster_column: str,
+               n_buckets: int | None = None, storage_options: dict | None = None,
+               overwrite: bool = False) -> None:
+    """Write ``frame`` as a lake: ``url/bucket=K/part-0.parquet``, one file per non-empty bucket.
+
+    A Dask DataFrame is shuffled once so that each bucket is one partition, and each worker writes
+    the buckets it holds: no process ever holds all rows. The index is not written.
+
+    Parameters
+    ----------
+    frame : pandas or Dask DataFrame of shape (n_rows, n_columns)
+        Must contain ``cluster_column`` and no column named ``bucket``.
+    url : str or path-like
+        Destination directory (local path or fsspec URL).
+    cluster_column : str
+        Column holding the cluster ids.
+    n_buckets : int, optional
+        Number of buckets. Defaults to about one per million rows, raised to a few per worker thread
+        (of the active ``distributed`` client, else of this machine) while buckets keep at least
+        10,000 rows.
+    storage_options : dict, optional
+        Passed to the filesystem, also on the workers.
+    overwrite : bool
+        Replace an existing destination instead of raising ``FileExistsError``.
+    """
+    _require_columns([cluster_column], list(frame.columns), source="frame")
+    if BUCKET_COLUMN in frame.columns:
+        raise ValueError(f"column {BUCKET_COLUMN!r} of the frame clashes with the bucket "
+                         f"directories of a lake; rename it")
+    n_buckets = n_buckets or _default_n_buckets(len(frame))
+    if n_buckets < 1:
+        raise ValueError(f"n_buckets must be at least 1, got {n_buckets}")
+    schema = _arrow_schema(frame, bucketed_by=cluster_column)
+    with atomic_directory(url, overwrite=overwrite, storage_options=storage_options) as staging:
+        filesystem, directory = open_filesystem(staging, storage_options=storage_options)
+        if isinstance(frame, pd.DataFrame):
+            by_bucket = frame.set_axis(pd.Index(bucket_of(frame[cluster_column], n_buckets)))
+            _write_buckets(by_bucket, filesystem=filesystem, directory=directory, schema=schema)
+            return
+        buckets = frame[cluster_column].map_partitions(
+            _bucket_series, n_buckets, meta=(BUCKET_COLUMN, "int64"))
+        # explicit divisions [0, 1, ..., n_buckets] make partition k hold exactly bucket k, without
+        # the quantile pass a plain set_index would run
+        by_bucket = frame.assign(**{BUCKET_COLUMN: buckets}).set_index(
+            BUCKET_COLUMN, divisions=list(range(n_buckets + 1)))
+        dask.compute(*[
+            dask.delayed(_write_buckets)(part, filesystem=filesystem, directory=directory,
+                                         schema=schema)
+            for part in by_bucket.to_delayed()
+        ])
+
+
+def write_simulated_lake(url: str | os.PathLike, *, n_rows: int, n_clusters: int,
+                         seed: int | None = 0, n_buckets: int | None = None,
+                         storage_options: dict | None = None, overwrite: bool = False,
+                         chunk_rows: int = 1_000_000) -> None:
+    """Write the paper's data-generating process as a lake without holding all rows in memory.
+
+    Clusters are simulated in contiguous blocks of about ``chunk_rows`` rows (each with its own
+    seed spawned from ``seed``) and appended to one open Parquet writer per bucket, so memory stays
+    at one block whatever ``n_rows``. Cluster sizes are those of
+    :func:`~merf_dask.simulate.simulate_frame` (rows spread as evenly as possible) and ids run from
+    ``"c0"`` to ``f"c{n_clusters - 1}"``; the values depend on ``chunk_rows`` as well as ``seed``.
+
+    Parameters
+    ----------
+    url : str or path-like
+        Destination directory (local path or fsspec URL).
+    n_rows, n_clusters : int
+        Total rows and clusters, ``1 <= n_clusters <= n_rows``.
+    seed : int or None
+        Seed of the whole lake.
+    n_buckets : int, optional
+        As in :func:`write_lake`.
+    storage_options : dict, optional
+    overwrite : bool
+        Replace an existing destination instead of raising ``FileExistsError``.
+    chunk_rows : int
+        Rows simulated at once, roughly: a block holds whole clusters.
+    """
+    if n_clusters < 1 or n_rows < n_clusters:
+        raise ValueError(
+            f"need 1 <= n_clusters <= n_rows, got n_rows={n_rows}, n_clusters={n_clusters}")
+    n_buckets = n_buckets or _default_n_buckets(n_rows)
+    with (atomic_directory(url, overwrite=overwrite, storage_options=storage_options) as staging,
+          contextlib.ExitStack() as open_files):
+        filesystem, directory = open_filesystem(staging, storage_options=storage_options)
+        writers: dict[int, pq.ParquetWriter] = {}
+        for block in _simulated_blocks(n_rows=n_rows, n_clusters=n_clusters, seed=seed,
+                                       chunk_rows=chunk_rows):
+            schema = _arrow_schema(block, bucketed_by="cluster")
+            for bucket, rows in block.groupby(bucket_of(block["cluster"], n_buckets), sort=True):
+                if bucket not in writers:
+                    file = open_files.enter_context(
+                        _open_for_writing(filesystem, _bucket_file(directory, bucket)))
+                    writers[bucket] = open_files.enter_context(pq.ParquetWriter(file, schema))
+                writers[bucket].write_table(
+                    pa.Table.from_pandas(rows, schema=schema, preserve_index=False))
+
+
+def write_dataset(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *,
+                  storage_options: dict | None = None, overwrite: bool = False) -> None:
+    """Write ``frame`` as plain Parquet: ``url/part-<i>.parquet``, one file per partition.
+
+    For outputs that need no bucketing (predictions, per-cluster tables). Each Dask partition is
+    written by the worker holding it. The index is not written.
+
+    Parameters
+    ----------
+    frame : pandas or Dask DataFrame of shape (n_rows, n_columns)
+        A pandas frame counts as one partition.
+    url : str or path-like
+        Destination directory (local path or fsspec URL).
+    storage_options : dict, optional
+    overwrite : bool
+        Replace an existing destination instead of raising ``FileExistsError``.
+    """
+    schema = _arrow_schema(frame)
+    with atomic_directory(url, overwrite=overwrite, storage_options=storage_options) as staging:
+        filesystem, directory = open_filesystem(staging, storage_options=storage_options)
+        if isinstance(frame, pd.DataFrame):
+            _write_file(frame, filesystem=filesystem, path=f"{directory}/part-0.parquet",
+                        schema=schema)
+            return
+        dask.compute(*[
+            dask.delayed(_write_file)(part, filesystem=filesystem,
+                                      path=f"{directory}/part-{index}.parquet", schema=schema)
+            for index, part in enumerate(frame.to_delayed())
+        ])
+
+
+def read_lake(url: str | os.PathLike, *, columns: Sequence[str] | None = None,
+              filters: list | None = None, cluster_column: str | None = None,
+              storage_options: dict | None = None) -> dd.DataFrame:
+    """Read a lake, or any Parquet dataset, into a Dask DataFrame.
+
+    A bucketed lake (every file under a ``bucket=K`` directory) is read as one partition per bucket
+    directory, however many files each holds; when the lake records that it was bucketed by
+    ``cluster_column`` (as :func:`write_lake` does) the layout is trusted, otherwise it is checked
+    and shuffled if a cluster spans buckets. Any other dataset is read with ``dd.read_parquet`` and,
+    given ``cluster_column``, shuffled once so that each cluster lies in one partition.
+
+    The Parquet footers are checked first, without reading data.
+
+    Parameters
+    ----------
+    url : str or path-like
+        Lake directory, Parquet file or prefix (local path or fsspec URL).
+    columns : sequence of str, optional
+        Columns to read; defaults to all data columns (the ``bucket`` key only when asked for, as
+        int32).
+    filters : list, optional
+        pyarrow-style filters: ``[(column, op, value), ...]`` (all must hold) or a list of such
+        lists (any must hold). Conditions on ``bucket`` skip whole buckets; the others drop rows.
+    cluster_column : str, optional
+        Keep each cluster of this column in one partition.
+    storage_options : dict, optional
+        Passed to the filesystem, also on the workers.
+
+    Returns
+    -------
+    dask.dataframe.DataFrame of shape (n_rows, n_columns)
+        One partition per bucket for a bucketed lake; the index is meaningless.
+
+    Raises
+    ------
+    FileNotFoundError
+        Nothing at ``url``.
+    ValueError
+        Naming the file or column: the lake is incomplete, holds no Parquet file or no rows, a file
+        is not valid Parquet, files disagree on a column's type or presence, or a requested
+        column (in ``columns``, ``filters`` or ``cluster_column``) does not exist.
+    """
+    filesystem, root = open_filesystem(url, storage_options=storage_options)
+    files = _data_files(filesystem, root, url=url)
+    check_complete(url, storage_options=storage_options)
+    footers = _read_footers(filesystem, files)
+    schema = _common_schema(filesystem, files, footers)
+    if sum(footer.num_rows for footer in footers) == 0:
+        raise ValueError(f"{url} holds no rows: its {len(files)} Parquet files are all empty")
+    buckets = _files_by_bucket(root, files)
+    available = schema.names + (_hive_keys(root, files) if buckets is None else [BUCKET_COLUMN])
+    requested = [*(columns or []), *_filter_columns(filters)]
+    if cluster_column is not None:
+        requested.append(cluster_column)
+    _require_columns(requested, available, source=url)
+    if cluster_column and columns is not None and cluster_column not in columns:
+        raise ValueError(f"cluster_column {cluster_column!r} must be one of the columns read, "
+                         f"got columns={list(columns)}")
+
+    if buckets is None:
+        lake = dd.read_parquet(os.fspath(url), columns=columns, filters=filters,
+                               storage_options=storage_options)
+        return lake if cluster_column is None else ensure_cluster_partitions(lake, cluster_column)
+
+    lake = _read_buckets(filesystem, buckets, file_schema=schema,
+                         columns=list(columns) if columns is not None else schema.names,
+                         filters=filters)
+    bucketed_by = (schema.metadata or {}).get(_BUCKETED_BY_KEY, b"").decode()
+    if cluster_column is None or cluster_column == bucketed_by:
+        return lake
+    return ensure_cluster_partitions(lake, cluster_column)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _default_n_buckets(n_rows: int) -> int:
+    per_target = math.ceil(n_rows / _TARGET_ROWS_PER_BUCKET)
+    per_thread = min(_BUCKETS_PER_THREAD * _worker_threads(), n_rows // _MIN_ROWS_PER_BUCKET)
+    return max(1, per_target, per_thread)
+
+
+def _worker_threads() -> int:
+    try:
+        client = distributed.get_client()
+    except ValueError:  # no client: the work runs on this machine
+        return os.cpu_count() or 1
+    return sum(client.nthreads().values())
+
+
+def _arrow_schema(frame: pd.DataFrame | dd.DataFrame, *, bucketed_by: str | None = None
+                  ) -> pa.Schema:
+    # one schema for every file: inferred per file, a column that is all null in one bucket would
+    # get a different type there and the lake would fail its schema check. Dask's non-empty meta
+    # stands for the data because an empty object column would be inferred as null.
+    sample = frame if isinstance(frame, pd.DataFrame) else frame._meta_nonempty
+    schema = pa.Schema.from_pandas(sample, preserve_index=False)
+    if bucketed_by is None:
+        return schema
+    return schema.with_metadata({**schema.metadata, _BUCKETED_BY_KEY: bucketed_by.encode()})
+
+
+def _bucket_series(ids: pd.Series, n_buckets: int) -> pd.Series:
+    return pd.Series(bucket_of(ids, n_buckets), index=ids.index, name=BUCKET_COLUMN)
+
+
+def _bucket_file(directory: str, bucket: int) -> str:
+    return f"{directory}/{BUCKET_COLUMN}={bucket}/{_BUCKET_FILE_NAME}"
+
+
+def _write_buckets(rows_by_bucket: pd.DataFrame, *, filesystem: fsspec.AbstractFileSystem,
+                   directory: str, schema: pa.Schema) -> None:
+    """Write each bucket of a frame indexed by bucket number to its single file."""
+    for bucket, rows in rows_by_bucket.groupby(level=0, sort=True):
+        _write_file(rows, filesystem=filesystem, path=_bucket_file(directory, bucket),
+                    schema=schema)
+
+
+def _write_file(rows: pd.DataFrame, *, filesystem: fsspec.AbstractFileSystem, path: str,
+                schema: pa.Schema) -> None:
+    table = pa.Table.from_pandas(rows, schema=schema, preserve_index=False)
+    with _open_for_writing(filesystem, path) as file:
+        pq.write_table(table, file)
+
+
+def _open_for_writing(filesystem: fsspec.AbstractFileSystem, path: str):
+    filesystem.makedirs(posixpath.dirname(path), exist_ok=True)
+    return filesystem.open(path, "wb")
+
+
+def _simulated_blocks(*, n_rows: int, n_clusters: int, seed: int | None, chunk_rows: int
+                      ) -> Iterator[pd.DataFrame]:
+    """Consecutive blocks of whole clusters, together one simulation of ``n_clusters`` clusters."""
+    rows_per_cluster, n_larger_clusters = divmod(n_rows, n_clusters)
+    clusters_per_block = max(1, chunk_rows // rows_per_cluster)
+    block_starts = range(0, n_clusters, clusters_per_block)
+    block_seeds = np.random.SeedSequence(seed).spawn(len(block_starts))
+    for first, block_seed in zip(block_starts, block_seeds, strict=True):
+        stop = min(first + clusters_per_block, n_clusters)
+        # as in simulate_frame, the first n_larger_clusters clusters of the lake have a row more;
+        # simulate_frame gives a block's extra rows to its first clusters, which are those
+        n_block_larger = max(0, min(stop, n_larger_clusters) - first)
+        block = simulate_frame(n_rows=(stop - first) * rows_per_cluster + n_block_larger,
+                               n_clusters=stop - first,
+                               seed=int(block_seed.generate_state(1, np.uint64)[0]))
+        block["cluster"] = _renumber_clusters(block["cluster"], first=first)
+        yield block
+
+
+def _renumber_clusters(ids: pd.Series, *, first: int) -> pd.Series:
+    """Relabel a block's clusters ``c<first>``, ``c<first + 1>``, ... in order of appearance."""
+    codes, uniques = pd.factorize(ids)
+    labels = "c" + pd.Index(np.arange(first, first + len(uniques))).astype(str)
+    return pd.Series(labels[codes], index=ids.index)
+
+
+def _url_of(filesystem: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if isinstance(filesystem, LocalFileSystem) else filesystem.unstrip_protocol(path)
+
+
+def _rename_into_place(filesystem: LocalFileSystem, staging: str, destination: str) -> None:
+    # the old directory is only moved aside, so a failed rename can put it back
+    retired = None
+    if os.path.lexists(destination):
+        parent, name = posixpath.split(destination)
+        retired = posixpath.join(parent, f".{name}.old-{uuid.uuid4().hex}")
+        os.rename(destination, retired)
+    try:
+        os.rename(staging, destination)
+    except BaseException:
+        if retired is not None:
+            os.rename(retired, destination)
+        raise
+    if retired is not None:
+        filesystem.rm(retired, recursive=True)
+
+
+def _copy_into_place(filesystem: fsspec.AbstractFileSystem, staging: str, destination: str
+                     ) -> None:
+    marker = f"{destination}/{INCOMPLETE_MARKER}"
+    filesystem.touch(marker)  # a failure here leaves an existing destination untouched
+    try:
+        stale = [path for path in filesystem.find(destination) if path != marker]
+        if stale:
+            filesystem.rm(stale)
+        # workers wrote the staged files, so this process's listing cache may not know them
+        filesystem.invalidate_cache(staging)
+        sources = filesystem.find(staging)
+        filesystem.copy(sources, [destination + source[len(staging):] for source in sources])
+    except BaseException as error:
+        _remove_after_failure(filesystem, destination, error)
+        raise
+    filesystem.rm(marker)
+    filesystem.rm(staging, recursive=True)
+
+
+def _remove_after_failure(filesystem: fsspec.AbstractFileSystem, path: str,
+                          error: BaseException) -> None:
+    # the original error is what the caller needs; a failed clean-up is only noted on it
+    try:
+        if filesystem.exists(path):
+            filesystem.rm(path, recursive=True)
+    except Exception as cleanup_error:
+        error.add_note(f"could not remove {_url_of(filesystem, path)}: {cleanup_error}")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _data_files(filesystem: fsspec.AbstractFileSystem, root: str, *, url) -> list[str]:
+    """Sorted data files of a dataset, skipping ``_``- and ``.``-prefixed names as pyarrow does."""
+    filesystem.invalidate_cache(root)  # files may have been written by other processes
+    if not filesystem.exists(root):
+        raise FileNotFoundError(f"no Parquet dataset at {url}")
+    if filesystem.isfile(root):
+        return [root]
+    files = sorted(
+        path for path in filesystem.find(root)
+        if not any(part.startswith(("_", ".")) for part in path[len(root) + 1:].split("/")))
+    if not files:
+        raise ValueError(f"{url} holds no Parquet files")
+    return files
+
+
+def _arrow_filesystem(filesystem: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    # pyarrow's own local filesystem reads without a round trip through Python
+    if isinstance(filesystem, LocalFileSystem):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem))
+
+
+def _read_footers(filesystem: fsspec.AbstractFileSystem, files: list[str]
+                  ) -> list[pq.FileMetaData]:
+    arrow_filesystem = _arrow_filesystem(filesystem)
+
+    def read_footer(path: str) -> pq.FileMetaData:
+        try:
+            return pq.read_metadata(path, filesystem=arrow_filesystem)
+        except pa.ArrowInvalid as error:
+            raise ValueError(
+                f"{_url_of(filesystem, path)} is not a valid Parquet file: {error}") from error
+
+    with ThreadPoolExecutor(max_workers=min(_FOOTER_READERS, len(files))) as pool:
+        return list(pool.map(read_footer, files))
+
+
+def _common_schema(filesystem: fsspec.AbstractFileSystem, files: list[str],
+                   footers: list[pq.FileMetaData]) -> pa.Schema:
+    """The schema of the first file, after checking every other file has the same columns.
+
+    Column order and nullability may differ: pyarrow matches columns by name.
+    """
+    reference = footers[0].schema.to_arrow_schema()
+    reference_types = {field.name: field.type for field in reference}
+    for path, footer in zip(files[1:], footers[1:], strict=True):
+        types = {field.name: field.type for field in footer.schema.to_arrow_schema()}
+        difference = _schema_difference(types, reference_types)
+        if difference:
+            raise ValueError(
+                f"{_url_of(filesystem, path)} does not match the schema of "
+                f"{_url_of(filesystem, files[0])}: {difference}")
+    return reference
+
+
+def _schema_difference(types: dict[str, pa.DataType], reference: dict[str, pa.DataType]
+                       ) -> str | None:
+    for name, reference_type in reference.items():
+        if name not in types:
+            return f"column {name!r} is missing"
+        if not types[name].equals(reference_type):
+            return f"column {name!r} is {types[name]}, not {reference_type}"
+    extra = [name for name in types if name not in reference]
+    return f"it has the extra column {extra[0]!r}" if extra else None
+
+
+def _files_by_bucket(root: str, files: list[str]) -> dict[int, list[str]] | None:
+    """Files per bucket number when every file lies directly in a ``bucket=K`` directory."""
+    by_bucket: dict[int, list[str]] = {}
+    for path in files:
+        directory, _, _ = path[len(root) + 1:].rpartition("/")
+        match = _BUCKET_DIRECTORY.fullmatch(directory)
+        if match is None:
+            return None
+        by_bucket.setdefault(int(match.group(1)), []).append(path)
+    return dict(sorted(by_bucket.items()))
+
+
+def _hive_keys(root: str, files: list[str]) -> list[str]:
+    directories = {part for path in files for part in path[len(root) + 1:].split("/")[:-1]}
+    return sorted({part.partition("=")[0] for part in directories if "=" in part})
+
+
+def _filter_columns(filters: list | None) -> list[str]:
+    if not filters:
+        return []
+    # a flat list of (column, op, value) is one conjunction; a list of lists is a disjunction
+    conjunctions = filters if isinstance(filters[0], list) else [filters]
+    return [column for conjunction in conjunctions for column, _, _ in conjunction]
+
+
+def _require_columns(requested: Sequence[str], available: Sequence[str], *, source) -> None:
+    missing = [column for column in requested if column not in available]
+    if missing:
+        raise ValueError(f"column {missing[0]!r} is not in {source}; available columns: "
+                         f"{', '.join(map(repr, available))}")
+
+
+def _bucket_dataset(filesystem: fsspec.AbstractFileSystem, buckets: dict[int, list[str]], *,
+                    lake_schema: pa.Schema) -> ds.FileSystemDataset:
+    """A dataset of the given bucket files whose ``bucket`` column comes from their directory.
+
+    Built from the known paths and partition expressions: no listing, no footer read.
+    """
+    paths = [path for files in buckets.values() for path in files]
+    partitions = [pc.field(BUCKET_COLUMN) == bucket
+                  for bucket, files in buckets.items() for _ in files]
+    return ds.FileSystemDataset.from_paths(
+        paths, schema=lake_schema, format=ds.ParquetFileFormat(),
+        filesystem=_arrow_filesystem(filesystem), partitions=partitions)
+
+
+def _read_bucket(bucket_files: tuple[int, list[str]], *, filesystem: fsspec.AbstractFileSystem,
+                 lake_schema: pa.Schema, columns: list[str], row_filter: pc.Expression | None
+                 ) -> pd.DataFrame:
+    bucket, files = bucket_files
+    dataset = _bucket_dataset(filesystem, {bucket: files}, lake_schema=lake_schema)
+    return dataset.to_table(columns=columns, filter=row_filter).to_pandas()
+
+
+def _read_buckets(filesystem: fsspec.AbstractFileSystem, buckets: dict[int, list[str]], *,
+                  file_schema: pa.Schema, columns: list[str], filters: list | None
+                  ) -> dd.DataFrame:
+    lake_schema = file_schema.append(_BUCKET_FIELD)
+    filter_expression = pq.filters_to_expression(filters) if filters else None
+    if filter_expression is not None:
+        # conditions on the bucket column rule out whole buckets before any task exists
+        dataset = _bucket_dataset(filesystem, buckets, lake_schema=lake_schema)
+        kept = {fragment.path for fragment in dataset.get_fragments(filter=filter_expression)}
+        buckets = {bucket: files for bucket, files in buckets.items()
+                   if any(path in kept for path in files)}
+    meta = lake_schema.empty_table().select(columns).to_pandas()
+    if not buckets:
+        return dd.from_pandas(meta, npartitions=1)
+    return dd.from_map(_read_bucket, list(buckets.items()), filesystem=filesystem,
+                       lake_schema=lake_schema, columns=columns, row_filter=filter_expression,
+                       meta=meta, enforce_metadata=False, label="read-lake")
