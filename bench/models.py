@@ -187,8 +187,7 @@ def run_mixedlm(design: Design) -> dict:
 
     return _scored(meter, design, predict, sigma2=float(result.scale),
                    var_b=float(result.cov_re.iloc[0, 0]),
-                   iterations=result.mle_retvals.get("iterations"),
-                   warnings=_warning_names(caught))
+                   iterations=None, warnings=_warning_names(caught))
 
 
 # ------------------------------------------------------------------------------- registry

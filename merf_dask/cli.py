@@ -289,5 +289,8 @@ def demo(output, rows, clusters):
 
 def main() -> None:
     """Console-script entry point."""
+    # Workers of an embedded cluster inherit this process's stderr; their log of a failed task
+    # (with its traceback) would bury the one-line error. Set the variable to see it again.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     cli(prog_name="merf-dask")

@@ -237,7 +237,9 @@ def connect(
             cluster = stack.enter_context(contextlib.closing(LocalCluster(
                 n_workers=n_workers, threads_per_worker=1, processes=True,
                 memory_limit="auto" if memory_limit is None else memory_limit,
-                dashboard_address=None)))
+                # no dashboard; the scheduler's HTTP server (health, metrics) still starts,
+                # so keep it local and off port 8787, where a user's own cluster may be
+                dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})))
             client = Client(cluster)
         # registered last so it closes first, while its cluster is still up
         stack.enter_context(contextlib.closing(client))

@@ -237,7 +237,8 @@ def write_lake(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *, cl
     n_buckets : int, optional
         Number of buckets. Defaults to about one per million rows, raised to a few per worker thread
         (of the active ``distributed`` client, else of this machine) while buckets keep at least
-        10,000 rows.
+        10,000 rows. Counting the rows of a Dask frame is a pass over it unless its source knows
+        the count (``dd.read_parquet`` reads it from the footers).
     storage_options : dict, optional
         Passed to the filesystem, also on the workers.
     overwrite : bool
@@ -356,9 +357,9 @@ def read_lake(url: str | os.PathLike, *, columns: Sequence[str] | None = None,
 
     A bucketed lake (every file under a ``bucket=K`` directory) is read as one partition per bucket
     directory, however many files each holds; when the lake records that it was bucketed by
-    ``cluster_column`` (as :func:`write_lake` does) the layout is trusted, otherwise it is checked
-    and shuffled if a cluster spans buckets. Any other dataset is read with ``dd.read_parquet`` and,
-    given ``cluster_column``, shuffled once so that each cluster lies in one partition.
+    ``cluster_column`` (as :func:`write_lake` does) the layout is trusted. Otherwise, given
+    ``cluster_column``, the partitions (of the buckets, or of ``dd.read_parquet`` for any other
+    dataset) are checked with one pass over that column and shuffled once if a cluster spans two.
 
     The Parquet footers are checked first, without reading data.
 
