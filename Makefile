@@ -25,3 +25,7 @@ test: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+bench: $(VENV)/.installed-test
+	$(BIN)/pip install --quiet merf gpboost statsmodels
+	$(BIN)/python bench/run.py
