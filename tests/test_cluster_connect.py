@@ -242,7 +242,7 @@ def test_connect_over_tls(tls_cluster, tmp_path):
 def test_tls_cluster_refuses_clients_without_a_valid_certificate(tls_cluster, client):
     cluster, good, rogue = tls_cluster
     if client == "plain-tcp":
-        address, security, message = cluster.address.replace("tls://", "tcp://"), None, ""
+        address, security, message = cluster.address.replace("tls://", "tcp://"), None, None
     else:
         # trusts the right CA, but shows a certificate that CA did not sign
         address, message = cluster.address, "(?i)unknown ca|certificate"
