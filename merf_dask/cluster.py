@@ -232,8 +232,8 @@ def connect(
         elif dask.config.get("scheduler-address", None):
             client = Client()
         else:
-            # one thread per process: the per-cluster E-step and tree building are GIL-bound
-            # Python/NumPy work, so processes, not threads, give the parallelism
+            # single-threaded worker processes: the per-partition EM steps are largely
+            # Python-level work that holds the GIL, so processes run partitions in parallel
             cluster = stack.enter_context(contextlib.closing(LocalCluster(
                 n_workers=n_workers, threads_per_worker=1, processes=True,
                 memory_limit="auto" if memory_limit is None else memory_limit,

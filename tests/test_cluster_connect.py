@@ -240,17 +240,19 @@ def test_connect_over_tls(tls_cluster, tmp_path):
 
 @pytest.mark.parametrize("client", ["certificate-from-another-ca", "plain-tcp"])
 def test_tls_cluster_refuses_clients_without_a_valid_certificate(tls_cluster, client):
+    # test_connect_over_tls is the control: only the client's credentials differ
     cluster, good, rogue = tls_cluster
     if client == "plain-tcp":
-        address, security, message = cluster.address.replace("tls://", "tcp://"), None, None
+        address, security = cluster.address.replace("tls://", "tcp://"), None
     else:
-        # trusts the right CA, but shows a certificate that CA did not sign
-        address, message = cluster.address, "(?i)unknown ca|certificate"
+        # trusts the right CA, but shows a certificate that CA did not sign; the server's
+        # refusal reaches the client as an "unknown ca" alert or a bare EOF (TLS 1.3)
+        address = cluster.address
         security = Security(tls_ca_file=str(good.ca), tls_client_cert=str(rogue.cert),
                             tls_client_key=str(rogue.key), require_encryption=True)
     # the refusal is immediate; the short timeout only bounds a regression that retries
     with dask.config.set({"distributed.comm.timeouts.connect": REFUSAL_TIMEOUT}):
-        with pytest.raises(CommClosedError, match=message):
+        with pytest.raises(CommClosedError):
             Client(address, security=security, timeout=REFUSAL_TIMEOUT)
     assert cluster.alive()
 

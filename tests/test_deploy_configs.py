@@ -20,8 +20,9 @@ _env_problems
     Every ``DASK_*`` variable names a real Dask config key, with a value of the default's type.
 _unknown_helm_keys
     Helm overrides only use keys of the operator chart's own values.yaml.
-kustomize (``kubectl kustomize``)
-    The prod overlay builds, changes what it should, and its output passes the validators.
+_overlay
+    ``kubectl kustomize`` builds the prod overlay, which changes what it should, and its
+    output passes the validators above (kustomize itself accepts a patch of a misspelt path).
 SLURM golden file
     ``hpc/slurm.yaml``, loaded by ``merf_dask.cluster``, renders ``tests/golden/slurm_job_script.sh``.
 """
@@ -91,9 +92,10 @@ CONFIG_FILES = sorted(CONFIGS.rglob("*.yaml"))
 
 
 def _cluster_spec(doc: dict) -> dict | None:
-    """The DaskCluster spec of a DaskCluster or DaskJob."""
-    return {"DaskCluster": lambda: doc["spec"],
-            "DaskJob": lambda: doc["spec"]["cluster"]["spec"]}.get(doc["kind"], lambda: None)()
+    """The DaskCluster spec of a DaskCluster or DaskJob (``None`` for other kinds)."""
+    if doc["kind"] == "DaskJob":
+        return doc["spec"]["cluster"]["spec"]
+    return doc["spec"] if doc["kind"] == "DaskCluster" else None
 
 
 def _pod_specs(doc: dict) -> list[tuple[str, dict]]:

@@ -209,9 +209,9 @@ def test_a_lake_without_files_or_rows_is_refused(tmp_path, frame):
     with pytest.raises(ValueError, match="bare holds no Parquet files"):
         read_lake(tmp_path / "bare")
 
-    write_lake(frame.iloc[:0], tmp_path / "empty", cluster_column="cluster", n_buckets=2)
-    write_file(tmp_path / "empty" / "bucket=0" / "part-0.parquet", frame.iloc[:0])
-    with pytest.raises(ValueError, match="empty holds no rows"):
+    for bucket in range(2):
+        write_file(tmp_path / "empty" / f"bucket={bucket}" / "part-0.parquet", frame.iloc[:0])
+    with pytest.raises(ValueError, match="empty holds no rows: its 2 Parquet files are all empty"):
         read_lake(tmp_path / "empty")
 
 
