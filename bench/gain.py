@@ -1,10 +1,12 @@
-"""merf's gain experiment, re-run with merf-dask's defaults, next to the published notebook values.
+"""merf's gain experiment, re-run with merf-dask, next to the published notebook values.
 
 For each of the six (m, Var(b)) scenarios of :data:`merf_dask.simulate.GAIN_SCENARIOS` and each
 repetition (seed 1000 * scenario + repetition), :func:`merf_dask.simulate.gain_experiment` gives
 500 training rows of 100 known clusters, 4,500 held-out rows of those clusters and 5,000 rows of
-100 new clusters. A plain random forest (scikit-learn, 100 trees) and merf-dask's default MERF are
-fitted on the same rows; the gain is 100 * (MSE_rf - MSE_merf) / MSE_rf, averaged over repetitions.
+100 new clusters. On the same rows we fit a plain random forest (scikit-learn, 100 trees) and two
+merf-dask variants (:data:`MERF_VARIANTS`): its default forest (min_samples_leaf 5), and the plain
+forest's settings (min_samples_leaf 1) with OOB, so the gain of the random effects alone shows.
+The gain is 100 * (MSE_rf - MSE_merf) / MSE_rf, averaged over repetitions.
 
 The published values are the "MERF Gain Experiment" notebook's (merf 0.2/0.3 with out-of-bag
 predictions, 300 trees, 100 iterations, 10 repetitions; merf-algorithm.md section 2.2).
@@ -12,7 +14,7 @@ predictions, 300 trees, 100 iterations, 10 repetitions; merf-algorithm.md sectio
 run_gain
     Fit and score every scenario and repetition; summarise per scenario.
 gain_markdown
-    The summary as a Markdown table.
+    The summary as two Markdown tables (gains; MSEs and estimates).
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ from merf_dask.simulate import GAIN_SCENARIOS, gain_experiment
 
 PUBLISHED_GAIN_KNOWN = (17.7, 50.0, 68.7, 5.5, 19.2, 33.8)
 PUBLISHED_GAIN_NEW = (1.3, 3.4, -0.4, 0.4, 2.5, 4.7)
-
-
-def _gain(mse_rf: float, mse_merf: float) -> float:
-    return 100.0 * (mse_rf - mse_merf) / mse_rf
+#: merf-dask variant -> fixed-effects learner for a repetition (None: merf-dask's default)
+MERF_VARIANTS = {
+    "default": lambda repetition: None,
+    "leaf1": lambda repetition: RandomForestRegressor(n_estimators=100, oob_score=True,
+                                                      n_jobs=-1, random_state=repetition),
+}
+_SUMMED_FIELDS = [f"mse_rf_{part}" for part in ("known", "new")] + [
+    f"{field}_{variant}" for variant in MERF_VARIANTS
+    for field in ("mse_known", "mse_new", "gain_known", "gain_new", "sigma2", "var_b",
+                  "iterations")]
 
 
 def _mse(y: np.ndarray, prediction: np.ndarray) -> float:
@@ -42,40 +50,40 @@ def _mse(y: np.ndarray, prediction: np.ndarray) -> float:
 def _one_repetition(scenario: int, repetition: int) -> dict:
     train, test_known, test_new = gain_experiment(scenario, seed=1000 * scenario + repetition)
     X, Z, clusters, y = model_inputs(train)
+    tests = {"known": model_inputs(test_known), "new": model_inputs(test_new)}
     forest = RandomForestRegressor(n_estimators=100, n_jobs=-1, random_state=repetition)
     forest.fit(X, y)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        merf = MERF(random_state=repetition).fit(X, Z, clusters, y)
-    record = {"scenario": scenario, "repetition": repetition, "iterations": merf.n_iter_,
-              "sigma2": float(merf.sigma2_), "var_b": float(merf.D_[0, 0]),
-              "warnings": sorted({w.category.__name__ for w in caught})}
-    for name, frame in (("known", test_known), ("new", test_new)):
-        X_test, Z_test, clusters_test, y_test = model_inputs(frame)
-        mse_rf = _mse(y_test, forest.predict(X_test))
-        mse_merf = _mse(y_test, merf.predict(X_test, Z_test, clusters_test))
-        record.update({f"mse_rf_{name}": mse_rf, f"mse_merf_{name}": mse_merf,
-                       f"gain_{name}": _gain(mse_rf, mse_merf)})
+    record = {"scenario": scenario, "repetition": repetition, "warnings": []}
+    for part, (X_test, _, _, y_test) in tests.items():
+        record[f"mse_rf_{part}"] = _mse(y_test, forest.predict(X_test))
+    for variant, learner in MERF_VARIANTS.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merf = MERF(learner(repetition), random_state=repetition).fit(X, Z, clusters, y)
+        record.update({f"iterations_{variant}": merf.n_iter_,
+                       f"sigma2_{variant}": float(merf.sigma2_),
+                       f"var_b_{variant}": float(merf.D_[0, 0])})
+        record["warnings"] += [f"{variant}: {w.category.__name__}" for w in caught]
+        for part, (X_test, Z_test, clusters_test, y_test) in tests.items():
+            mse = _mse(y_test, merf.predict(X_test, Z_test, clusters_test))
+            mse_rf = record[f"mse_rf_{part}"]
+            record[f"mse_{part}_{variant}"] = mse
+            record[f"gain_{part}_{variant}"] = 100.0 * (mse_rf - mse) / mse_rf
+    record["warnings"] = sorted(set(record["warnings"]))
     return record
 
 
 def _summary(scenario: int, records: list[dict]) -> dict:
     m, sigma_b2 = GAIN_SCENARIOS[scenario]
-
-    def mean(field):
-        return float(np.mean([r[field] for r in records]))
-
-    def sd(field):
-        return float(np.std([r[field] for r in records], ddof=1)) if len(records) > 1 else None
-
-    return {"scenario": scenario, "m": m, "sigma_b2": sigma_b2, "repetitions": len(records),
-            **{f"mean_{field}": mean(field) for field in (
-                "mse_rf_known", "mse_merf_known", "gain_known", "mse_rf_new", "mse_merf_new",
-                "gain_new", "sigma2", "var_b", "iterations")},
-            "sd_gain_known": sd("gain_known"), "sd_gain_new": sd("gain_new"),
-            "published_gain_known": PUBLISHED_GAIN_KNOWN[scenario],
-            "published_gain_new": PUBLISHED_GAIN_NEW[scenario],
-            "warnings": sorted({name for r in records for name in r["warnings"]})}
+    summary = {"scenario": scenario, "m": m, "sigma_b2": sigma_b2, "repetitions": len(records),
+               "published_gain_known": PUBLISHED_GAIN_KNOWN[scenario],
+               "published_gain_new": PUBLISHED_GAIN_NEW[scenario],
+               "warnings": sorted({name for r in records for name in r["warnings"]})}
+    for field in _SUMMED_FIELDS:
+        values = [r[field] for r in records]
+        summary[f"mean_{field}"] = float(np.mean(values))
+        summary[f"sd_{field}"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return summary
 
 
 def run_gain(repetitions: int, progress=print) -> dict:
@@ -91,31 +99,53 @@ def run_gain(repetitions: int, progress=print) -> dict:
             "wall_seconds": time.perf_counter() - start}
 
 
-def _with_sd(mean: float, sd: float | None) -> str:
+def _mean_sd(summary: dict, field: str) -> str:
+    mean, sd = summary[f"mean_{field}"], summary[f"sd_{field}"]
     return f"{mean:.1f}" if sd is None else f"{mean:.1f} ± {sd:.1f}"
 
 
+def _variant_pair(summary: dict, field: str, digits: int = 2) -> str:
+    return " / ".join(f"{summary[f'mean_{field}_{variant}']:.{digits}f}"
+                      for variant in MERF_VARIANTS)
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def gain_markdown(result: dict) -> str:
-    """Per-scenario gains (mean ± sd over repetitions) next to the notebook's."""
+    """Per-scenario gains (mean ± sd over repetitions) next to the notebook's; MSEs, estimates."""
+    summaries = result["summary"]
     lines = [f"merf's gain experiment, {result['repetitions']} repetitions per scenario "
-             f"({result['wall_seconds'] / 60:.1f} min). merf-dask defaults (100 trees, "
-             "min_samples_leaf 5, OOB, <= 20 iterations, tol 1e-3) vs scikit-learn "
-             "RandomForestRegressor(100 trees). Notebook: merf 0.2/0.3 (OOB), 300 trees, "
-             "100 iterations, 10 repetitions. sigma2 true = 1.", "",
-             "| exp | m | Var(b) | MSE RF known | MSE merf-dask known | gain known (ours) "
-             "| gain known (notebook) | MSE RF new | MSE merf-dask new | gain new (ours) "
-             "| gain new (notebook) | sigma2 est. | Var(b) est. | iterations (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in result["summary"]:
-        lines.append("| " + " | ".join([
-            str(s["scenario"]), f"{s['m']}", f"{s['sigma_b2']}",
-            f"{s['mean_mse_rf_known']:.2f}", f"{s['mean_mse_merf_known']:.2f}",
-            _with_sd(s["mean_gain_known"], s["sd_gain_known"]), f"{s['published_gain_known']}",
-            f"{s['mean_mse_rf_new']:.2f}", f"{s['mean_mse_merf_new']:.2f}",
-            _with_sd(s["mean_gain_new"], s["sd_gain_new"]), f"{s['published_gain_new']}",
-            f"{s['mean_sigma2']:.2f}", f"{s['mean_var_b']:.2f}",
-            f"{s['mean_iterations']:.1f}"]) + " |")
-    warned = sorted({name for s in result["summary"] for name in s["warnings"]})
+             f"({result['wall_seconds'] / 60:.1f} min). Gain over scikit-learn "
+             "RandomForestRegressor(100 trees) = 100 (MSE_rf - MSE_merf) / MSE_rf, mean ± sd "
+             "over repetitions. merf-dask *default*: 100 trees, min_samples_leaf 5, OOB, <= 20 "
+             "iterations, tol 1e-3; *leaf 1*: the same with the RF baseline's forest "
+             "(min_samples_leaf 1). Notebook: merf 0.2/0.3 (OOB), 300 trees, 100 iterations, "
+             "10 repetitions.", "",
+             "| exp | m | Var(b) | gain known, default | gain known, leaf 1 | gain known, notebook "
+             "| gain new, default | gain new, leaf 1 | gain new, notebook |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(_row([str(s["scenario"]), f"{s['m']}", f"{s['sigma_b2']}",
+                           _mean_sd(s, "gain_known_default"), _mean_sd(s, "gain_known_leaf1"),
+                           f"{s['published_gain_known']}",
+                           _mean_sd(s, "gain_new_default"), _mean_sd(s, "gain_new_leaf1"),
+                           f"{s['published_gain_new']}"]))
+    lines += ["", "Mean MSEs and estimates (true sigma2 = 1; default / leaf 1):", "",
+              "| exp | MSE known: RF, default, leaf 1 | MSE new: RF, default, leaf 1 "
+              "| sigma2 est. | Var(b) est. (true) | iterations |",
+              "|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(_row([
+            str(s["scenario"]),
+            f"{s['mean_mse_rf_known']:.2f}, {s['mean_mse_known_default']:.2f}, "
+            f"{s['mean_mse_known_leaf1']:.2f}",
+            f"{s['mean_mse_rf_new']:.2f}, {s['mean_mse_new_default']:.2f}, "
+            f"{s['mean_mse_new_leaf1']:.2f}",
+            _variant_pair(s, "sigma2"), f"{_variant_pair(s, 'var_b')} ({s['sigma_b2']})",
+            _variant_pair(s, "iterations", digits=1)]))
+    warned = sorted({name for s in summaries for name in s["warnings"]})
     if warned:
         lines += ["", "Warnings raised by merf-dask during these fits: " + ", ".join(warned)
                   + " (per scenario in gain.json)."]

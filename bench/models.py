@@ -39,7 +39,9 @@ def _mse(frame: pd.DataFrame, prediction) -> float:
 
 
 def _warning_names(caught: list[warnings.WarningMessage]) -> list[str]:
-    return sorted({w.category.__name__ for w in caught})
+    """Distinct warnings as 'Category: start of the message'."""
+    return sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:80]}"
+                   for w in caught})
 
 
 def _scored(meter: FitMeter, design: Design, predict: Callable[[pd.DataFrame], np.ndarray],
@@ -198,7 +200,7 @@ class ModelSpec:
 
     label: str
     run: Callable[[Design], dict]
-    time_limit_s: int = 600
+    time_limit_s: int = 900
     #: above this many training rows the model is skipped (with ``skip_reason``)
     max_rows: int | None = None
     skip_reason: str = ""

@@ -9,8 +9,9 @@ Usage (from the repository root)::
 
 The side-by-side run fits every model in a fresh subprocess (``run.py --one KEY --rows N``, which
 prints one JSON record), so peak memory is per model, and kills it at its time limit. It writes
-``bench/results/results.json``, ``table.md`` and ``comparison.png``; ``--gain`` writes
-``gain.json`` and ``gain.md``.
+``bench/results/results.json``, ``table.md`` and ``comparison.png`` (with a suffix such as
+``_200k`` when ``--rows`` differs from the default); ``--gain`` writes ``gain.json`` and
+``gain.md``.
 
 Files of bench/
 ---------------
@@ -49,9 +50,9 @@ DATA_SEED = 1
 #: every model subprocess runs with single-threaded BLAS (the forests use their own threads)
 CHILD_ENVIRONMENT = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 NOT_RUN = {
-    200_000: "not in the default run: merf-dask needs ~8 s per EM iteration at 20k rows on "
-             "this shared 2-core machine, so ~10x that at 200k would take the run past its "
-             "~20-minute budget; run it with --rows 20000 200000",
+    200_000: "not in the default run: an EM iteration costs about one forest fit (8-15 s at "
+             "20k rows on this shared 2-core machine), ~10x that at 200k rows, which takes the "
+             "run past its ~20-minute budget; run it separately with --rows 200000",
     2_000_000: "out of scope for this machine (2 shared cores, 23 GB); a multi-machine "
                "Dask cluster is the setting for it",
 }
@@ -127,6 +128,13 @@ def _environment() -> dict:
             "child_environment": CHILD_ENVIRONMENT}
 
 
+def _output_suffix(rows_list: list[int]) -> str:
+    """'' for the default run, else e.g. '_20k_200k', so other runs keep the default files."""
+    if rows_list == DEFAULT_ROWS:
+        return ""
+    return "".join(f"_{rows // 1000}k" if rows % 1000 == 0 else f"_{rows}" for rows in rows_list)
+
+
 def side_by_side(rows_list: list[int], seed: int, quick: bool) -> dict:
     """Run every model at every row count; write results.json, table.md and comparison.png."""
     start = time.perf_counter()
@@ -149,11 +157,13 @@ def side_by_side(rows_list: list[int], seed: int, quick: bool) -> dict:
                     for rows, reason in NOT_RUN.items() if rows not in rows_list],
         "wall_seconds": time.perf_counter() - start,
     }
+    suffix = _output_suffix(rows_list)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "results.json").write_text(json.dumps(results, indent=2, default=_jsonable))
+    (RESULTS_DIR / f"results{suffix}.json").write_text(
+        json.dumps(results, indent=2, default=_jsonable))
     markdown = results_markdown(results)
-    (RESULTS_DIR / "table.md").write_text(markdown)
-    write_plot(results, RESULTS_DIR / "comparison.png")
+    (RESULTS_DIR / f"table{suffix}.md").write_text(markdown)
+    write_plot(results, RESULTS_DIR / f"comparison{suffix}.png")
     print(markdown)
     return results
 

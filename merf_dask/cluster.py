@@ -106,8 +106,9 @@ class ClusterSpec:
     def build(self):
         """Construct the cluster, without scaling or adapting it.
 
-        Constructing a job-queue or Kubernetes cluster starts its scheduler but submits no
-        workers, so this is also how to inspect one offline (``build().job_script()``).
+        A dask-jobqueue cluster starts its scheduler here but submits no job, so this is
+        also how to inspect one offline (``build().job_script()``). Other classes may start
+        workers on construction (``LocalCluster``'s ``n_workers``, for example).
 
         Returns
         -------

@@ -56,6 +56,8 @@ REFUSAL_TIMEOUT = "5s"
 
 @dataclasses.dataclass
 class RunningCluster:
+    """A scheduler and its workers, started by this module."""
+
     address: str
     scheduler_file: Path
     processes: list[subprocess.Popen]
@@ -115,8 +117,12 @@ def _running_cluster(workdir: Path, *, tls_args: list[str], security: Security |
                 ["worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
                  "--name", f"worker-{i}", "--nthreads", "1", "--no-nanny", "--no-dashboard",
                  *tls_args], workdir / f"worker-{i}.log"))
-        with Client(address, security=security, timeout=STARTUP_TIMEOUT) as client:
-            client.wait_for_workers(2, timeout=STARTUP_TIMEOUT)
+        try:
+            with Client(address, security=security, timeout=STARTUP_TIMEOUT) as client:
+                client.wait_for_workers(2, timeout=STARTUP_TIMEOUT)
+        except (OSError, TimeoutError) as err:
+            logs = "\n".join(f"== {p.name}\n{p.read_text()}" for p in sorted(workdir.glob("*.log")))
+            raise RuntimeError(f"the workers did not connect:\n{logs}") from err
         yield RunningCluster(address, scheduler_file, processes)
     finally:
         # workers first: a worker told to close by a closing scheduler while handling its own
@@ -135,6 +141,8 @@ def plain_cluster(tmp_path_factory) -> Iterator[RunningCluster]:
 
 @dataclasses.dataclass
 class Credentials:
+    """PEM files: a CA certificate, and a certificate and key it signed."""
+
     ca: Path
     cert: Path
     key: Path
@@ -174,8 +182,10 @@ def _credentials(directory: Path, ca_name: str) -> Credentials:
 def tls_cluster(tmp_path_factory) -> Iterator[tuple[RunningCluster, Credentials, Credentials]]:
     """The cluster, its credentials, and credentials from an unrelated CA."""
     workdir = tmp_path_factory.mktemp("tls")
-    good, rogue = _credentials(workdir / "good", "merf-dask CA"), _credentials(workdir / "rogue", "other CA")
-    tls_args = ["--tls-ca-file", str(good.ca), "--tls-cert", str(good.cert), "--tls-key", str(good.key)]
+    good = _credentials(workdir / "good", "merf-dask CA")
+    rogue = _credentials(workdir / "rogue", "other CA")
+    tls_args = ["--tls-ca-file", str(good.ca), "--tls-cert", str(good.cert),
+                "--tls-key", str(good.key)]
     security = Security(tls_ca_file=str(good.ca), tls_client_cert=str(good.cert),
                         tls_client_key=str(good.key), require_encryption=True)
     with _running_cluster(workdir, tls_args=tls_args, security=security) as cluster:
@@ -217,7 +227,8 @@ def test_connect_without_config_uses_dask_scheduler_address(plain_cluster):
     # a fresh interpreter, because Dask reads DASK_* variables when it is imported
     code = ("from merf_dask.cluster import connect\n"
             "with connect() as client:\n"
-            "    print(len(client.scheduler_info()['workers']), client.submit(sum, [1, 2]).result())")
+            "    print(len(client.scheduler_info()['workers']),"
+            " client.submit(sum, [1, 2]).result())")
     env = {**os.environ, "DASK_SCHEDULER_ADDRESS": plain_cluster.address}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=STARTUP_TIMEOUT)

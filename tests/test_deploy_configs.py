@@ -24,7 +24,8 @@ _overlay
     ``kubectl kustomize`` builds the prod overlay, which changes what it should, and its
     output passes the validators above (kustomize itself accepts a patch of a misspelt path).
 SLURM golden file
-    ``hpc/slurm.yaml``, loaded by ``merf_dask.cluster``, renders ``tests/golden/slurm_job_script.sh``.
+    ``hpc/slurm.yaml``, loaded by ``merf_dask.cluster``, renders
+    ``tests/golden/slurm_job_script.sh`` (scheduler address and interpreter normalised).
 """
 
 from __future__ import annotations
@@ -359,7 +360,8 @@ def test_helm_values_use_only_chart_keys():
 
 # --------------------------------------------------------------------- every config in the tree
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=[str(p.relative_to(CONFIGS)) for p in CONFIG_FILES])
+@pytest.mark.parametrize("path", CONFIG_FILES,
+                         ids=[str(p.relative_to(CONFIGS)) for p in CONFIG_FILES])
 def test_no_removed_dask_commands(path):
     assert _removed_commands(_documents(path)) == []
 
@@ -383,6 +385,11 @@ def test_dask_ctl_specs_load_and_name_a_cluster_factory(name):
     assert callable(getattr(importlib.import_module(spec.module), spec.class_name))
 
 
+# building the cluster starts a scheduler, whose HTTP server moves off 8787 when it is taken
+_ANOTHER_DASHBOARD = pytest.mark.filterwarnings("ignore:Port 8787 is already in use")
+
+
+@_ANOTHER_DASHBOARD
 def test_slurm_job_script_matches_golden_file(tmp_path):
     spec = load_config(CONFIGS / "hpc" / "slurm.yaml")
     assert spec.scale == {"jobs": 4}  # applied by connect(), never here: nothing is submitted
@@ -465,6 +472,7 @@ def test_overlay_check_catches_a_misspelt_patch(tmp_path):
     assert any("'replica' was unexpected" in p for p in problems)
 
 
+@_ANOTHER_DASHBOARD
 def test_golden_comparison_notices_a_changed_spec(tmp_path):
     spec = load_config(CONFIGS / "hpc" / "slurm.yaml")
     changed = dataclasses.replace(spec, kwargs={**spec.kwargs, "walltime": "01:00:00"})
