@@ -107,9 +107,8 @@ def run_merf_dask_cluster(design: Design) -> dict:
 # -------------------------------------------------------------------------------- merf 1.0
 
 def _merf1(design: Design, forest: RandomForestRegressor) -> dict:
-    import merf  # noqa: F401  (merf/__init__.py calls logging.basicConfig(level=INFO))
+    from merf import MERF as MERF1  # merf/__init__.py calls logging.basicConfig(level=INFO)
     logging.getLogger().setLevel(logging.WARNING)
-    from merf import MERF as MERF1
 
     X, Z, clusters, y = model_inputs(design.train)
     model = MERF1(forest, max_iterations=MERF1_ITERATIONS)
