@@ -108,10 +108,10 @@ def check_clusters(data, *, name: str = "clusters") -> pd.Series:
         if data.shape[1] != 1:
             raise ValueError(f"{name} must have one column, got {data.shape[1]}")
         data = data.iloc[:, 0]
-    ids = pd.Series(data).reset_index(drop=True) if not isinstance(data, pd.Series) \
-        else data.reset_index(drop=True)
-    if ids.ndim != 1:
-        raise ValueError(f"{name} must be 1-dimensional")
+    try:
+        ids = pd.Series(data).reset_index(drop=True)
+    except ValueError as error:  # e.g. a 2-d array
+        raise ValueError(f"{name} must be 1-dimensional: {error}") from None
     if len(ids) == 0:
         raise ValueError(f"{name} is empty (0 rows)")
     missing = ids.isna().to_numpy()

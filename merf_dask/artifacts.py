@@ -125,6 +125,9 @@ def save_model(model, url, *, overwrite: bool = False, storage_options: dict | N
     effects_bytes = io.BytesIO()
     _random_effects_frame(model).to_parquet(effects_bytes, index=False)
     files = {LEARNER: learner_bytes.getvalue(), RANDOM_EFFECTS: effects_bytes.getvalue()}
+    model_size = sum(len(content) for content in files.values())  # the report is not the model
+    if report:
+        files.update(render_report(model, summary=model.summary()) or {})
     manifest = {
         "format_version": FORMAT_VERSION,
         "parameters": _parameters(model),
@@ -141,14 +144,10 @@ def save_model(model, url, *, overwrite: bool = False, storage_options: dict | N
                      "e_step_seconds": r.e_step_seconds, "val_mse": r.val_mse}
                     for r in model.history_],
         "data_fingerprint": fingerprint,
-        "model_size_bytes": sum(len(content) for content in files.values()),
+        "model_size_bytes": model_size,
         "versions": _versions(),
         "sha256": {name: hashlib.sha256(content).hexdigest() for name, content in files.items()},
     }
-    if report:
-        files.update(render_report(model, summary=model.summary()) or {})
-        manifest["sha256"] = {name: hashlib.sha256(content).hexdigest()
-                              for name, content in files.items()}
     files[MANIFEST] = json.dumps(manifest, indent=2, default=float).encode()
     with atomic_directory(url, overwrite=overwrite, storage_options=storage_options) as staging:
         filesystem, root = open_filesystem(staging, storage_options=storage_options)

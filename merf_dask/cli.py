@@ -84,24 +84,20 @@ def _refuse_existing(path: str, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
 
 
-def _fit(*, lake, formula, output, scheduler=None, cluster_config=None, n_workers=None,
-         memory_limit=None, max_iterations=20, learner="random-forest", overwrite=False,
-         quiet=False, seed=0):
+def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-forest",
+         overwrite=False, quiet=False, seed=0):
+    """Fit ``formula`` on ``lake`` with ``client`` and write the model directory ``output``."""
     from .artifacts import data_fingerprint
-    from .cluster import connect
     from .estimator import MERF
     from .formula import parse_formula
     from .lake import read_lake
 
-    _refuse_existing(output, overwrite)
     _log_iterations(quiet)
-    config = {"address": scheduler} if scheduler else cluster_config
-    with connect(config, n_workers=n_workers, memory_limit=memory_limit) as client:
-        frame = read_lake(lake)
-        spec = parse_formula(formula, columns=list(frame.columns))
-        frame = read_lake(lake, columns=list(spec.columns), cluster_column=spec.group)
-        model = MERF(_learner(learner, seed), formula=formula, max_iterations=max_iterations,
-                     random_state=seed, client=client).fit(frame)
+    frame = read_lake(lake)
+    spec = parse_formula(formula, columns=list(frame.columns))
+    frame = read_lake(lake, columns=list(spec.columns), cluster_column=spec.group)
+    model = MERF(_learner(learner, seed), formula=formula, max_iterations=max_iterations,
+                 random_state=seed, client=client).fit(frame)
     model.save(output, overwrite=overwrite, fingerprint=data_fingerprint(lake))
     if not quiet:
         click.echo(model.summary())
@@ -158,7 +154,13 @@ def fit(ctx, job, **options):
     missing = [name for name in ("lake", "formula", "output") if not options.get(name)]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (give them as flags or in --job)")
-    _fit(**options)
+    from .cluster import connect
+    scheduler, cluster_config = options.pop("scheduler"), options.pop("cluster_config")
+    n_workers, memory_limit = options.pop("n_workers"), options.pop("memory_limit")
+    _refuse_existing(options["output"], options["overwrite"])  # before starting a cluster
+    with connect({"address": scheduler} if scheduler else cluster_config, n_workers=n_workers,
+                 memory_limit=memory_limit) as client:
+        _fit(client=client, **options)
 
 
 def _with_predictions(part: pd.DataFrame, *, model, intervals: bool) -> pd.DataFrame:
@@ -258,7 +260,7 @@ def show(model_dir):
 @click.option("--rows", type=click.IntRange(min=100), default=50_000, show_default=True)
 @click.option("--clusters", type=click.IntRange(min=2), default=1_000, show_default=True)
 def demo(output, rows, clusters):
-    """Simulate a lake, fit on an embedded LocalCluster, predict, evaluate and show."""
+    """Simulate a lake, fit on an embedded LocalCluster, evaluate its predictions and show it."""
     from .cluster import connect
     from .lake import write_lake
     from .simulate import simulate_frame
@@ -273,15 +275,16 @@ def demo(output, rows, clusters):
     is_test = (cluster_number % 10 == 9) | (rng.random(len(frame)) < 0.2)
     write_lake(frame[~is_test], train, cluster_column="cluster", overwrite=True)
     write_lake(frame[is_test], test, cluster_column="cluster", overwrite=True)
-    click.echo("2. fitting 'y ~ x1 + x2 + x3 + (1 | cluster)' on an embedded LocalCluster")
-    model = _fit(lake=str(train), formula="y ~ x1 + x2 + x3 + (1 | cluster)",
-                 output=str(model_dir), overwrite=True, quiet=True, n_workers=2)
-    for line in (f"   iteration {r.iteration}: GLL {r.gll:.6g}, sigma2 {r.sigma2:.4g}"
-                 for r in model.history_):
-        click.echo(line)
-    click.echo(f"3. evaluating on {test}")
-    with connect(None, n_workers=2) as client:
-        click.echo(evaluate_lake(str(test), model, client).to_string(float_format=lambda v: f"{v:.4f}"))
+    with connect(None, n_workers=2) as client:  # one embedded cluster for fit and evaluation
+        click.echo("2. fitting 'y ~ x1 + x2 + x3 + (1 | cluster)' on an embedded LocalCluster")
+        model = _fit(client=client, lake=str(train), formula="y ~ x1 + x2 + x3 + (1 | cluster)",
+                     output=str(model_dir), overwrite=True, quiet=True)
+        for record in model.history_:
+            click.echo(f"   iteration {record.iteration}: GLL {record.gll:.6g}, "
+                       f"sigma2 {record.sigma2:.4g}")
+        click.echo(f"3. evaluating on {test}")
+        click.echo(evaluate_lake(str(test), model, client).to_string(
+            float_format=lambda v: f"{v:.4f}"))
     click.echo("4. the model\n")
     click.echo(model.summary())
     click.echo(f"\nmodel directory: {model_dir}\nreport: {model_dir / 'report.html'}")

@@ -306,12 +306,10 @@ class MERF(RegressorMixin, BaseEstimator):
         else:
             x_columns = [f"X[{i}]" for i in range(data["X"].shape[1])]
             z_columns = [f"Z[{i}]" for i in range(data["Z"].shape[1])]
-            pandas_frame = pd.DataFrame(np.column_stack([data["X"], data["Z"]]),
-                                        columns=x_columns + z_columns)
-            pandas_frame[_CLUSTER] = np.asarray(data["cluster_ids"], dtype=object)[data["codes"]]
-            pandas_frame[_RESPONSE] = data["y"]
             # a sorted index of cluster codes: from_pandas never splits equal index values
-            pandas_frame.index = pd.Index(data["codes"])
+            pandas_frame = _em_frame(
+                data["X"], data["Z"], np.asarray(data["cluster_ids"], dtype=object)[data["codes"]],
+                data["y"], x_columns=x_columns, z_columns=z_columns, index=data["codes"])
             n_partitions = min(len(data["cluster_ids"]),
                                2 * max(1, len(client.scheduler_info()["workers"])))
             frame = dd.from_pandas(pandas_frame.sort_index(kind="stable"),
@@ -534,24 +532,35 @@ def _as_frame(data):
                      f"{type(data).__name__}")
 
 
-def _combine_columns(X, Z, clusters, y, *, x_names, z_columns) -> pd.DataFrame:
-    """One partition of the frame a distributed fit works on (runs on the workers)."""
-    Z = Z.to_frame() if isinstance(Z, pd.Series) else Z
-    frame = pd.DataFrame(X.to_numpy(dtype=float), columns=x_names)
-    frame[z_columns] = Z.to_numpy(dtype=float)
+def _em_frame(X, Z, clusters, y, *, x_columns, z_columns, index=None) -> pd.DataFrame:
+    """The frame a distributed fit works on: X and Z columns, cluster ids and the response.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    Z : ndarray of shape (n_samples, q)
+    clusters : array-like of shape (n_samples,)
+    y : ndarray of shape (n_samples,)
+    x_columns, z_columns : list of str
+    index : array-like of shape (n_samples,), optional
+    """
+    frame = pd.DataFrame(np.column_stack([X, Z]), columns=[*x_columns, *z_columns], index=index)
     frame[_CLUSTER] = np.asarray(clusters)
     frame[_RESPONSE] = np.asarray(y, dtype=float).reshape(-1)
     return frame
 
 
+def _combine_columns(X, Z, clusters, y, *, x_names, z_columns) -> pd.DataFrame:
+    """One partition of the distributed fit's frame from four Dask collections (on the workers)."""
+    return _em_frame(X.to_numpy(dtype=float), np.asarray(Z, dtype=float).reshape(len(X), -1),
+                     clusters, y, x_columns=x_names, z_columns=z_columns)
+
+
 def _formula_partition(part, *, spec, encoder, x_columns, z_columns) -> pd.DataFrame:
+    """One partition of the distributed fit's frame from a formula (on the workers)."""
     from .formula import design_matrices
-    X, Z, groups, y = design_matrices(part, spec, encoder)
-    frame = pd.DataFrame(X, columns=x_columns)
-    frame[z_columns] = Z
-    frame[_CLUSTER] = np.asarray(groups)
-    frame[_RESPONSE] = y
-    return frame
+    return _em_frame(*design_matrices(part, spec, encoder), x_columns=x_columns,
+                     z_columns=z_columns)
 
 
 def _prediction_meta(return_std):
