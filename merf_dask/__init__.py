@@ -8,10 +8,12 @@ Modules
 -------
 estimator      the ``MERF`` estimator (scikit-learn API, merf 1.0 compatible names)
 em             the EM loop, written once for in-memory and distributed data
-dask_em        the EM over cluster-whole partitions held by Dask workers
+dask_em        the EM over cluster-whole partitions streamed by Dask workers
 _core          the pure numpy E-step on per-cluster sufficient statistics
-learners       default forest and honest (out-of-bag) fixed-effects predictions
-partitioning   keeping each cluster's rows in one partition
+ensemble       the M-step's members and their honest (out-of-bag, cross-fitted) predictions
+learners       the default forest and the learners the CLI names
+checkpoint     atomic checkpoints of the EM loop, to resume a killed fit
+partitioning   cluster hashes; keeping each cluster's rows in one partition
 simulate       the paper's data-generating process
 """
 

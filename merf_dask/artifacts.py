@@ -85,7 +85,8 @@ def _parameters(model) -> dict:
         "max_iterations": params["max_iterations"],
         "tol": params["tol"],
         "oob": params["oob"],
-        "m_step": params["m_step"],
+        "n_folds": params["n_folds"],
+        "member_rows": params["member_rows"],
         "random_state": params["random_state"] if isinstance(params["random_state"], int) else None,
         "learner": type(learner).__module__ + "." + type(learner).__qualname__,
         "learner_params": {k: v for k, v in learner.get_params(deep=False).items()
@@ -197,7 +198,8 @@ def load_model(url, *, storage_options: dict | None = None):
     params = manifest["parameters"]
     schema = manifest["schema"]
     model = MERF(formula=params["formula"], max_iterations=params["max_iterations"],
-                 tol=params["tol"], oob=params["oob"], m_step=params["m_step"],
+                 tol=params["tol"], oob=params["oob"], n_folds=params["n_folds"],
+                 member_rows=params["member_rows"],
                  random_state=params["random_state"])
     model.fe_model_ = joblib.load(io.BytesIO(contents[LEARNER]))
     effects = pd.read_parquet(io.BytesIO(contents[RANDOM_EFFECTS]))

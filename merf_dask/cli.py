@@ -25,9 +25,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .learners import LEARNERS, make_learner
+
 __all__ = ["cli", "main"]
 
-LEARNERS = ("random-forest", "extra-trees", "linear")
 _EXPECTED_ERRORS = (ValueError, OSError, KeyError, ImportError)
 _JOB_KEYS = {"lake", "formula", "output", "scheduler", "cluster_config", "n_workers",
              "memory_limit", "max_iterations", "learner", "overwrite", "quiet", "seed"}
@@ -51,18 +52,6 @@ def cli():
     """Mixed Effects Random Forests on Parquet lakes and Dask clusters."""
 
 
-def _learner(name: str, seed: int | None):
-    from sklearn.ensemble import ExtraTreesRegressor
-    from sklearn.linear_model import LinearRegression
-    from .learners import default_learner
-    if name == "random-forest":
-        return default_learner(random_state=seed)
-    if name == "extra-trees":
-        return ExtraTreesRegressor(n_estimators=100, min_samples_leaf=5, bootstrap=True,
-                                   oob_score=True, n_jobs=-1, random_state=seed)
-    return LinearRegression()
-
-
 def _log_iterations(quiet: bool) -> None:
     # the cluster's own INFO/WARNING chatter would drown the one line per EM iteration
     logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -84,9 +73,23 @@ def _refuse_existing(path: str, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
 
 
+def checkpoint_path(output: str) -> str:
+    """Where a fit writing ``output`` keeps its checkpoint: next to the model directory."""
+    return f"{str(output).rstrip('/')}.checkpoint.parquet"
+
+
+def _scheduler_lost(client) -> bool:
+    return client.status != "running" or client.scheduler_comm is None or \
+        client.scheduler_comm.comm is None or client.scheduler_comm.comm.closed()
+
+
 def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-forest",
          overwrite=False, quiet=False, seed=0):
-    """Fit ``formula`` on ``lake`` with ``client`` and write the model directory ``output``."""
+    """Fit ``formula`` on ``lake`` with ``client`` and write the model directory ``output``.
+
+    The fit checkpoints after every EM iteration next to ``output`` and resumes from there when
+    run again after being killed or losing its scheduler.
+    """
     from .artifacts import data_fingerprint
     from .estimator import MERF
     from .formula import parse_formula
@@ -96,8 +99,19 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     frame = read_lake(lake)
     spec = parse_formula(formula, columns=list(frame.columns))
     frame = read_lake(lake, columns=list(spec.columns), cluster_column=spec.group)
-    model = MERF(_learner(learner, seed), formula=formula, max_iterations=max_iterations,
-                 random_state=seed, client=client).fit(frame)
+    checkpoint = checkpoint_path(output)
+    model = MERF(make_learner(learner, random_state=seed), formula=formula,
+                 max_iterations=max_iterations, random_state=seed, checkpoint=checkpoint,
+                 client=client)
+    try:
+        model.fit(frame)
+    except Exception as error:
+        if not _scheduler_lost(client):
+            raise
+        raise click.ClickException(
+            f"lost the Dask scheduler during the fit ({type(error).__name__}); finished EM "
+            f"iterations are checkpointed in {checkpoint}: run the same command again to "
+            "resume") from None
     model.save(output, overwrite=overwrite, fingerprint=data_fingerprint(lake))
     if not quiet:
         click.echo(model.summary())

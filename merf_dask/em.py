@@ -1,26 +1,33 @@
 """The MERF EM loop, written once for every place the data can live.
 
-The loop talks to its data through three methods (the :class:`EMData` protocol), so the same
-iteration runs on in-memory arrays (:class:`InMemoryEMData`, below) and on partitions held by Dask
-workers (:class:`merf_dask.dask_em.DaskEMData`):
+The loop talks to its data through the :class:`EMData` protocol, so the same iteration runs on
+in-memory arrays (:class:`InMemoryEMData`, below) and on partitions streamed by Dask workers
+(:class:`merf_dask.dask_em.DaskEMData`):
 
-1. ``fit_fixed_effects`` -- the M-step for f: fit the learner to the working response
-   y - Z b and keep its honest (out-of-bag) predictions at the training rows;
-2. ``random_effects_step`` -- the E-step for b from per-cluster sufficient statistics, returning
-   the partial sums (:class:`merf_dask._core.EMSums`);
-3. ``random_effects`` -- the final table of b_i and Var(b_i | y_i).
+1. ``fit_fixed_effects(plan)`` -- the M-step for f: fit the members of a
+   :class:`~merf_dask.ensemble.MemberPlan` to the working response y - Z b;
+2. ``random_effects_step`` -- honest (out-of-bag or cross-fitted) predictions of f at the
+   training rows, then the E-step for b from per-cluster sufficient statistics, returning the
+   partial sums (:class:`merf_dask._core.EMSums`);
+3. ``fixed_effects_model`` and ``random_effects`` -- the current f and the table of b_i and
+   Var(b_i | y_i); ``set_random_effects`` restores b from a checkpoint.
 
 The driver combines the sums into sigma2, D and the GLL (:func:`_core.update_variance_components`),
-logs one line per iteration and stops on the relative change of the GLL.
+logs one line per iteration, stops on the relative change of the GLL, and hands an
+:class:`EMState` to a checkpoint writer after every iteration that does not stop the loop.
 
 Classes and functions
 ---------------------
+PartitionArrays
+    One block of cluster-whole rows as numpy arrays, with the stable keys of its rows.
+m_step_pieces, e_step
+    The two per-partition steps (pure numpy; the Dask backend runs them on the workers).
 EMData
     The protocol above.
 InMemoryEMData
     All rows in this process.
-IterationRecord, EMResult
-    What one iteration and the whole fit report.
+IterationRecord, EMState, EMResult
+    What one iteration, a resumable point and the whole fit report.
 run_em
     The loop.
 """
@@ -32,32 +39,147 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+import joblib
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
 from ._core import (EMSums, cluster_statistics, random_effects_offset, random_effects_step,
                     update_variance_components)
-from .learners import fit_fixed_effects
+from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_predictions,
+                       row_keys, training_pieces)
+from .partitioning import cluster_hashes
 
-__all__ = ["EMData", "InMemoryEMData", "IterationRecord", "EMResult", "run_em"]
+__all__ = ["PartitionArrays", "m_step_pieces", "e_step", "EMData", "InMemoryEMData",
+           "align_random_effects",
+           "IterationRecord", "EMState", "EMResult", "run_em"]
 
 logger = logging.getLogger("merf_dask")
+
+
+@dataclass(frozen=True)
+class PartitionArrays:
+    """The rows of a block holding whole clusters.
+
+    Attributes
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    Z : ndarray of shape (n_rows, q)
+    y : ndarray of shape (n_rows,)
+    codes : ndarray of shape (n_rows,)
+        Index of each row's cluster in ``cluster_ids``.
+    cluster_ids : pandas.Index of length n_clusters
+        In order of first appearance.
+    hashes : ndarray of shape (n_clusters,), uint64
+        Stable hash of each cluster id.
+    keys : ndarray of shape (n_rows,), uint64
+        Stable key of each row (:func:`merf_dask.ensemble.row_keys`).
+    """
+
+    X: np.ndarray
+    Z: np.ndarray
+    y: np.ndarray
+    codes: np.ndarray
+    cluster_ids: pd.Index
+    hashes: np.ndarray
+    keys: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, *, X, Z, y, codes, cluster_ids) -> "PartitionArrays":
+        """Rows put in the order of their keys, so every sum over a cluster's rows adds in the
+        same order whatever order the rows arrived in."""
+        hashes = cluster_hashes(cluster_ids)
+        keys = row_keys(hashes, codes, np.column_stack([X, Z, y]))
+        order = np.argsort(keys, kind="stable")
+        return cls(X=X[order], Z=Z[order], y=y[order], codes=codes[order],
+                   cluster_ids=pd.Index(cluster_ids), hashes=hashes, keys=keys[order])
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, *, x_columns: list[str], z_columns: list[str],
+                   cluster_column: str, y_column: str) -> "PartitionArrays":
+        codes, cluster_ids = pd.factorize(frame[cluster_column], sort=False)
+        return cls.from_arrays(
+            X=frame[x_columns].to_numpy(dtype=float),
+            Z=frame[z_columns].to_numpy(dtype=float).reshape(len(frame), len(z_columns)),
+            y=frame[y_column].to_numpy(dtype=float), codes=codes.astype(np.int64),
+            cluster_ids=cluster_ids)
+
+    def residues(self, stride: int) -> np.ndarray:
+        """Residue class of every row's cluster hash modulo ``stride``."""
+        return (self.hashes % np.uint64(stride))[self.codes]
+
+
+def m_step_pieces(part: PartitionArrays, b: np.ndarray, plan: MemberPlan) -> dict[int, Piece]:
+    """This block's training rows for the plan's members, with the working response y - Z b.
+
+    Parameters
+    ----------
+    part : PartitionArrays
+    b : ndarray of shape (n_clusters, q)
+    plan : MemberPlan
+
+    Returns
+    -------
+    dict
+        Residue class -> :class:`~merf_dask.ensemble.Piece`.
+    """
+    working_response = part.y - random_effects_offset(part.Z, b, part.codes)
+    return training_pieces(plan, X=part.X, y=working_response, keys=part.keys,
+                           residue_of_row=part.residues(plan.stride))
+
+
+def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: float,
+           D: np.ndarray) -> tuple[np.ndarray, np.ndarray, EMSums]:
+    """Honest predictions of f at this block's rows, then the E-step for its clusters.
+
+    Parameters
+    ----------
+    part : PartitionArrays
+    plan : MemberPlan
+    fitted : list of (member index, fitted member)
+    sigma2 : float
+    D : ndarray of shape (q, q)
+
+    Returns
+    -------
+    b : ndarray of shape (n_clusters, q)
+    b_cov : ndarray of shape (n_clusters, q, q)
+    sums : EMSums
+    """
+    f_hat = honest_predictions(plan, fitted, X=part.X, keys=part.keys,
+                               residue_of_row=part.residues(plan.stride))
+    stats = cluster_statistics(part.codes, part.Z, part.y - f_hat,
+                               n_clusters=len(part.cluster_ids))
+    return random_effects_step(stats, sigma2=sigma2, D=D)
 
 
 class EMData(Protocol):
     """Where the rows live, as the EM loop sees it."""
 
-    def fit_fixed_effects(self, learner: BaseEstimator, *, use_oob: bool,
-                          iteration: int) -> BaseEstimator: ...
+    n_rows: int
+
+    def fit_fixed_effects(self, plan: MemberPlan) -> None: ...
 
     def random_effects_step(self, *, sigma2: float, D: np.ndarray) -> EMSums: ...
 
+    def fixed_effects_model(self) -> BaseEstimator: ...
+
     def random_effects(self) -> tuple[pd.Index, np.ndarray, np.ndarray]: ...
+
+    def set_random_effects(self, cluster_ids: pd.Index, b: np.ndarray) -> None: ...
+
+
+def align_random_effects(ids: pd.Index, table_ids: pd.Index, table: np.ndarray) -> np.ndarray:
+    """Rows of ``table`` (indexed by ``table_ids``) in the order of ``ids``; all must be there."""
+    position = table_ids.get_indexer(ids)
+    if (position < 0).any():
+        raise ValueError(f"the checkpoint has no random effects for cluster "
+                         f"{ids[position < 0][0]!r}: it belongs to other data")
+    return table[position]
 
 
 class InMemoryEMData:
-    """All training rows in this process.
+    """All training rows in this process; members are fitted on local threads.
 
     Parameters
     ----------
@@ -67,28 +189,39 @@ class InMemoryEMData:
         Cluster of each row, in ``[0, len(cluster_ids))``.
     y : ndarray of shape (n_samples,)
     cluster_ids : pandas.Index of length n_clusters
+    n_jobs : int or None
+        Threads that fit members (joblib convention; -1 is every core).
     """
 
-    def __init__(self, *, X, Z, codes, y, cluster_ids: pd.Index):
-        self.X, self.Z, self.codes, self.y = X, Z, codes, y
-        self.cluster_ids = cluster_ids
+    def __init__(self, *, X, Z, codes, y, cluster_ids: pd.Index, n_jobs=None):
+        self.part = PartitionArrays.from_arrays(X=X, Z=Z, y=y, codes=codes,
+                                                cluster_ids=cluster_ids)
+        self.n_rows = len(y)
+        self.n_jobs = n_jobs
         self.b = np.zeros((len(cluster_ids), Z.shape[1]))
         self.b_cov = np.zeros((len(cluster_ids), Z.shape[1], Z.shape[1]))
-        self.f_hat = None
+        self.plan = self.fitted = None
 
-    def fit_fixed_effects(self, learner, *, use_oob, iteration):
-        working_response = self.y - random_effects_offset(self.Z, self.b, self.codes)
-        fitted, self.f_hat = fit_fixed_effects(learner, self.X, working_response, use_oob=use_oob)
-        return fitted
+    def fit_fixed_effects(self, plan):
+        pieces = m_step_pieces(self.part, self.b, plan)
+        n_threads = joblib.effective_n_jobs(self.n_jobs)
+        chunks = [(pieces[r], members) for r, members in plan.chunks(n_threads) if r in pieces]
+        fitted = joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(
+            joblib.delayed(fit_members)(plan, members, piece) for piece, members in chunks)
+        self.plan, self.fitted = plan, [member for chunk in fitted for member in chunk]
 
     def random_effects_step(self, *, sigma2, D):
-        stats = cluster_statistics(self.codes, self.Z, self.y - self.f_hat,
-                                   n_clusters=len(self.cluster_ids))
-        self.b, self.b_cov, sums = random_effects_step(stats, sigma2=sigma2, D=D)
+        self.b, self.b_cov, sums = e_step(self.part, self.plan, self.fitted, sigma2=sigma2, D=D)
         return sums
 
+    def fixed_effects_model(self):
+        return assemble_model(self.plan, self.fitted, self.part.X.shape[1])
+
     def random_effects(self):
-        return self.cluster_ids, self.b, self.b_cov
+        return self.part.cluster_ids, self.b, self.b_cov
+
+    def set_random_effects(self, cluster_ids, b):
+        self.b = align_random_effects(self.part.cluster_ids, cluster_ids, b)
 
 
 @dataclass(frozen=True)
@@ -113,6 +246,29 @@ class IterationRecord:
                 f"E-step={self.e_step_seconds:.2f}s{val}")
 
 
+@dataclass(frozen=True)
+class EMState:
+    """Everything the loop needs to go on after a finished iteration (what a checkpoint holds).
+
+    Attributes
+    ----------
+    iteration : int
+        The last finished iteration.
+    sigma2 : float
+    D : ndarray of shape (q, q)
+    history : list of IterationRecord
+    cluster_ids : pandas.Index of length n_clusters
+    b : ndarray of shape (n_clusters, q)
+    """
+
+    iteration: int
+    sigma2: float
+    D: np.ndarray
+    history: list
+    cluster_ids: pd.Index
+    b: np.ndarray
+
+
 @dataclass
 class EMResult:
     """Everything the loop learned."""
@@ -134,19 +290,32 @@ def _relative_change(previous: float, current: float) -> float:
     return abs(current - previous) / max(abs(previous), np.finfo(float).tiny)
 
 
-def run_em(data: EMData, *, learner: BaseEstimator, use_oob: bool, q: int,
-           max_iterations: int, tol: float,
+def _canonical(value):
+    """``value`` rounded to 13 significant digits.
+
+    Partial sums add in an order that depends on the partitioning, so sigma2 and D can differ
+    in their last bits between two partitionings of the same data; a forest grown on a working
+    response that differs by one ulp can split differently. Rounding far below any statistical
+    meaning makes the next iteration start from the same bits.
+    """
+    rounded = np.array([float(f"{v:.13g}") for v in np.ravel(value)]).reshape(np.shape(value))
+    return rounded if np.ndim(value) else float(rounded)
+
+
+def run_em(data: EMData, *, planner: Callable[[int], MemberPlan], q: int, max_iterations: int,
+           tol: float,
            validation_mse: Callable[[BaseEstimator, pd.Index, np.ndarray], float] | None = None,
-           on_iteration: Callable[[IterationRecord], None] | None = None) -> EMResult:
-    """Run MERF's EM from b = 0, sigma2 = 1, D = I_q (the initial values of merf and the paper).
+           on_iteration: Callable[[IterationRecord], None] | None = None,
+           start: EMState | None = None,
+           on_state: Callable[[EMState], None] | None = None) -> EMResult:
+    """Run MERF's EM from b = 0, sigma2 = 1, D = I_q (the paper's initial values), or from a
+    checkpointed state.
 
     Parameters
     ----------
     data : EMData
-    learner : estimator
-        Unfitted fixed-effects learner (cloned every iteration).
-    use_oob : bool
-        Use out-of-bag predictions of f at the training rows.
+    planner : callable
+        ``planner(iteration)`` gives the :class:`~merf_dask.ensemble.MemberPlan` of an M-step.
     q : int
         Number of random-effect columns.
     max_iterations : int
@@ -156,27 +325,37 @@ def run_em(data: EMData, *, learner: BaseEstimator, use_oob: bool, q: int,
         ``validation_mse(fe_model, cluster_ids, b)`` gives the validation MSE of an iterate.
     on_iteration : callable, optional
         Called with every :class:`IterationRecord` (progress bars, events).
+    start : EMState, optional
+        Resume after this state's iteration.
+    on_state : callable, optional
+        Called with the :class:`EMState` after every iteration that does not end the loop (a
+        resumed run repeats at most the iteration in flight, and reaches the same model).
 
     Returns
     -------
     EMResult
     """
-    sigma2, D = 1.0, np.eye(q)
-    previous_gll = np.nan
-    history: list[IterationRecord] = []
+    sigma2, D, history = 1.0, np.eye(q), []
+    if start is not None:
+        sigma2, D, history = start.sigma2, start.D, list(start.history)
+        data.set_random_effects(start.cluster_ids, start.b)
+    first = len(history) + 1
+    if first > max_iterations:
+        raise ValueError(f"nothing to resume: the checkpoint is at iteration {first - 1} and "
+                         f"max_iterations is {max_iterations}")
+    previous_gll = history[-1].gll if history else np.nan
     converged = False
-    fe_model = None
-    for iteration in range(1, max_iterations + 1):
+    for iteration in range(first, max_iterations + 1):
         started = time.perf_counter()
-        fe_model = data.fit_fixed_effects(learner, use_oob=use_oob, iteration=iteration)
+        data.fit_fixed_effects(planner(iteration))
         m_step_done = time.perf_counter()
         sums = data.random_effects_step(sigma2=sigma2, D=D)
-        sigma2, D, gll = update_variance_components(sums)
+        sigma2, D, gll = map(_canonical, update_variance_components(sums))
         e_step_done = time.perf_counter()
         val_mse = None
         if validation_mse is not None:
             cluster_ids, b, _ = data.random_effects()
-            val_mse = validation_mse(fe_model, cluster_ids, b)
+            val_mse = validation_mse(data.fixed_effects_model(), cluster_ids, b)
         record = IterationRecord(
             iteration=iteration, gll=gll, relative_change=_relative_change(previous_gll, gll),
             sigma2=sigma2, D=D, m_step_seconds=m_step_done - started,
@@ -188,7 +367,12 @@ def run_em(data: EMData, *, learner: BaseEstimator, use_oob: bool, q: int,
         if tol > 0 and record.relative_change < tol:
             converged = True
             break
+        if on_state is not None and iteration < max_iterations:
+            cluster_ids, b, _ = data.random_effects()
+            on_state(EMState(iteration=iteration, sigma2=sigma2, D=D, history=list(history),
+                             cluster_ids=cluster_ids, b=b))
         previous_gll = gll
     cluster_ids, b, b_cov = data.random_effects()
-    return EMResult(fe_model=fe_model, sigma2=sigma2, D=D, cluster_ids=cluster_ids, b=b,
-                    b_cov=b_cov, n_rows=int(sums.n_rows), converged=converged, history=history)
+    return EMResult(fe_model=data.fixed_effects_model(), sigma2=sigma2, D=D,
+                    cluster_ids=cluster_ids, b=b, b_cov=b_cov, n_rows=data.n_rows,
+                    converged=converged, history=history)

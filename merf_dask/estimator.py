@@ -18,6 +18,8 @@ Input is either merf 1.0's ``fit(X, Z, clusters, y)`` or, with ``formula=``, one
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from numbers import Integral, Real
 
@@ -33,8 +35,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import _validation as check
 from ._core import random_effects_offset
-from .em import InMemoryEMData, run_em
-from .learners import default_learner, is_bagged_forest, supports_oob
+from .checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
+from .em import InMemoryEMData, logger, run_em
+from .ensemble import plan_members
+from .learners import default_learner, is_linear_model
 
 __all__ = ["MERF", "SingularFitWarning"]
 
@@ -81,16 +85,26 @@ class MERF(RegressorMixin, BaseEstimator):
         Stop when the relative change of the generalised log-likelihood (GLL) falls below
         ``tol``; 0 runs all ``max_iterations``.
     oob : "auto" or bool, default="auto"
-        Use out-of-bag predictions of f at the training rows inside EM. "auto" uses them whenever
-        the learner offers them (bagged ensembles); False uses in-sample predictions (merf 1.0,
-        which biases sigma2 low for forests).
-    m_step : {"auto", "local", "global"}, default="auto"
-        Fixed-effects step of a distributed fit. "local": every partition grows its share of the
-        forest's trees on its own rows and computes out-of-bag predictions where the rows live.
-        "global": one learner fitted on rows gathered to the driver (any learner). "auto": "local"
-        for bagged scikit-learn forests, "global" otherwise.
+        Use honest predictions of f at the training rows inside EM: out-of-bag predictions for a
+        bagged forest, cross-fitted predictions (``n_folds`` members on disjoint folds of
+        clusters) for any other learner. "auto" uses them except for linear models, whose
+        in-sample fit is the maximum-likelihood estimate; False uses in-sample predictions
+        (merf 1.0, which biases sigma2 low for forests). See :mod:`merf_dask.ensemble`.
+    n_folds : int, default=2
+        Members of the cross-fit for learners that are not bagged forests (more when the data
+        has more than ``n_folds * member_rows`` rows).
+    member_rows : int, default=100_000
+        The most rows one member (a tree, or a cross-fit's model) is fitted on, in expectation:
+        bigger data gives each member a sample of whole clusters. Bounds the memory of every
+        task and the size of the model.
     random_state : int, RandomState instance or None, default=None
-        Seeds the default forest and the bootstrap of the data-local M-step.
+        Seeds every member; the same seed gives the same model whatever the number of workers
+        and partitions.
+    checkpoint : str, default=None
+        File (local path or URL) written atomically after every EM iteration that does not end
+        the fit. When it exists at the start and belongs to the same fit (same parameters and
+        data size), the fit resumes after its iteration and ends with the same model; it is
+        removed when the fit ends.
     client : distributed.Client, default=None
         Client of the cluster to fit on. None uses the active client if there is one and runs in
         this process otherwise.
@@ -116,7 +130,9 @@ class MERF(RegressorMixin, BaseEstimator):
     n_iter_ : int
     converged_ : bool
     oob_ : bool
-        Whether out-of-bag predictions were used inside EM.
+        Whether honest (out-of-bag or cross-fitted) predictions were used inside EM.
+    resumed_from_ : int
+        The checkpointed iteration the fit resumed after (0 when it started afresh).
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Names of the features (formula columns, or X's DataFrame columns).
@@ -139,20 +155,25 @@ class MERF(RegressorMixin, BaseEstimator):
         "max_iterations": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "oob": [StrOptions({"auto"}), "boolean"],
-        "m_step": [StrOptions({"auto", "local", "global"})],
+        "n_folds": [Interval(Integral, 2, None, closed="left")],
+        "member_rows": [Interval(Integral, 1, None, closed="left")],
         "random_state": ["random_state"],
+        "checkpoint": [str, os.PathLike, None],
         "client": [HasMethods(["submit", "gather"]), None],
     }
 
     def __init__(self, fixed_effects_model=None, *, formula=None, max_iterations=20, tol=1e-3,
-                 oob="auto", m_step="auto", random_state=None, client=None):
+                 oob="auto", n_folds=2, member_rows=100_000, random_state=None, checkpoint=None,
+                 client=None):
         self.fixed_effects_model = fixed_effects_model
         self.formula = formula
         self.max_iterations = max_iterations
         self.tol = tol
         self.oob = oob
-        self.m_step = m_step
+        self.n_folds = n_folds
+        self.member_rows = member_rows
         self.random_state = random_state
+        self.checkpoint = checkpoint
         self.client = client
 
     # A client is shared, never copied: sklearn's clone deep-copies non-estimator parameters.
@@ -192,7 +213,7 @@ class MERF(RegressorMixin, BaseEstimator):
         """
         self._validate_params()
         learner = self._learner()
-        use_oob = self._use_oob(learner)
+        honest = self._honest(learner)
         if self.formula is not None:
             data, validation = self._formula_training_data(X, Z, clusters, y, X_val)
         else:
@@ -200,27 +221,49 @@ class MERF(RegressorMixin, BaseEstimator):
                                                          clusters_val, y_val)
         client = self.client or _active_client()
         if data["distributed"] or client is not None:
-            em_data = self._distributed_em_data(data, client, learner, use_oob)
+            em_data = self._distributed_em_data(data, client)
         else:
             em_data = InMemoryEMData(X=data["X"], Z=data["Z"], codes=data["codes"], y=data["y"],
-                                     cluster_ids=data["cluster_ids"])
-        result = run_em(em_data, learner=learner, use_oob=use_oob, q=len(self.z_names_),
-                        max_iterations=self.max_iterations, tol=self.tol,
-                        validation_mse=validation)
-        self._store_result(result, use_oob)
+                                     cluster_ids=data["cluster_ids"],
+                                     n_jobs=learner.get_params().get("n_jobs"))
+            self.n_partitions_ = 1
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        planner = functools.partial(plan_members, learner, honest=honest,
+                                    n_rows=em_data.n_rows, n_folds=self.n_folds,
+                                    member_rows=self.member_rows, seed=seed)
+        start, on_state = self._checkpointing(em_data)
+        result = run_em(em_data, planner=lambda iteration: planner(iteration=iteration),
+                        q=len(self.z_names_), max_iterations=self.max_iterations, tol=self.tol,
+                        validation_mse=validation, start=start, on_state=on_state)
+        if self.checkpoint is not None:
+            remove_checkpoint(self.checkpoint)
+        self._store_result(result, honest)
         return self
+
+    def _checkpointing(self, em_data):
+        """The state to resume from (or None) and the checkpoint writer, when ``checkpoint``."""
+        self.resumed_from_ = 0
+        if self.checkpoint is None:
+            return None, None
+        n_clusters = len(em_data.random_effects()[0])
+        parameters = {k: v for k, v in self.get_params(deep=False).items()
+                      if k not in ("client", "checkpoint")}
+        key = fit_key(parameters, n_rows=em_data.n_rows, n_clusters=n_clusters)
+        start = read_checkpoint(self.checkpoint, key=key)
+        if start is not None:
+            self.resumed_from_ = start.iteration
+            logger.warning("resumed from the checkpoint %s after iteration %d", self.checkpoint,
+                        start.iteration)
+        return start, functools.partial(write_checkpoint, self.checkpoint, key=key)
 
     def _learner(self):
         if self.fixed_effects_model is None:
             return default_learner(random_state=self.random_state)
         return clone(self.fixed_effects_model)
 
-    def _use_oob(self, learner) -> bool:
+    def _honest(self, learner) -> bool:
         if self.oob == "auto":
-            return supports_oob(learner)
-        if self.oob and not supports_oob(learner):
-            raise ValueError(f"oob=True but {type(learner).__name__} has no out-of-bag "
-                             "predictions; use a bagged ensemble or oob='auto'")
+            return not is_linear_model(learner)
         return bool(self.oob)
 
     def _array_training_data(self, X, Z, clusters, y, X_val, Z_val, clusters_val, y_val):
@@ -294,8 +337,7 @@ class MERF(RegressorMixin, BaseEstimator):
             return float(np.mean((y_val - prediction) ** 2))
         return validation_mse
 
-    def _distributed_em_data(self, data, client, learner, use_oob):
-        import dask.dataframe as dd
+    def _distributed_em_data(self, data, client):
         from .dask_em import DaskEMData
         from .partitioning import ensure_cluster_partitions
         if client is None:
@@ -303,35 +345,26 @@ class MERF(RegressorMixin, BaseEstimator):
                              "(Client()) or pass client=")
         if data["distributed"]:
             frame, x_columns, z_columns = data["frame"], data["x_columns"], data["z_columns"]
+            aligned = ensure_cluster_partitions(frame, _CLUSTER)
+            if aligned is not frame:
+                warnings.warn("the data is not partitioned by cluster: it was shuffled once and "
+                              "is held in worker memory; write a lake bucketed by cluster "
+                              "(merf_dask.lake.write_lake) to fit data larger than memory",
+                              UserWarning, stacklevel=3)
+                aligned = client.persist(aligned)
+            partitions = aligned.to_delayed()
         else:
             x_columns = [f"X[{i}]" for i in range(data["X"].shape[1])]
             z_columns = [f"Z[{i}]" for i in range(data["Z"].shape[1])]
-            # a sorted index of cluster codes: from_pandas never splits equal index values
-            pandas_frame = _em_frame(
-                data["X"], data["Z"], np.asarray(data["cluster_ids"], dtype=object)[data["codes"]],
-                data["y"], x_columns=x_columns, z_columns=z_columns, index=data["codes"])
-            n_partitions = min(len(data["cluster_ids"]),
-                               2 * max(1, len(client.scheduler_info()["workers"])))
-            frame = dd.from_pandas(pandas_frame.sort_index(kind="stable"),
-                                   npartitions=n_partitions, sort=True)
-        frame = ensure_cluster_partitions(frame, _CLUSTER)
-        m_step = self.m_step
-        if m_step == "auto":
-            m_step = "local" if is_bagged_forest(learner) and use_oob else "global"
-        if m_step == "local" and not (is_bagged_forest(learner) and use_oob):
-            raise ValueError("m_step='local' grows a bagged scikit-learn forest on each partition "
-                             f"with out-of-bag predictions; {type(learner).__name__} with "
-                             f"oob={self.oob!r} cannot; use m_step='global'")
-        partitions = client.compute(frame.to_delayed())
+            partitions = client.scatter(_cluster_partitions(
+                data, x_columns=x_columns, z_columns=z_columns,
+                n_partitions=2 * max(1, len(client.scheduler_info()["workers"]))))
         em_data = DaskEMData(client=client, partitions=partitions, x_columns=x_columns,
-                             z_columns=z_columns, cluster_column=_CLUSTER, y_column=_RESPONSE,
-                             m_step=m_step,
-                             seed=int(check_random_state(self.random_state).randint(2**31 - 1)))
+                             z_columns=z_columns, cluster_column=_CLUSTER, y_column=_RESPONSE)
         self.n_partitions_ = len(partitions)
-        self.m_step_ = m_step
         return em_data
 
-    def _store_result(self, result, use_oob):
+    def _store_result(self, result, honest):
         self.fe_model_ = result.fe_model
         ids = result.cluster_ids
         self.b_ = pd.DataFrame(result.b, index=ids, columns=self.z_names_)
@@ -347,7 +380,7 @@ class MERF(RegressorMixin, BaseEstimator):
         self.n_iter_ = len(result.history)
         self.n_rows_ = result.n_rows
         self.converged_ = result.converged
-        self.oob_ = use_oob
+        self.oob_ = honest
         if self.tol > 0 and not result.converged:
             warnings.warn(f"MERF did not converge in {self.max_iterations} iterations "
                           f"(relative GLL change {result.history[-1].relative_change:.2e} > "
@@ -532,7 +565,16 @@ def _as_frame(data):
                      f"{type(data).__name__}")
 
 
-def _em_frame(X, Z, clusters, y, *, x_columns, z_columns, index=None) -> pd.DataFrame:
+def _cluster_partitions(data, *, x_columns, z_columns, n_partitions) -> list[pd.DataFrame]:
+    """In-memory training data cut into frames that each hold whole clusters."""
+    ids = np.asarray(data["cluster_ids"], dtype=object)[data["codes"]]
+    frame = _em_frame(data["X"], data["Z"], ids, data["y"], x_columns=x_columns,
+                      z_columns=z_columns)
+    part_of_row = data["codes"] % min(n_partitions, len(data["cluster_ids"]))
+    return [part for _, part in frame.groupby(part_of_row, sort=True)]
+
+
+def _em_frame(X, Z, clusters, y, *, x_columns, z_columns) -> pd.DataFrame:
     """The frame a distributed fit works on: X and Z columns, cluster ids and the response.
 
     Parameters
@@ -542,9 +584,8 @@ def _em_frame(X, Z, clusters, y, *, x_columns, z_columns, index=None) -> pd.Data
     clusters : array-like of shape (n_samples,)
     y : ndarray of shape (n_samples,)
     x_columns, z_columns : list of str
-    index : array-like of shape (n_samples,), optional
     """
-    frame = pd.DataFrame(np.column_stack([X, Z]), columns=[*x_columns, *z_columns], index=index)
+    frame = pd.DataFrame(np.column_stack([X, Z]), columns=[*x_columns, *z_columns])
     frame[_CLUSTER] = np.asarray(clusters)
     frame[_RESPONSE] = np.asarray(y, dtype=float).reshape(-1)
     return frame

@@ -69,7 +69,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from merf_dask.partitioning import ensure_cluster_partitions
+from merf_dask.partitioning import cluster_hashes, ensure_cluster_partitions
 from merf_dask.simulate import simulate_frame
 
 __all__ = [
@@ -111,8 +111,9 @@ _FOOTER_READERS = 16
 def bucket_of(ids: pd.Series, n_buckets: int) -> np.ndarray:
     """Bucket of each cluster id, the same in every process, machine and session.
 
-    Uses pandas' SipHash with a fixed key (``hash_pandas_object``), never Python's ``hash()``,
-    which is salted per process. Equal ids give equal buckets whatever their string dtype.
+    The bucket is the id's :func:`~merf_dask.partitioning.cluster_hashes` modulo ``n_buckets``:
+    with a power-of-two bucket count, the M-step's member folds (residues of the same hash
+    modulo a power of two) line up with buckets and no rows move.
 
     Parameters
     ----------
@@ -128,8 +129,7 @@ def bucket_of(ids: pd.Series, n_buckets: int) -> np.ndarray:
     """
     if n_buckets < 1:
         raise ValueError(f"n_buckets must be at least 1, got {n_buckets}")
-    hashes = pd.util.hash_pandas_object(ids, index=False).to_numpy()
-    return (hashes % np.uint64(n_buckets)).astype(np.int64)
+    return (cluster_hashes(ids) % np.uint64(n_buckets)).astype(np.int64)
 
 
 def open_filesystem(url: str | os.PathLike, *, storage_options: dict | None = None
@@ -429,7 +429,8 @@ def read_lake(url: str | os.PathLike, *, columns: Sequence[str] | None = None,
 def _default_n_buckets(n_rows: int) -> int:
     per_target = math.ceil(n_rows / _TARGET_ROWS_PER_BUCKET)
     per_thread = min(_BUCKETS_PER_THREAD * _worker_threads(), n_rows // _MIN_ROWS_PER_BUCKET)
-    return max(1, per_target, per_thread)
+    # a power of two, so that buckets line up with the M-step's member folds (see bucket_of)
+    return 1 << math.ceil(math.log2(max(1, per_target, per_thread)))
 
 
 def _worker_threads() -> int:

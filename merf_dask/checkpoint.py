@@ -1,0 +1,95 @@
+"""Checkpoints of the EM loop, so that a killed fit resumes after its last finished iteration.
+
+A checkpoint is one Parquet file: a row per cluster with its b_i, and in the file's metadata the
+iteration, sigma2, D, the history and a key naming the fit it belongs to (its parameters and
+data size). It is written to a temporary name and renamed, so a reader sees the previous
+checkpoint or the new one, never half of one; on object stores the upload itself is atomic.
+
+Functions
+---------
+fit_key
+    The key of a fit: what must match for a checkpoint to be resumed.
+write_checkpoint, read_checkpoint, remove_checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .em import EMState, IterationRecord
+from .lake import open_filesystem
+
+__all__ = ["fit_key", "write_checkpoint", "read_checkpoint", "remove_checkpoint"]
+
+logger = logging.getLogger("merf_dask")
+
+_METADATA_KEY = b"merf_dask:checkpoint"
+_CLUSTER = "cluster"
+
+
+def fit_key(parameters: dict, *, n_rows: int, n_clusters: int) -> str:
+    """SHA-256 of the fit's parameters (as text) and the size of its data."""
+    text = json.dumps({"parameters": {k: repr(v) for k, v in sorted(parameters.items())},
+                       "n_rows": n_rows, "n_clusters": n_clusters}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _record_to_json(record: IterationRecord) -> dict:
+    return {"iteration": record.iteration, "gll": record.gll,
+            "relative_change": record.relative_change, "sigma2": record.sigma2,
+            "D": np.asarray(record.D).tolist(), "m_step_seconds": record.m_step_seconds,
+            "e_step_seconds": record.e_step_seconds, "val_mse": record.val_mse}
+
+
+def write_checkpoint(url: str | os.PathLike, state: EMState, *, key: str) -> None:
+    """Write ``state`` to ``url`` atomically (temporary name, then rename)."""
+    b = np.asarray(state.b)
+    table = pa.Table.from_pandas(
+        pd.DataFrame({_CLUSTER: np.asarray(state.cluster_ids),
+                      **{f"b{j}": b[:, j] for j in range(b.shape[1])}}), preserve_index=False)
+    metadata = {"key": key, "iteration": state.iteration, "sigma2": state.sigma2,
+                "D": np.asarray(state.D).tolist(),
+                "history": [_record_to_json(r) for r in state.history]}
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), _METADATA_KEY: json.dumps(metadata).encode()})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    filesystem, path = open_filesystem(url)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    filesystem.pipe_file(temporary, buffer.getvalue())
+    filesystem.mv(temporary, path)
+
+
+def read_checkpoint(url: str | os.PathLike, *, key: str) -> EMState | None:
+    """The state in the checkpoint at ``url``; None when there is none or it is another fit's."""
+    filesystem, path = open_filesystem(url)
+    if not filesystem.exists(path):
+        return None
+    table = pq.read_table(io.BytesIO(filesystem.cat_file(path)))
+    metadata = json.loads(table.schema.metadata[_METADATA_KEY])
+    if metadata["key"] != key:
+        logger.warning("ignoring the checkpoint %s: it belongs to a fit with other parameters "
+                       "or data", url)
+        return None
+    frame = table.to_pandas()
+    b = frame[[c for c in frame.columns if c != _CLUSTER]].to_numpy(dtype=float)
+    history = [IterationRecord(**{**r, "D": np.asarray(r["D"])}) for r in metadata["history"]]
+    return EMState(iteration=metadata["iteration"], sigma2=metadata["sigma2"],
+                   D=np.asarray(metadata["D"]), history=history,
+                   cluster_ids=pd.Index(frame[_CLUSTER]), b=b)
+
+
+def remove_checkpoint(url: str | os.PathLike) -> None:
+    """Remove the checkpoint at ``url`` if there is one."""
+    filesystem, path = open_filesystem(url)
+    if filesystem.exists(path):
+        filesystem.rm(path)

@@ -1,0 +1,365 @@
+"""The fixed-effects ensemble of the M-step: which rows each member sees, and honest predictions.
+
+MERF's EM needs f(X) at the training rows from a model that did not see those rows (the paper's
+authors use a forest's out-of-bag predictions; in-sample predictions of a forest nearly
+interpolate the working response and drive sigma2 towards zero). Here every learner is fitted
+as an ensemble of *members*, and the honest prediction of a row averages the members that did
+not train on it:
+
+* a bagged scikit-learn forest (random forest, extra trees) -- every tree is a member, bagged
+  with a Poisson(1) bootstrap; the prediction is the forest's out-of-bag prediction;
+* any other learner (gradient boosting, a histogram forest, any scikit-learn regressor) --
+  ``n_folds`` members (more when the data is large) fitted on disjoint folds of clusters, a
+  cross-fit that costs about one fit of the learner in total; the model is the average of the
+  members;
+* in-sample (``honest=False``, and linear models by default, whose in-sample fit is the ML
+  estimate) -- one member on every row.
+
+Which rows a member sees is decided per row from a stable hash of its cluster id and its
+values, never from the partition the row sits in or the process that runs the
+member, so the same seed gives the same model whatever the number of workers and partitions.
+A member trains on the clusters whose hash falls in one residue class modulo ``stride`` (a power
+of two chosen so that no member sees more than ``member_rows`` rows): that bounds the memory of
+every task and the size of every tree, and when the lake's bucket count (also a power of two)
+divides the stride, each member's rows come from a single bucket and nothing moves.
+
+Classes and functions
+---------------------
+row_keys
+    Stable 64-bit keys of rows (:func:`merf_dask.partitioning.cluster_hashes` hashes clusters).
+MemberPlan, plan_members
+    The members of one M-step: learner, residue class, seed.
+Piece, training_pieces
+    The rows of one residue class found in one block of rows, ready to ship.
+fit_members
+    Fit some members of a plan on the pieces of their residue class.
+honest_predictions
+    Out-of-bag / cross-fitted predictions at one block's rows.
+assemble_model, FoldEnsemble
+    The fitted learner that predicts new rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.ensemble._forest import BaseForest
+from sklearn.tree import DecisionTreeRegressor
+
+__all__ = ["row_keys", "MemberPlan", "plan_members", "Piece",
+           "training_pieces", "fit_members", "honest_predictions", "assemble_model",
+           "FoldEnsemble", "is_bagged_forest"]
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# Poisson(1) cumulative probabilities; a uniform above the last gives 21 (probability < 1e-19)
+_POISSON_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(21)])
+_TREE_PARAMS = ("criterion", "max_depth", "min_samples_split", "min_samples_leaf",
+                "min_weight_fraction_leaf", "max_features", "max_leaf_nodes",
+                "min_impurity_decrease", "ccp_alpha", "monotonic_cst")
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijection of uint64 that scatters every input bit."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64, copy=True)
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return z
+
+
+def row_keys(hashes: np.ndarray, codes: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Stable 64-bit key of each row, from its cluster's hash and its values.
+
+    The key depends on nothing but the row itself, so it is the same whatever partition, order
+    or process the row is in; equal rows of a cluster share a key, which is harmless (they are
+    interchangeable).
+
+    Parameters
+    ----------
+    hashes : ndarray of shape (n_clusters,), uint64
+    codes : ndarray of shape (n_rows,)
+        Cluster index of each row.
+    values : ndarray of shape (n_rows, n_columns), float64
+        The row's values (features, random-effects design, response).
+
+    Returns
+    -------
+    ndarray of shape (n_rows,), dtype uint64
+    """
+    keys = hashes[codes]
+    for column in np.asarray(values, dtype=np.float64).T:
+        keys = _mix(keys ^ np.ascontiguousarray(column).view(np.uint64))
+    return keys
+
+
+def _bootstrap_counts(keys: np.ndarray, seed: int) -> np.ndarray:
+    """Poisson(1) in-bag count of every row for the member with ``seed`` (the bootstrap of
+    distributed bagging: each row's count is drawn on its own, so any process can recompute it)."""
+    with np.errstate(over="ignore"):
+        bits = _mix(keys ^ (np.uint64(seed) * _GOLDEN + np.uint64(1)))
+    uniform = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    return np.searchsorted(_POISSON_CDF, uniform, side="right").astype(np.float64)
+
+
+def is_bagged_forest(learner: BaseEstimator) -> bool:
+    """True for a scikit-learn forest of decision trees (random forest or extra trees)."""
+    return isinstance(learner, BaseForest) and isinstance(learner.estimator, DecisionTreeRegressor)
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """The members of one M-step.
+
+    Attributes
+    ----------
+    learner : estimator
+        The unfitted template (a forest for tree members).
+    trees : bool
+        Members are the trees of a bagged forest (Poisson bootstrap, float32 features).
+    stride : int
+        Member m trains on clusters whose hash modulo ``stride`` is ``residues[m]``.
+    residues : ndarray of shape (n_members,)
+    seeds : ndarray of shape (n_members,), uint32
+    """
+
+    learner: BaseEstimator
+    trees: bool
+    stride: int
+    residues: np.ndarray
+    seeds: np.ndarray
+
+    @property
+    def n_members(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def feature_dtype(self):
+        return np.float32 if self.trees else np.float64  # trees split on float32 anyway
+
+    def chunks(self, n_chunks: int) -> list[tuple[int, np.ndarray]]:
+        """Members grouped by residue class and split into at least ``n_chunks`` tasks.
+
+        Returns
+        -------
+        list of (residue, member indices)
+        """
+        per_residue = {int(r): np.flatnonzero(self.residues == r) for r in np.unique(self.residues)}
+        size = max(1, math.ceil(self.n_members / max(n_chunks, len(per_residue))))
+        return [(residue, members[i:i + size]) for residue, members in per_residue.items()
+                for i in range(0, len(members), size)]
+
+    def in_bag(self, member: int, keys: np.ndarray, residue_of_row: np.ndarray) -> np.ndarray:
+        """In-bag count of every row for ``member``; 0 marks an honest (out-of-bag) row."""
+        counts = (residue_of_row == self.residues[member]).astype(np.float64)
+        if self.trees:
+            counts *= _bootstrap_counts(keys, int(self.seeds[member]))
+        return counts
+
+
+def _power_of_two_at_least(value: float) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(value, 1.0))))
+
+
+def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: int,
+                 member_rows: int, seed: int, iteration: int) -> MemberPlan:
+    """Decide the members of the M-step of ``iteration``.
+
+    Parameters
+    ----------
+    learner : estimator
+        Unfitted fixed-effects learner.
+    honest : bool
+        Give honest (out-of-bag or cross-fitted) predictions; False fits one member on all rows.
+    n_rows : int
+        Training rows in all partitions.
+    n_folds : int
+        Members of a cross-fit (learners that are not bagged forests).
+    member_rows : int
+        The most rows any member is fitted on (in expectation); sets the stride.
+    seed : int
+        The fit's seed; with ``iteration`` it seeds every member.
+    iteration : int
+
+    Returns
+    -------
+    MemberPlan
+    """
+    stride = _power_of_two_at_least(n_rows / member_rows)
+    trees = honest and is_bagged_forest(learner)
+    if trees:
+        n_members = learner.n_estimators
+    elif honest:
+        stride = max(stride, n_folds)
+        n_members = stride
+    else:
+        stride, n_members = 1, 1
+    rng = np.random.default_rng([seed, iteration])
+    residues = rng.permutation(stride)[np.arange(n_members) % stride]
+    seeds = rng.integers(0, np.iinfo(np.uint32).max, n_members, dtype=np.uint32)
+    return MemberPlan(learner=learner, trees=trees, stride=stride, residues=residues, seeds=seeds)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The rows of one residue class within one block of rows.
+
+    Attributes
+    ----------
+    keys : ndarray of shape (n_rows,), uint64
+    X : ndarray of shape (n_rows, n_features)
+    y : ndarray of shape (n_rows,)
+        The working response y - Z b.
+    """
+
+    keys: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+
+
+def training_pieces(plan: MemberPlan, *, X: np.ndarray, y: np.ndarray, keys: np.ndarray,
+                    residue_of_row: np.ndarray) -> dict[int, Piece]:
+    """Split one block's rows into the pieces that the plan's members train on.
+
+    Parameters
+    ----------
+    plan : MemberPlan
+    X : ndarray of shape (n_rows, n_features)
+    y : ndarray of shape (n_rows,)
+        Working response.
+    keys : ndarray of shape (n_rows,), uint64
+    residue_of_row : ndarray of shape (n_rows,)
+
+    Returns
+    -------
+    dict
+        Residue class -> :class:`Piece`, for the classes that have members and rows here.
+    """
+    X = X.astype(plan.feature_dtype, copy=False)
+    pieces = {}
+    for residue in np.unique(plan.residues):
+        rows = np.flatnonzero(residue_of_row == residue)
+        if len(rows):
+            pieces[int(residue)] = Piece(keys=keys[rows], X=X[rows], y=y[rows])
+    return pieces
+
+
+def _member(plan: MemberPlan, member: int) -> BaseEstimator:
+    seed = int(plan.seeds[member]) & 0x7FFFFFFF
+    if plan.trees:
+        params = plan.learner.get_params(deep=False)
+        tree_params = {name: params[name] for name in _TREE_PARAMS if name in params}
+        return type(plan.learner.estimator)(**tree_params, random_state=seed)
+    learner = clone(plan.learner)
+    if "random_state" in learner.get_params(deep=False):
+        learner.set_params(random_state=seed)
+    return learner
+
+
+def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
+                ) -> list[tuple[int, BaseEstimator]]:
+    """Fit ``members`` (all of one residue class) on the pieces of that class.
+
+    The pieces are put in the order of their row keys first, so a member sees its rows in the
+    same order however the rows were partitioned.
+
+    Returns
+    -------
+    list of (member index, fitted member)
+    """
+    keys = np.concatenate([p.keys for p in pieces])
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    X = np.concatenate([p.X for p in pieces])[order]
+    y = np.concatenate([p.y for p in pieces])[order]
+    fitted = []
+    for member in members:
+        if plan.trees:
+            counts = _bootstrap_counts(keys, int(plan.seeds[member]))
+            rows = np.flatnonzero(counts)
+            estimator = _member(plan, member).fit(X[rows], y[rows], sample_weight=counts[rows])
+        else:
+            estimator = _member(plan, member).fit(X, y)
+        fitted.append((int(member), estimator))
+    return fitted
+
+
+def _predict(member: BaseEstimator, X: np.ndarray, trees: bool) -> np.ndarray:
+    if trees:
+        return member.predict(X, check_input=False)
+    return np.asarray(member.predict(X), dtype=float).reshape(-1)
+
+
+def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]], *,
+                       X: np.ndarray, keys: np.ndarray, residue_of_row: np.ndarray) -> np.ndarray:
+    """Each row's average over the members that did not train on it.
+
+    Rows that every member trained on (all rows, for one in-sample member) get the average of
+    all members.
+
+    Parameters
+    ----------
+    plan : MemberPlan
+    fitted : list of (member index, fitted member)
+        Every member of the plan.
+    X : ndarray of shape (n_rows, n_features)
+    keys, residue_of_row : ndarray of shape (n_rows,)
+
+    Returns
+    -------
+    ndarray of shape (n_rows,)
+    """
+    X = np.ascontiguousarray(X, dtype=plan.feature_dtype)
+    total = np.zeros(len(X))
+    honest_total = np.zeros(len(X))
+    n_honest = np.zeros(len(X))
+    for member, estimator in fitted:
+        prediction = _predict(estimator, X, plan.trees)
+        out_of_bag = plan.in_bag(member, keys, residue_of_row) == 0
+        total += prediction
+        honest_total += prediction * out_of_bag
+        n_honest += out_of_bag
+    return np.where(n_honest > 0, honest_total / np.maximum(n_honest, 1), total / len(fitted))
+
+
+class FoldEnsemble(RegressorMixin, BaseEstimator):
+    """The average of learners fitted on disjoint folds of clusters (a cross-fit's model).
+
+    Parameters
+    ----------
+    members : list of fitted estimators
+    """
+
+    def __init__(self, members=()):
+        self.members = members
+
+    def predict(self, X):
+        """Average prediction of the members, shape (n_samples,)."""
+        return np.mean([np.asarray(m.predict(X), dtype=float).reshape(-1)
+                        for m in self.members], axis=0)
+
+    @property
+    def feature_importances_(self):
+        return np.mean([m.feature_importances_ for m in self.members], axis=0)
+
+
+def assemble_model(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]],
+                   n_features: int) -> BaseEstimator:
+    """The fitted learner made of every member: a forest of the trees, a :class:`FoldEnsemble`
+    of a cross-fit's members, or the one in-sample member itself."""
+    members = [estimator for _, estimator in sorted(fitted, key=lambda item: item[0])]
+    if plan.trees:
+        forest = clone(plan.learner).set_params(n_estimators=len(members), oob_score=False)
+        forest.estimators_ = members
+        forest.estimator_ = clone(plan.learner.estimator)
+        forest.n_features_in_ = n_features
+        forest.n_outputs_ = 1
+        return forest
+    if len(members) == 1:
+        return members[0]
+    return FoldEnsemble(members)
