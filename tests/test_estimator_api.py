@@ -147,5 +147,5 @@ def test_unknown_and_invalid_parameters_are_rejected(frame):
         MERF().set_params(n_trees=10)
     with pytest.raises(ValueError, match="max_iterations"):
         MERF(max_iterations=0).fit(*arrays(frame))
-    with pytest.raises(ValueError, match="oob=True but LinearRegression"):
-        MERF(LinearRegression(), oob=True).fit(*arrays(frame))
+    with pytest.raises(ValueError, match="n_folds"):
+        MERF(n_folds=1).fit(*arrays(frame))

@@ -1,0 +1,369 @@
+"""The M-step's ensemble: Poisson bootstrap, row keys, member plans and honest predictions.
+
+Pure numpy / scikit-learn: every expectation is computed here from the definitions (Poisson(1)
+probabilities, per-row loops over members, a constant learner per fold), not copied from a run.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.dummy import DummyRegressor
+from sklearn.ensemble import (ExtraTreesRegressor, HistGradientBoostingRegressor,
+                              RandomForestRegressor)
+from sklearn.tree import DecisionTreeRegressor
+
+from merf_dask.ensemble import (FoldEnsemble, Piece, _bootstrap_counts, assemble_model,
+                                fit_members, honest_predictions, plan_members, row_keys,
+                                training_pieces)
+from merf_dask.partitioning import cluster_hashes
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def clustered_rows(*, n_clusters=40, rows_per_cluster=10, n_features=3, seed=0):
+    """Cluster ids, cluster hashes, codes, X and y of a small clustered data set."""
+    rng = np.random.default_rng(seed)
+    ids = pd.Index([f"k{i}" for i in range(n_clusters)])
+    codes = np.repeat(np.arange(n_clusters), rows_per_cluster)
+    X = rng.standard_normal((len(codes), n_features))
+    y = X[:, 0] - 2 * X[:, 1] ** 2 + rng.standard_normal(n_clusters)[codes] \
+        + 0.3 * rng.standard_normal(len(codes))
+    hashes = cluster_hashes(ids)
+    keys = row_keys(hashes, codes, np.column_stack([X, y]))
+    return ids, hashes, codes, X, y, keys
+
+
+def fit_plan(plan, *, X, y, keys, residue_of_row):
+    """Fit every member of ``plan`` the way the in-memory EM does (one block of rows)."""
+    pieces = training_pieces(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
+    fitted = []
+    for residue, members in plan.chunks(1):
+        if residue in pieces:
+            fitted += fit_members(plan, members, pieces[residue])
+    return fitted
+
+
+def poisson_pmf(k):
+    return math.exp(-1) / math.factorial(k)
+
+
+# ------------------------------------------------------- Poisson bootstrap
+
+
+@pytest.fixture(scope="module")
+def many_keys():
+    return np.random.default_rng(1).integers(0, np.iinfo(np.uint64).max, 200_000,
+                                             dtype=np.uint64, endpoint=True)
+
+
+def test_bootstrap_counts_are_poisson_one(many_keys):
+    counts = _bootstrap_counts(many_keys, seed=12345)
+    n = len(counts)
+    assert np.all(counts == np.round(counts)) and counts.min() >= 0
+    # standard errors at n = 200k: mean 0.0022, variance 0.0045, P(k) <= 0.0011
+    assert abs(counts.mean() - 1.0) < 0.01
+    assert abs(counts.var() - 1.0) < 0.02
+    for k in range(5):
+        assert abs(np.mean(counts == k) - poisson_pmf(k)) < 0.005, k
+    assert abs(np.mean(counts == 0) - math.exp(-1)) < 0.005
+    # a Poisson(1) count above 8 has probability ~1e-6 per row
+    assert counts.max() <= 10
+    assert n == len(many_keys)
+
+
+def test_bootstrap_counts_are_reproducible_and_differ_between_seeds(many_keys):
+    first = _bootstrap_counts(many_keys, seed=7)
+    again = _bootstrap_counts(many_keys.copy(), seed=7)
+    other = _bootstrap_counts(many_keys, seed=8)
+    np.testing.assert_array_equal(first, again)
+    # two independent Poisson(1) draws agree with probability sum_k P(k)^2 ~ 0.31
+    agreement = np.mean(first == other)
+    same_probability = sum(poisson_pmf(k) ** 2 for k in range(20))
+    assert abs(agreement - same_probability) < 0.01, agreement
+    assert abs(np.corrcoef(first, other)[0, 1]) < 0.01
+    # each row's count depends only on its own key: a subset gets the same counts
+    subset = np.arange(0, len(many_keys), 7)
+    np.testing.assert_array_equal(_bootstrap_counts(many_keys[subset], seed=7), first[subset])
+
+
+def test_bootstrap_counts_of_consecutive_keys_are_independent():
+    # keys that differ in one low bit must not get correlated counts
+    keys = np.arange(100_000, dtype=np.uint64)
+    counts = _bootstrap_counts(keys, seed=0)
+    assert abs(counts.mean() - 1.0) < 0.02
+    assert abs(np.corrcoef(counts[:-1], counts[1:])[0, 1]) < 0.02
+
+
+# ---------------------------------------------------------------- row keys
+
+
+def test_row_keys_follow_the_rows_under_permutation():
+    ids, hashes, codes, X, y, keys = clustered_rows()
+    values = np.column_stack([X, y])
+    order = np.random.default_rng(3).permutation(len(codes))
+    np.testing.assert_array_equal(row_keys(hashes, codes[order], values[order]), keys[order])
+    # renumbering the clusters (another order of first appearance) changes nothing
+    new_codes, new_ids = pd.factorize(np.asarray(ids)[codes][order], sort=False)
+    np.testing.assert_array_equal(
+        row_keys(cluster_hashes(new_ids), new_codes, values[order]), keys[order])
+    assert keys.dtype == np.uint64
+    assert len(np.unique(keys)) == len(keys)
+
+
+def test_row_keys_differ_between_clusters_and_values():
+    ids, hashes, codes, X, y, keys = clustered_rows()
+    values = np.column_stack([X, y])
+    moved = (codes + 1) % len(ids)  # the same values in another cluster
+    assert not np.any(row_keys(hashes, moved, values) == keys)
+    nudged = values.copy()
+    nudged[:, 1] = np.nextafter(nudged[:, 1], np.inf)  # one ulp of one column
+    assert not np.any(row_keys(hashes, codes, nudged) == keys)
+    # equal rows of one cluster share a key
+    doubled = row_keys(hashes, np.r_[codes, codes], np.vstack([values, values]))
+    np.testing.assert_array_equal(doubled[:len(codes)], doubled[len(codes):])
+
+
+# ------------------------------------------------------------ plan_members
+
+
+def forest(n_estimators=16, **params):
+    return RandomForestRegressor(n_estimators=n_estimators, random_state=0, n_jobs=1, **params)
+
+
+@pytest.mark.parametrize("n_rows, member_rows, stride", [
+    (1_000, 100_000, 1),
+    (100_000, 100_000, 1),
+    (100_001, 100_000, 2),
+    (800_000, 100_000, 8),
+    (800_001, 100_000, 16),
+])
+def test_forest_plan_stride(n_rows, member_rows, stride):
+    plan = plan_members(forest(16), honest=True, n_rows=n_rows, n_folds=2,
+                        member_rows=member_rows, seed=0, iteration=1)
+    assert plan.trees
+    assert plan.stride == stride
+    assert plan.n_members == 16
+    assert plan.feature_dtype == np.float32
+    # the trees are spread evenly over the residue classes, each class used
+    residues, counts = np.unique(plan.residues, return_counts=True)
+    np.testing.assert_array_equal(residues, np.arange(stride))
+    assert counts.max() - counts.min() <= 1
+    assert len(np.unique(plan.seeds)) == 16
+
+
+def test_extra_trees_with_bootstrap_are_tree_members():
+    plan = plan_members(ExtraTreesRegressor(n_estimators=5), honest=True, n_rows=10,
+                        n_folds=2, member_rows=100, seed=0, iteration=1)
+    assert plan.trees and plan.n_members == 5
+
+
+@pytest.mark.parametrize("n_rows, n_folds, stride", [
+    (1_000, 2, 2),
+    (1_000, 5, 5),
+    (800_000, 2, 8),
+    (800_000, 4, 8),
+])
+def test_cross_fit_plan(n_rows, n_folds, stride):
+    plan = plan_members(HistGradientBoostingRegressor(), honest=True, n_rows=n_rows,
+                        n_folds=n_folds, member_rows=100_000, seed=0, iteration=1)
+    assert not plan.trees
+    assert plan.feature_dtype == np.float64
+    assert plan.stride == stride and plan.n_members == stride >= n_folds
+    np.testing.assert_array_equal(np.sort(plan.residues), np.arange(stride))  # one per fold
+
+
+@pytest.mark.parametrize("learner", [forest(16), HistGradientBoostingRegressor()])
+def test_in_sample_plan_has_one_member(learner):
+    plan = plan_members(learner, honest=False, n_rows=800_000, n_folds=3, member_rows=100_000,
+                        seed=0, iteration=1)
+    assert not plan.trees
+    assert plan.stride == 1 and plan.n_members == 1
+    np.testing.assert_array_equal(plan.residues, [0])
+
+
+def test_plans_are_reproducible_and_change_with_seed_and_iteration():
+    def plan(seed, iteration):
+        return plan_members(forest(32), honest=True, n_rows=800_000, n_folds=2,
+                            member_rows=100_000, seed=seed, iteration=iteration)
+    a, b = plan(0, 1), plan(0, 1)
+    np.testing.assert_array_equal(a.residues, b.residues)
+    np.testing.assert_array_equal(a.seeds, b.seeds)
+    assert not np.array_equal(a.seeds, plan(1, 1).seeds)
+    assert not np.array_equal(a.seeds, plan(0, 2).seeds)
+
+
+def test_chunks_cover_every_member_once_within_its_residue_class():
+    plan = plan_members(forest(37), honest=True, n_rows=400_000, n_folds=2,
+                        member_rows=100_000, seed=4, iteration=2)
+    for n_chunks in (1, 3, 8, 50):
+        chunks = plan.chunks(n_chunks)
+        members = np.concatenate([m for _, m in chunks])
+        np.testing.assert_array_equal(np.sort(members), np.arange(37))
+        for residue, chunk in chunks:
+            assert np.all(plan.residues[chunk] == residue)
+        assert len(chunks) >= min(n_chunks, 37)
+
+
+# ------------------------------------------------ fitting and honest predictions
+
+
+@pytest.fixture(scope="module")
+def forest_fit():
+    """A forest of fully grown trees on 4 residue classes (stride 4)."""
+    ids, hashes, codes, X, y, keys = clustered_rows(n_clusters=60, rows_per_cluster=8)
+    learner = RandomForestRegressor(n_estimators=12, min_samples_leaf=1, max_features=1.0,
+                                    n_jobs=1, random_state=0)
+    plan = plan_members(learner, honest=True, n_rows=len(y), n_folds=2,
+                        member_rows=len(y) // 4, seed=11, iteration=3)
+    assert plan.trees and plan.stride == 4
+    residue_of_row = (hashes % np.uint64(plan.stride))[codes]
+    fitted = fit_plan(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
+    return dict(plan=plan, fitted=fitted, X=X, y=y, keys=keys, codes=codes, hashes=hashes,
+                residue_of_row=residue_of_row)
+
+
+def naive_in_bag(plan, member, keys, residue_of_row):
+    """The in-bag count of every row for one member, row by row, from the design: zero outside
+    the member's residue class, the row's Poisson(1) draw for the member's seed inside it."""
+    counts = np.zeros(len(keys))
+    for i in range(len(keys)):
+        if residue_of_row[i] == plan.residues[member]:
+            counts[i] = _bootstrap_counts(keys[i:i + 1], int(plan.seeds[member]))[0]
+    return counts
+
+
+def test_tree_members_train_exactly_on_their_in_bag_rows(forest_fit):
+    plan, X, y = forest_fit["plan"], forest_fit["X"], forest_fit["y"]
+    assert sorted(m for m, _ in forest_fit["fitted"]) == list(range(plan.n_members))
+    X32 = X.astype(np.float32)
+    for member, tree in forest_fit["fitted"]:
+        assert isinstance(tree, DecisionTreeRegressor)
+        in_bag = naive_in_bag(plan, member, forest_fit["keys"], forest_fit["residue_of_row"])
+        assert in_bag.sum() > 0
+        # a fully grown tree reproduces exactly the rows it was grown on, and no others
+        reproduced = np.isclose(tree.predict(X32), y, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(reproduced, in_bag > 0)
+        # the sample weights are the counts: the root holds their sum
+        assert tree.tree_.weighted_n_node_samples[0] == pytest.approx(in_bag.sum())
+
+
+def test_honest_predictions_equal_a_naive_per_row_loop(forest_fit):
+    plan, fitted, X = forest_fit["plan"], forest_fit["fitted"], forest_fit["X"]
+    keys, residue_of_row = forest_fit["keys"], forest_fit["residue_of_row"]
+    predictions = {m: tree.predict(X.astype(np.float32)) for m, tree in fitted}
+    in_bag = {m: naive_in_bag(plan, m, keys, residue_of_row) for m in predictions}
+    expected = np.empty(len(X))
+    for i in range(len(X)):
+        honest = [predictions[m][i] for m in predictions if in_bag[m][i] == 0]
+        every = [predictions[m][i] for m in predictions]
+        expected[i] = np.mean(honest) if honest else np.mean(every)
+    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    # the exclusion matters: rows with in-bag members are not predicted by the plain average
+    n_in_bag = np.sum([in_bag[m] > 0 for m in in_bag], axis=0)
+    mixed = (n_in_bag > 0) & (n_in_bag < plan.n_members)
+    assert mixed.sum() > len(X) // 2
+    every = np.mean(list(predictions.values()), axis=0)
+    assert np.all(np.abs(got[mixed] - every[mixed]) > 1e-9)
+
+
+def test_assembled_forest_predicts_the_mean_of_its_trees(forest_fit):
+    plan, fitted, X = forest_fit["plan"], forest_fit["fitted"], forest_fit["X"]
+    model = assemble_model(plan, list(reversed(fitted)), X.shape[1])
+    assert isinstance(model, RandomForestRegressor)
+    assert len(model.estimators_) == plan.n_members
+    by_member = dict(fitted)
+    assert all(model.estimators_[m] is by_member[m] for m in range(plan.n_members))
+    expected = np.mean([t.predict(X.astype(np.float32)) for _, t in fitted], axis=0)
+    np.testing.assert_allclose(model.predict(X), expected, rtol=0, atol=1e-12)
+    new_X = np.random.default_rng(9).standard_normal((50, X.shape[1]))
+    expected_new = np.mean([t.predict(new_X.astype(np.float32)) for _, t in fitted], axis=0)
+    np.testing.assert_allclose(model.predict(new_X), expected_new, rtol=0, atol=1e-12)
+
+
+def split_in_pieces(piece, n_pieces, seed):
+    """``piece``'s rows shuffled and cut into ``n_pieces`` pieces."""
+    order = np.random.default_rng(seed).permutation(len(piece.keys))
+    return [Piece(keys=piece.keys[rows], X=piece.X[rows], y=piece.y[rows])
+            for rows in np.array_split(order, n_pieces)]
+
+
+def assert_same_trees(a, b):
+    ta, tb = a.tree_, b.tree_
+    assert ta.node_count == tb.node_count
+    np.testing.assert_array_equal(ta.feature, tb.feature)
+    np.testing.assert_array_equal(ta.threshold, tb.threshold)
+    np.testing.assert_array_equal(ta.value, tb.value)
+
+
+@pytest.mark.parametrize("learner", [
+    RandomForestRegressor(n_estimators=6, max_features=0.6, min_samples_leaf=2, n_jobs=1),
+    HistGradientBoostingRegressor(max_iter=15),
+])
+def test_fit_members_does_not_depend_on_the_order_or_cut_of_the_pieces(learner):
+    ids, hashes, codes, X, y, keys = clustered_rows(n_clusters=50, rows_per_cluster=6, seed=2)
+    plan = plan_members(learner, honest=True, n_rows=len(y), n_folds=2,
+                        member_rows=len(y) // 2, seed=5, iteration=1)
+    residue_of_row = (hashes % np.uint64(plan.stride))[codes]
+    pieces = training_pieces(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
+    probe = np.random.default_rng(4).standard_normal((200, X.shape[1]))
+    for residue, members in plan.chunks(1):
+        whole = fit_members(plan, members, pieces[residue])
+        for n_pieces, seed in ((2, 0), (5, 1)):
+            cut = fit_members(plan, members, *split_in_pieces(pieces[residue], n_pieces, seed))
+            assert [m for m, _ in cut] == [m for m, _ in whole]
+            for (_, a), (_, b) in zip(whole, cut):
+                if plan.trees:
+                    assert_same_trees(a, b)
+                    np.testing.assert_array_equal(a.predict(probe.astype(np.float32)),
+                                                  b.predict(probe.astype(np.float32)))
+                else:
+                    np.testing.assert_array_equal(a.predict(probe), b.predict(probe))
+
+
+# ------------------------------------------------------------------ cross-fit
+
+
+def test_cross_fit_never_predicts_a_row_with_its_own_fold():
+    """Each member is a constant (the mean of its fold's response); folds have very different
+    means, so a row's honest prediction is the average of the *other* folds' means."""
+    ids, hashes, codes, X, _, keys = clustered_rows(n_clusters=80, rows_per_cluster=5, seed=6)
+    n_folds = 4
+    plan = plan_members(DummyRegressor(strategy="mean"), honest=True, n_rows=len(codes),
+                        n_folds=n_folds, member_rows=10**6, seed=3, iteration=1)
+    assert plan.stride == n_folds and plan.n_members == n_folds and not plan.trees
+    fold = (hashes % np.uint64(n_folds)).astype(np.int64)[codes]
+    y = 100.0 * fold + np.random.default_rng(0).standard_normal(len(codes))
+    keys = row_keys(hashes, codes, np.column_stack([X, y]))
+    fitted = fit_plan(plan, X=X, y=y, keys=keys, residue_of_row=fold)
+    fold_mean = {r: y[fold == r].mean() for r in range(n_folds)}
+    assert len(fold_mean) == n_folds and all(np.sum(fold == r) > 0 for r in range(n_folds))
+    # each member predicts the mean of exactly its residue class
+    for member, estimator in fitted:
+        assert estimator.predict(X[:1])[0] == pytest.approx(fold_mean[plan.residues[member]])
+    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=fold)
+    expected = np.array([np.mean([fold_mean[r] for r in range(n_folds) if r != f])
+                         for f in fold])
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    # the model of the cross-fit averages all members
+    model = assemble_model(plan, fitted, X.shape[1])
+    assert isinstance(model, FoldEnsemble) and len(model.members) == n_folds
+    np.testing.assert_allclose(model.predict(X[:5]), np.mean(list(fold_mean.values())),
+                               rtol=1e-12)
+
+
+def test_in_sample_member_predicts_in_sample():
+    ids, hashes, codes, X, y, keys = clustered_rows(seed=8)
+    learner = RandomForestRegressor(n_estimators=5, n_jobs=1, random_state=0)
+    plan = plan_members(learner, honest=False, n_rows=len(y), n_folds=2, member_rows=10**6,
+                        seed=0, iteration=1)
+    residue_of_row = np.zeros(len(y), dtype=np.uint64)
+    fitted = fit_plan(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
+    assert len(fitted) == 1
+    model = assemble_model(plan, fitted, X.shape[1])
+    assert model is fitted[0][1] and isinstance(model, RandomForestRegressor)
+    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
+    np.testing.assert_allclose(got, model.predict(X), rtol=1e-12)
