@@ -108,7 +108,11 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     except Exception as error:
         if not _scheduler_lost(client):
             raise
-        raise click.ClickException(
+        # closing a client that is still trying to reconnect logs the cancelled attempt with a
+        # traceback (and a failed one with an error): the one line below says all of it
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+        # an OSError, so that _CleanErrors prints it as "merf-dask: error: ..." (exit status 1)
+        raise ConnectionError(
             f"lost the Dask scheduler during the fit ({type(error).__name__}); finished EM "
             f"iterations are checkpointed in {checkpoint}: run the same command again to "
             "resume") from None

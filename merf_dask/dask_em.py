@@ -99,10 +99,11 @@ class DaskEMData:
         self.cluster_ids = [ids for ids, _, _ in layouts]
         self.hashes = [hashes for _, hashes, _ in layouts]
         self.n_rows = int(sum(n for _, _, n in layouts))
+        self.n_clusters = sum(len(ids) for ids in self.cluster_ids)
         self.n_features = len(x_columns)
         q = len(z_columns)
         self.b = [np.zeros((len(ids), q)) for ids in self.cluster_ids]
-        self.b_cov = [client.scatter(np.zeros((len(ids), q, q))) for ids in self.cluster_ids]
+        self.b_cov = [np.zeros((len(ids), q, q)) for ids in self.cluster_ids]  # futures later
         self.plan = self.chunks = None
 
     def _n_threads(self) -> int:

@@ -157,6 +157,7 @@ class EMData(Protocol):
     """Where the rows live, as the EM loop sees it."""
 
     n_rows: int
+    n_clusters: int
 
     def fit_fixed_effects(self, plan: MemberPlan) -> None: ...
 
@@ -196,7 +197,7 @@ class InMemoryEMData:
     def __init__(self, *, X, Z, codes, y, cluster_ids: pd.Index, n_jobs=None):
         self.part = PartitionArrays.from_arrays(X=X, Z=Z, y=y, codes=codes,
                                                 cluster_ids=cluster_ids)
-        self.n_rows = len(y)
+        self.n_rows, self.n_clusters = len(y), len(cluster_ids)
         self.n_jobs = n_jobs
         self.b = np.zeros((len(cluster_ids), Z.shape[1]))
         self.b_cov = np.zeros((len(cluster_ids), Z.shape[1], Z.shape[1]))

@@ -1,16 +1,19 @@
 """The scikit-learn estimator :class:`MERF`.
 
 ``MERF`` fits y_i = f(X_i) + Z_i b_i + e_i with b_i ~ N(0, D), e_i ~ N(0, sigma2 I) by the EM
-algorithm of Hajjem, Bellavance & Larocque (2014), with out-of-bag forest predictions inside EM
-as the authors' own code does.
+algorithm of Hajjem, Bellavance & Larocque (2014), with honest predictions of f inside EM: a
+forest's out-of-bag predictions, as the authors' own code does, or cross-fitted predictions for
+any other learner (:mod:`merf_dask.ensemble`).
 
 Where the fit runs is decided by the data (as in dask-ml and LightGBM's Dask estimators):
 
 * numpy / pandas input and no Dask client: in this process (:class:`em.InMemoryEMData`);
 * Dask collections, or any input while a ``distributed`` client is active or given: on the
-  cluster (:class:`dask_em.DaskEMData`), with every cluster's rows in one partition.
+  cluster (:class:`dask_em.DaskEMData`), with every cluster's rows in one partition, streamed
+  from the source on every pass.
 
-Both paths run the same loop (:func:`em.run_em`) on the same numerical core (:mod:`._core`).
+Both paths run the same loop (:func:`em.run_em`) on the same numerical core (:mod:`._core`,
+:mod:`.ensemble`), and give the same model for the same seed.
 
 Input is either merf 1.0's ``fit(X, Z, clusters, y)`` or, with ``formula=``, one frame
 ``fit(data)`` (a pandas or Dask DataFrame) described by an lme4 formula.
@@ -37,7 +40,7 @@ from . import _validation as check
 from ._core import random_effects_offset
 from .checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
 from .em import InMemoryEMData, logger, run_em
-from .ensemble import plan_members
+from .ensemble import is_bagged_forest, plan_members
 from .learners import default_learner, is_linear_model
 
 __all__ = ["MERF", "SingularFitWarning"]
@@ -74,8 +77,9 @@ class MERF(RegressorMixin, BaseEstimator):
     Parameters
     ----------
     fixed_effects_model : estimator, default=None
-        Learner of the fixed effects f (any scikit-learn regressor). None gives a random forest of
-        100 trees with out-of-bag predictions. It is cloned, never modified or shared.
+        Learner of the fixed effects f (any scikit-learn regressor, LightGBM or XGBoost's
+        scikit-learn regressors included). None gives a random forest of 100 trees
+        (:func:`merf_dask.learners.default_learner`). It is cloned, never modified or shared.
     formula : str, default=None
         lme4 formula such as ``"y ~ x1 + x2 + (1 + t | g)"``; then ``fit(data)`` and
         ``predict(data)`` take one DataFrame. See :mod:`merf_dask.formula`.
@@ -245,10 +249,9 @@ class MERF(RegressorMixin, BaseEstimator):
         self.resumed_from_ = 0
         if self.checkpoint is None:
             return None, None
-        n_clusters = len(em_data.random_effects()[0])
         parameters = {k: v for k, v in self.get_params(deep=False).items()
                       if k not in ("client", "checkpoint")}
-        key = fit_key(parameters, n_rows=em_data.n_rows, n_clusters=n_clusters)
+        key = fit_key(parameters, n_rows=em_data.n_rows, n_clusters=em_data.n_clusters)
         start = read_checkpoint(self.checkpoint, key=key)
         if start is not None:
             self.resumed_from_ = start.iteration
@@ -476,6 +479,11 @@ class MERF(RegressorMixin, BaseEstimator):
         save_model(self, url, overwrite=overwrite, storage_options=storage_options,
                    fingerprint=fingerprint, report=report)
 
+    def _honest_kind(self) -> str:
+        if not self.oob_:
+            return "in-sample"
+        return "out-of-bag" if is_bagged_forest(self.fe_model_) else "cross-fitted"
+
     def summary(self) -> str:
         """A text summary like statsmodels' ``summary()``: data, convergence, variance components
         (as variances, standard deviations and correlations), learner and feature importances."""
@@ -490,7 +498,7 @@ class MERF(RegressorMixin, BaseEstimator):
             f"  iterations:     {self.n_iter_} ({'converged' if self.converged_ else 'not converged'},"
             f" tol={self.tol})",
             f"  final GLL:      {self.gll_history_[-1]:.6g}",
-            f"  honest f in EM: {'out-of-bag' if self.oob_ else 'in-sample'}",
+            f"  honest f in EM: {self._honest_kind()}",
             f"  learner:        {type(self.fe_model_).__name__}",
             "",
             "Random effects            Variance    Std.Dev.  Corr",
