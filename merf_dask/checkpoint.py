@@ -1,8 +1,8 @@
 """Checkpoints of the EM loop, so that a killed fit resumes after its last finished iteration.
 
 A checkpoint is one Parquet file: a row per cluster with its b_i, and in the file's metadata the
-iteration, sigma2, D, the history and a key naming the fit it belongs to (its parameters and
-data size). It is written to a temporary name and renamed, so a reader sees the previous
+iteration, sigma2, D, the history, the fit's seed and a key naming the fit it belongs to (its
+parameters and data size). It is written to a temporary name and renamed, so a reader sees the previous
 checkpoint or the new one, never half of one; on object stores the upload itself is atomic.
 
 Functions
@@ -14,12 +14,12 @@ write_checkpoint, read_checkpoint, remove_checkpoint
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
 
+import joblib
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -37,10 +37,9 @@ _CLUSTER = "cluster"
 
 
 def fit_key(parameters: dict, *, n_rows: int, n_clusters: int) -> str:
-    """SHA-256 of the fit's parameters (as text) and the size of its data."""
-    text = json.dumps({"parameters": {k: repr(v) for k, v in sorted(parameters.items())},
-                       "n_rows": n_rows, "n_clusters": n_clusters}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    """Hash of the fit's parameters (learners by their full parameters, not their repr, which
+    scikit-learn abbreviates) and the size of its data."""
+    return joblib.hash({"parameters": parameters, "n_rows": n_rows, "n_clusters": n_clusters})
 
 
 def _record_to_json(record: IterationRecord) -> dict:
@@ -50,13 +49,14 @@ def _record_to_json(record: IterationRecord) -> dict:
             "e_step_seconds": record.e_step_seconds, "val_mse": record.val_mse}
 
 
-def write_checkpoint(url: str | os.PathLike, state: EMState, *, key: str) -> None:
-    """Write ``state`` to ``url`` atomically (temporary name, then rename)."""
+def write_checkpoint(url: str | os.PathLike, state: EMState, *, key: str, seed: int) -> None:
+    """Write ``state`` and the fit's ``seed`` to ``url`` atomically (temporary name, then
+    rename)."""
     b = np.asarray(state.b)
     table = pa.Table.from_pandas(
         pd.DataFrame({_CLUSTER: np.asarray(state.cluster_ids),
                       **{f"b{j}": b[:, j] for j in range(b.shape[1])}}), preserve_index=False)
-    metadata = {"key": key, "iteration": state.iteration, "sigma2": state.sigma2,
+    metadata = {"key": key, "seed": seed, "iteration": state.iteration, "sigma2": state.sigma2,
                 "D": np.asarray(state.D).tolist(),
                 "history": [_record_to_json(r) for r in state.history]}
     table = table.replace_schema_metadata(
@@ -69,8 +69,9 @@ def write_checkpoint(url: str | os.PathLike, state: EMState, *, key: str) -> Non
     filesystem.mv(temporary, path)
 
 
-def read_checkpoint(url: str | os.PathLike, *, key: str) -> EMState | None:
-    """The state in the checkpoint at ``url``; None when there is none or it is another fit's."""
+def read_checkpoint(url: str | os.PathLike, *, key: str) -> tuple[EMState, int] | None:
+    """The state and seed in the checkpoint at ``url``; None when there is none or it is
+    another fit's."""
     filesystem, path = open_filesystem(url)
     if not filesystem.exists(path):
         return None
@@ -83,9 +84,10 @@ def read_checkpoint(url: str | os.PathLike, *, key: str) -> EMState | None:
     frame = table.to_pandas()
     b = frame[[c for c in frame.columns if c != _CLUSTER]].to_numpy(dtype=float)
     history = [IterationRecord(**{**r, "D": np.asarray(r["D"])}) for r in metadata["history"]]
-    return EMState(iteration=metadata["iteration"], sigma2=metadata["sigma2"],
-                   D=np.asarray(metadata["D"]), history=history,
-                   cluster_ids=pd.Index(frame[_CLUSTER]), b=b)
+    state = EMState(iteration=metadata["iteration"], sigma2=metadata["sigma2"],
+                    D=np.asarray(metadata["D"]), history=history,
+                    cluster_ids=pd.Index(frame[_CLUSTER]), b=b)
+    return state, int(metadata["seed"])
 
 
 def remove_checkpoint(url: str | os.PathLike) -> None:

@@ -19,7 +19,7 @@ Which rows a member sees is decided per row from a stable hash of its cluster id
 values, never from the partition the row sits in or the process that runs the
 member, so the same seed gives the same model whatever the number of workers and partitions.
 A member trains on the clusters whose hash falls in one residue class modulo ``stride`` (a power
-of two chosen so that no member sees more than ``member_rows`` rows): that bounds the memory of
+of two chosen so that no member sees more than ``member_rows`` rows, or ``n_folds`` if larger): that bounds the memory of
 every task and the size of every tree, and when the lake's bucket count (also a power of two)
 divides the stride, each member's rows come from a single bucket and nothing moves.
 

@@ -231,11 +231,10 @@ class MERF(RegressorMixin, BaseEstimator):
                                      cluster_ids=data["cluster_ids"],
                                      n_jobs=learner.get_params().get("n_jobs"))
             self.n_partitions_ = 1
-        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        seed, start, on_state = self._checkpointing(em_data)
         planner = functools.partial(plan_members, learner, honest=honest,
                                     n_rows=em_data.n_rows, n_folds=self.n_folds,
                                     member_rows=self.member_rows, seed=seed)
-        start, on_state = self._checkpointing(em_data)
         result = run_em(em_data, planner=lambda iteration: planner(iteration=iteration),
                         q=len(self.z_names_), max_iterations=self.max_iterations, tol=self.tol,
                         validation_mse=validation, start=start, on_state=on_state)
@@ -245,19 +244,25 @@ class MERF(RegressorMixin, BaseEstimator):
         return self
 
     def _checkpointing(self, em_data):
-        """The state to resume from (or None) and the checkpoint writer, when ``checkpoint``."""
+        """The fit's seed, the state to resume from (or None) and the checkpoint writer (or
+        None); a resumed fit takes its seed from the checkpoint, so that ``random_state=None``
+        resumes the same fit too."""
         self.resumed_from_ = 0
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         if self.checkpoint is None:
-            return None, None
+            return seed, None, None
         parameters = {k: v for k, v in self.get_params(deep=False).items()
                       if k not in ("client", "checkpoint")}
         key = fit_key(parameters, n_rows=em_data.n_rows, n_clusters=em_data.n_clusters)
-        start = read_checkpoint(self.checkpoint, key=key)
-        if start is not None:
+        found = read_checkpoint(self.checkpoint, key=key)
+        start = None
+        if found is not None:
+            start, seed = found
             self.resumed_from_ = start.iteration
             logger.warning("resumed from the checkpoint %s after iteration %d", self.checkpoint,
-                        start.iteration)
-        return start, functools.partial(write_checkpoint, self.checkpoint, key=key)
+                           start.iteration)
+        return seed, start, functools.partial(write_checkpoint, self.checkpoint, key=key,
+                                              seed=seed)
 
     def _learner(self):
         if self.fixed_effects_model is None:

@@ -121,6 +121,9 @@ def test_row_keys_differ_between_clusters_and_values():
     nudged = values.copy()
     nudged[:, 1] = np.nextafter(nudged[:, 1], np.inf)  # one ulp of one column
     assert not np.any(row_keys(hashes, codes, nudged) == keys)
+    # the key knows which column holds which value
+    swapped = values[:, [1, 0, 2, 3]]
+    assert not np.any(row_keys(hashes, codes, swapped) == keys)
     # equal rows of one cluster share a key
     doubled = row_keys(hashes, np.r_[codes, codes], np.vstack([values, values]))
     np.testing.assert_array_equal(doubled[:len(codes)], doubled[len(codes):])
