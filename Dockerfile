@@ -1,5 +1,5 @@
 # The merf-dask runtime image: the `merf-dask` CLI and `dask scheduler` / `dask worker`, with
-# the s3, gcs, azure and plot extras. One image serves every pod of the manifests in
+# the s3, gcs, azure, plot and lightgbm extras. One image serves every pod of the manifests in
 # cluster_configs/kubernetes. Build it from the repository root:
 #
 #   docker build -t registry.example.org/merf-dask:0.1.0 .
@@ -14,7 +14,7 @@ RUN python -m venv /opt/merf-dask
 COPY pyproject.toml README.md /src/
 COPY merf_dask /src/merf_dask
 # every dependency ships manylinux wheels, so the slim image needs no compiler
-RUN /opt/merf-dask/bin/pip install --no-cache-dir "/src[s3,gcs,azure,plot]"
+RUN /opt/merf-dask/bin/pip install --no-cache-dir "/src[s3,gcs,azure,plot,lightgbm]"
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --gid 1000 merf \

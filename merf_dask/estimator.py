@@ -229,7 +229,9 @@ class MERF(RegressorMixin, BaseEstimator):
         else:
             em_data = InMemoryEMData(X=data["X"], Z=data["Z"], codes=data["codes"], y=data["y"],
                                      cluster_ids=data["cluster_ids"],
-                                     n_jobs=learner.get_params().get("n_jobs"))
+                                     # a forest's trees are fitted on threads here; any
+                                     # other learner parallelises itself, one member at a time
+                                     n_jobs=learner.n_jobs if is_bagged_forest(learner) else None)
             self.n_partitions_ = 1
         seed, start, on_state = self._checkpointing(em_data)
         planner = functools.partial(plan_members, learner, honest=honest,
