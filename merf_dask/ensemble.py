@@ -156,9 +156,11 @@ class MemberPlan:
 
     def in_bag(self, member: int, keys: np.ndarray, residue_of_row: np.ndarray) -> np.ndarray:
         """In-bag count of every row for ``member``; 0 marks an honest (out-of-bag) row."""
-        counts = (residue_of_row == self.residues[member]).astype(np.float64)
-        if self.trees:
-            counts *= _bootstrap_counts(keys, int(self.seeds[member]))
+        in_class = residue_of_row == self.residues[member]
+        if not self.trees:
+            return in_class.astype(np.float64)
+        counts = np.zeros(len(keys))
+        counts[in_class] = _bootstrap_counts(keys[in_class], int(self.seeds[member]))
         return counts
 
 
