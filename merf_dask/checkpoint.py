@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 
 import joblib
 import numpy as np
@@ -64,9 +65,14 @@ def write_checkpoint(url: str | os.PathLike, state: EMState, *, key: str, seed: 
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     filesystem, path = open_filesystem(url)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    filesystem.pipe_file(temporary, buffer.getvalue())
-    filesystem.mv(temporary, path)
+    filesystem.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    # one fixed temporary name: a write killed half-way leaves a file the next write replaces
+    filesystem.pipe_file(_temporary(path), buffer.getvalue())
+    filesystem.mv(_temporary(path), path)
+
+
+def _temporary(path: str) -> str:
+    return f"{path}.tmp"
 
 
 def read_checkpoint(url: str | os.PathLike, *, key: str) -> tuple[EMState, int] | None:
@@ -91,7 +97,8 @@ def read_checkpoint(url: str | os.PathLike, *, key: str) -> tuple[EMState, int] 
 
 
 def remove_checkpoint(url: str | os.PathLike) -> None:
-    """Remove the checkpoint at ``url`` if there is one."""
+    """Remove the checkpoint at ``url`` (and a half-written one) if there is one."""
     filesystem, path = open_filesystem(url)
-    if filesystem.exists(path):
-        filesystem.rm(path)
+    for leftover in (path, _temporary(path)):
+        if filesystem.exists(leftover):
+            filesystem.rm(leftover)

@@ -78,7 +78,11 @@ def checkpoint_path(output: str) -> str:
     return f"{str(output).rstrip('/')}.checkpoint.parquet"
 
 
-def _scheduler_lost(client) -> bool:
+def _scheduler_lost(client, error: BaseException | None = None) -> bool:
+    """Whether ``client`` has lost its scheduler (``error`` raised by a fit on it, if any)."""
+    # the futures the client cancelled when the connection dropped, also once it reconnected
+    if getattr(error, "reason", None) == "scheduler-connection-lost":
+        return True
     return client.status != "running" or client.scheduler_comm is None or \
         client.scheduler_comm.comm is None or client.scheduler_comm.comm.closed()
 
@@ -103,19 +107,29 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     model = MERF(make_learner(learner, random_state=seed), formula=formula,
                  max_iterations=max_iterations, random_state=seed, checkpoint=checkpoint,
                  client=client)
+    # Once the scheduler is lost, the client logs its failed reconnection (after the connect
+    # timeout) and, when closed, its cancelled one with a traceback: the error below says it all.
+    client_log = logging.getLogger("distributed.client")
+
+    def quiet_once_lost(record):
+        return not _scheduler_lost(client)
+
+    client_log.addFilter(quiet_once_lost)
+    lost = False
     try:
         model.fit(frame)
     except Exception as error:
-        if not _scheduler_lost(client):
+        lost = _scheduler_lost(client, error)
+        if not lost:
             raise
-        # closing a client that is still trying to reconnect logs the cancelled attempt with a
-        # traceback (and a failed one with an error): the one line below says all of it
-        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
         # an OSError, so that _CleanErrors prints it as "merf-dask: error: ..." (exit status 1)
         raise ConnectionError(
             f"lost the Dask scheduler during the fit ({type(error).__name__}); finished EM "
             f"iterations are checkpointed in {checkpoint}: run the same command again to "
             "resume") from None
+    finally:
+        if not lost:  # when lost, the filter stays for the client's close
+            client_log.removeFilter(quiet_once_lost)
     model.save(output, overwrite=overwrite, fingerprint=data_fingerprint(lake))
     if not quiet:
         click.echo(model.summary())
