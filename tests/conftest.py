@@ -1,4 +1,12 @@
-"""Shared fixtures: simulated data and a real multi-process Dask cluster."""
+"""Shared fixtures and helpers: simulated data, a real multi-process Dask cluster, and real
+`dask scheduler` / `dask worker` processes."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,3 +41,28 @@ def simulate_lmm(*, n_clusters=120, seed=0, slope=True, min_size=1, max_size=40,
     frame["g"] = np.array([f"g{c}" for c in range(n_clusters)])[codes]
     frame["y"] = y
     return frame
+
+
+DASK = Path(sys.executable).with_name("dask")
+
+
+def spawn_dask(args: list[str], log: Path) -> subprocess.Popen:
+    """Start ``dask ARGS`` (e.g. ``scheduler ...`` or ``worker ...``) with output to ``log``."""
+    with Path(log).open("w") as out:
+        # a session of its own: stopping the group also stops anything the process started
+        return subprocess.Popen([str(DASK), *args], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop_process_groups(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM the processes' groups, then SIGKILL those still running after 10 s."""
+    for proc in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in processes:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -6,7 +6,6 @@ nothing written.
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

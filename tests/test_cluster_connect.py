@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -47,9 +46,9 @@ from distributed import Client
 from distributed.comm.core import CommClosedError
 from distributed.security import Security
 
+from conftest import spawn_dask, stop_process_groups
 from merf_dask.cluster import ClusterSpec, SchedulerConfig, connect, load_config
 
-DASK = Path(sys.executable).with_name("dask")
 STARTUP_TIMEOUT = 60  # seconds; two shared cores start three interpreters at once
 REFUSAL_TIMEOUT = "5s"
 
@@ -68,25 +67,6 @@ class RunningCluster:
 
 # ------------------------------------------------------------------------------- processes
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        # a session of its own: stopping the group also stops anything the process started
-        return subprocess.Popen([str(DASK), *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM the processes' groups, then SIGKILL those still running after 10 s."""
-    for proc in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in processes:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _wait_for_address(scheduler_file: Path, scheduler: subprocess.Popen, log: Path) -> str:
@@ -107,13 +87,13 @@ def _running_cluster(workdir: Path, *, tls_args: list[str], security: Security |
     protocol = ["--protocol", "tls"] if tls_args else []
     processes = []
     try:
-        processes.append(_spawn(
+        processes.append(spawn_dask(
             ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(scheduler_file), *protocol, *tls_args], log))
         address = _wait_for_address(scheduler_file, processes[0], log)
         for i in range(2):
             # no nanny: one process per worker starts faster and stops more simply
-            processes.append(_spawn(
+            processes.append(spawn_dask(
                 ["worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
                  "--name", f"worker-{i}", "--nthreads", "1", "--no-nanny", "--no-dashboard",
                  *tls_args], workdir / f"worker-{i}.log"))
@@ -127,8 +107,8 @@ def _running_cluster(workdir: Path, *, tls_args: list[str], security: Security |
     finally:
         # workers first: a worker told to close by a closing scheduler while handling its own
         # SIGTERM can hang until it is killed
-        _stop(processes[1:])
-        _stop(processes[:1])
+        stop_process_groups(processes[1:])
+        stop_process_groups(processes[:1])
 
 
 @pytest.fixture(scope="module")

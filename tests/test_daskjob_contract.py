@@ -14,12 +14,10 @@ manifests' schemas and kustomize rendering (tests/test_deploy_configs.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ import pytest
 import yaml
 from distributed import Client
 
+from conftest import spawn_dask, stop_process_groups
 from merf_dask.lake import write_simulated_lake
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,36 +51,17 @@ def _job_container() -> dict:
     return container
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        # a session of its own: stopping the group also stops anything the process started
-        return subprocess.Popen([str(BIN / "dask"), *args], stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM the processes' groups, then SIGKILL those still running after 10 s."""
-    for proc in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in processes:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture
 def scheduler_address(tmp_path) -> Iterator[str]:
     """``dask scheduler`` and two ``dask worker`` processes on 127.0.0.1, plain TCP."""
     scheduler_file = tmp_path / "scheduler.json"
-    processes = [_spawn(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+    processes = [spawn_dask(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                          "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log")]
     try:
         for i in range(2):
-            processes.append(_spawn(
+            processes.append(spawn_dask(
                 ["worker", "--scheduler-file", str(scheduler_file), "--host", "127.0.0.1",
                  "--name", f"worker-{i}", "--nthreads", "1", "--no-nanny", "--no-dashboard"],
                 tmp_path / f"worker-{i}.log"))
@@ -95,8 +75,8 @@ def scheduler_address(tmp_path) -> Iterator[str]:
             client.wait_for_workers(2, timeout=STARTUP_TIMEOUT)
             yield client.scheduler.address
     finally:
-        _stop(processes[1:])  # workers first: a worker told to close by a closing scheduler
-        _stop(processes[:1])  # while handling its own SIGTERM can hang
+        stop_process_groups(processes[1:])  # workers first: a worker told to close by a closing scheduler
+        stop_process_groups(processes[:1])  # while handling its own SIGTERM can hang
 
 
 def _finished_tasks(address: str) -> dict[str, int]:

@@ -45,12 +45,13 @@ import pandas as pd
 import pytest
 from distributed import Client
 
+from conftest import spawn_dask, stop_process_groups
 from merf_dask import MERF
 from merf_dask.cli import checkpoint_path
 from merf_dask.lake import read_lake, write_simulated_lake
 
 BIN = Path(sys.executable).parent
-DASK, MERF_DASK = BIN / "dask", BIN / "merf-dask"
+MERF_DASK = BIN / "merf-dask"
 FORMULA = "y ~ x1 + x2 + x3 + (1 | cluster)"
 # The forest's relative GLL change stays above tol=1e-3 for five iterations on this lake with
 # this seed (the reference fixture checks it), so every fit runs all five, about a second each,
@@ -74,9 +75,7 @@ class DaskCluster:
         self.address = ""
 
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
-        with (self.workdir / log).open("w") as out:
-            return subprocess.Popen([str(DASK), *args], stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        return spawn_dask(args, self.workdir / log)
 
     def start(self, n_workers: int, *, wait: bool = True) -> None:
         self.scheduler = self._spawn(["scheduler", "--host", "127.0.0.1", "--port", "0",
@@ -114,8 +113,8 @@ class DaskCluster:
 
     def stop(self) -> None:
         # workers first: a worker told to close by a closing scheduler can hang
-        _stop(list(self.workers.values()))
-        _stop([self.scheduler] if self.scheduler else [])
+        stop_process_groups(list(self.workers.values()))
+        stop_process_groups([self.scheduler] if self.scheduler else [])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -123,17 +122,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM the processes' groups, then SIGKILL those still running after 10 s."""
-    for proc in processes:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in processes:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ import warnings
 
 import dask.dataframe as dd
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
