@@ -54,15 +54,29 @@ def _scored(meter: FitMeter, design: Design, predict: Callable[[pd.DataFrame], n
 
 # ------------------------------------------------------------------------------- merf-dask
 
-def _merf_dask(design: Design, *, client=None, m_step: str = "auto") -> dict:
+#: LightGBM's default threads (all cores, OpenMP; it does not follow OMP_NUM_THREADS) made a
+#: 1,000-row fit take 19-35 s on this loaded 2-core VM instead of 0.6-2 s with one thread
+LIGHTGBM_LEARNERS = ("histogram-forest", "lightgbm")
+
+
+def make_learner(name: str):
+    """merf_dask.learners.make_learner, with LightGBM's learners on 1 thread (like GPBoost)."""
+    from merf_dask.learners import make_learner as make
+    learner = make(name, random_state=SEED)
+    if name in LIGHTGBM_LEARNERS:
+        learner.set_params(n_jobs=1)
+    return learner
+
+
+def _merf_dask(design: Design, *, client=None, learner: str = "random-forest") -> dict:
     from merf_dask import MERF
-    from merf_dask.learners import default_learner
 
     X, Z, clusters, y = model_inputs(design.train)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with FitMeter() as meter:
-            model = MERF(random_state=SEED, client=client, m_step=m_step).fit(X, Z, clusters, y)
+            model = MERF(make_learner(learner), random_state=SEED,
+                         client=client).fit(X, Z, clusters, y)
 
     def predict(frame):
         X_test, Z_test, clusters_test, _ = model_inputs(frame)
@@ -71,11 +85,14 @@ def _merf_dask(design: Design, *, client=None, m_step: str = "auto") -> dict:
     record = _scored(meter, design, predict, sigma2=float(model.sigma2_),
                      var_b=float(model.D_[0, 0]), iterations=model.n_iter_,
                      converged=bool(model.converged_), warnings=_warning_names(caught))
-    with FitMeter() as plain:  # one plain fit of the same forest on the same rows
-        default_learner(random_state=SEED).fit(X, y)
+    with FitMeter() as plain:  # one plain fit of the same learner on the same rows
+        make_learner(learner).fit(X, y)
+    # On a Dask client the M-step only submits its tasks (m_step_seconds ~ 0): the learner's
+    # fit is then waited for, and counted, inside e_step_seconds.
     m_step_seconds = sum(r.m_step_seconds for r in model.history_)
     e_step_seconds = sum(r.e_step_seconds for r in model.history_)
     record.update(
+        learner=learner,
         plain_forest_fit_seconds=plain.seconds,
         per_iteration_cost_ratio=meter.seconds / (model.n_iter_ * plain.seconds),
         m_step_seconds=m_step_seconds,
@@ -85,13 +102,20 @@ def _merf_dask(design: Design, *, client=None, m_step: str = "auto") -> dict:
     return record
 
 
+def _merf_dask_runner(learner: str) -> Callable[[Design], dict]:
+    def run(design: Design) -> dict:
+        return _merf_dask(design, learner=learner)
+    run.__doc__ = f"merf-dask with the {learner!r} learner (merf_dask.learners), in this process."
+    return run
+
+
 def run_merf_dask(design: Design) -> dict:
-    """merf-dask with its defaults, in this process."""
+    """merf-dask with its defaults (random forest), in this process."""
     return _merf_dask(design)
 
 
 def run_merf_dask_cluster(design: Design) -> dict:
-    """merf-dask on a LocalCluster of 2 single-threaded worker processes, data-local forests."""
+    """merf-dask (default forest) on a LocalCluster of 2 single-threaded worker processes."""
     from distributed import Client, LocalCluster
 
     start = time.perf_counter()
@@ -99,7 +123,7 @@ def run_merf_dask_cluster(design: Design) -> dict:
                       dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
         cluster_start_seconds = time.perf_counter() - start
-        record = _merf_dask(design, client=client, m_step="local")
+        record = _merf_dask(design, client=client)
     record["cluster_start_seconds"] = cluster_start_seconds
     return record
 
@@ -208,10 +232,23 @@ class ModelSpec:
 _MERF1_SKIP = ("skipped: merf 1.0 took 331 s for 5 iterations at 100k rows "
                "(merf-algorithm.md 5.2); 20 iterations at this size exceed the run's budget")
 
+def _merf_dask_models() -> dict[str, ModelSpec]:
+    from merf_dask.learners import LEARNERS
+    models = {"merf_dask": ModelSpec("merf-dask, in-process, random-forest (defaults)",
+                                     run_merf_dask)}
+    for learner in LEARNERS:
+        if learner in ("random-forest", "linear"):
+            continue
+        threads = ", 1 thread" if learner in LIGHTGBM_LEARNERS else ""
+        models["merf_dask_" + learner.replace("-", "_")] = ModelSpec(
+            f"merf-dask, in-process, {learner}{threads}", _merf_dask_runner(learner))
+    models["merf_dask_cluster"] = ModelSpec(
+        "merf-dask, LocalCluster 2x1 thread, random-forest", run_merf_dask_cluster)
+    return models
+
+
 MODELS: dict[str, ModelSpec] = {
-    "merf_dask": ModelSpec("merf-dask, in-process (defaults)", run_merf_dask),
-    "merf_dask_cluster": ModelSpec("merf-dask, LocalCluster 2x1 thread, data-local forest",
-                                   run_merf_dask_cluster),
+    **_merf_dask_models(),
     "merf1_default": ModelSpec("merf 1.0, defaults (300 trees, 20 it.)", run_merf1_default,
                                time_limit_s=360, max_rows=20_000, skip_reason=_MERF1_SKIP),
     "merf1_matched": ModelSpec("merf 1.0, merf-dask's forest (100 trees, leaf 5), 20 it.",

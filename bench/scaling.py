@@ -1,0 +1,393 @@
+"""Out-of-core scaling of merf-dask: fit time, memory and overhead from 1M to 20M rows.
+
+For each size: simulate a lake (rows / 100 clusters) with ``merf-dask simulate``, fit
+``y ~ x1 + x2 + x3 + (1 | cluster)`` through the CLI on an embedded LocalCluster of 2 workers with
+a 1 GiB memory limit each (``--n-workers 2 --memory-limit 1GiB``), and record
+
+* the fit's wall time (the CLI process: cluster start, lake read, EM, save), its iterations and
+  seconds per EM iteration (``m_step_seconds + e_step_seconds`` of the model's history: on a
+  Dask client the M-step only submits tasks, so the learner's fit is waited for inside the
+  E-step's figure);
+* the peak RSS of every worker process (:mod:`cli_meter` samples the CLI's child processes);
+  more worker pids than workers means a worker was restarted (killed for memory);
+* the model size (``model_size_bytes`` of the model directory's manifest);
+* one *equivalent plain fit* of the same forest: 100 trees, each on a bootstrap of
+  ``n_rows / stride`` rows (``max_samples``), which is what one EM iteration's M-step grows
+  (every member fits the clusters of one residue class modulo ``stride``, the power of two
+  >= n_rows / member_rows); a plain forest of 100 trees on *all* rows would be stride times
+  dearer and is not what the M-step does. Cost ratio = seconds per iteration / plain fit.
+
+Optionally (``--profile-rows``) one in-process fit of 1 iteration on the same kind of cluster with
+``distributed``'s task stream, to split worker time by task prefix: ``fit_members`` (the learner's
+fit), ``_e_step`` (the learner's prediction + the E-step), ``_pieces`` and the Parquet read (I/O and
+data preparation), ``_layout`` and the rest (scheduling, reductions). And the per-iteration
+round-trip overhead: seconds per EM iteration on a tiny lake with a linear learner, where the
+work itself is negligible.
+
+Usage::
+
+    .venv/bin/python bench/scaling.py [--rows 1000000 2000000 5000000 10000000 20000000]
+        [--iterations 3] [--lake-dir /tmp] [--profile-rows 1000000] [--keep-lakes]
+
+Each size's record is also written to ``bench/results/scaling_runs/<rows>.json`` and reused by
+later runs with ``--reuse`` (so sizes can be run one at a time); ``--report-only`` rebuilds
+``scaling.json``, ``scaling.md`` and ``scaling.png`` from those records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from cli_meter import run_metered  # noqa: E402
+
+ROOT = HERE.parent
+CLI = str(ROOT / ".venv" / "bin" / "merf-dask")
+RESULTS = HERE / "results"
+RUNS = RESULTS / "scaling_runs"
+FORMULA = "y ~ x1 + x2 + x3 + (1 | cluster)"
+N_WORKERS = 2
+MEMORY_LIMIT = "1GiB"
+MEMBER_ROWS = 100_000
+N_TREES = 100
+
+
+def _stride(n_rows: int, member_rows: int = MEMBER_ROWS) -> int:
+    return 1 << max(0, math.ceil(math.log2(n_rows / member_rows)))
+
+
+def simulate(rows: int, lake: Path) -> float:
+    if lake.exists():
+        shutil.rmtree(lake)
+    start = time.perf_counter()
+    subprocess.run([CLI, "simulate", "--rows", str(rows), "--clusters", str(rows // 100),
+                    "--output", str(lake)], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def cli_fit(lake: Path, model: Path, iterations: int, timeout: float | None) -> dict:
+    for path in (model, Path(f"{model}.checkpoint.parquet")):
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    return run_metered([CLI, "fit", str(lake), "--formula", FORMULA, "--output", str(model),
+                        "--n-workers", str(N_WORKERS), "--memory-limit", MEMORY_LIMIT,
+                        "--max-iterations", str(iterations), "--quiet"],
+                       interval=0.2, timeout=timeout)
+
+
+def fit_record(rows: int, metered: dict, model: Path) -> dict:
+    """One size's record from a metered CLI run and its model directory."""
+    record = {"rows": rows, "clusters": rows // 100, "returncode": metered["returncode"],
+              "fit_wall_seconds": metered["wall_seconds"],
+              "worker_peak_rss_mb": metered["worker_peak_rss_mb"],
+              "n_worker_pids": metered["n_worker_pids"],
+              "cli_peak_rss_mb": max((p["peak_rss_mb"] for p in metered["processes"]
+                                      if p["kind"] == "cli"), default=None),
+              "tree_peak_rss_mb": metered["tree_peak_rss_mb"],
+              "workers_restarted": metered["n_worker_pids"] > N_WORKERS,
+              "stderr_tail": [entry["line"] for entry in metered["stderr"][-20:]],
+              "stride": _stride(rows), "rows_per_member": rows / _stride(rows)}
+    manifest_path = model / "manifest.json"
+    if metered["returncode"] == 0 and manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        history = manifest["history"]
+        per_iteration = [h["m_step_seconds"] + h["e_step_seconds"] for h in history]
+        record.update(iterations=manifest["n_iter"], converged=manifest["converged"],
+                      seconds_per_iteration=per_iteration,
+                      mean_seconds_per_iteration=float(np.mean(per_iteration)),
+                      em_seconds=float(np.sum(per_iteration)),
+                      outside_em_seconds=metered["wall_seconds"] - float(np.sum(per_iteration)),
+                      model_size_bytes=manifest["model_size_bytes"],
+                      sigma2=history[-1]["sigma2"], var_b=history[-1]["D"][0][0])
+    return record
+
+
+def plain_fit_seconds(lake: Path, rows: int) -> float:
+    """One equivalent plain forest fit: 100 trees of bootstraps of rows / stride rows."""
+    import pandas as pd
+    from sklearn.ensemble import RandomForestRegressor
+
+    frame = pd.read_parquet(lake, columns=["x1", "x2", "x3", "y"])
+    X, y = frame[["x1", "x2", "x3"]].to_numpy(), frame["y"].to_numpy()
+    del frame
+    forest = RandomForestRegressor(n_estimators=N_TREES, min_samples_leaf=5, max_features=1.0,
+                                   max_samples=int(rows / _stride(rows)), n_jobs=N_WORKERS,
+                                   random_state=0)
+    start = time.perf_counter()
+    forest.fit(X, y)
+    return time.perf_counter() - start
+
+
+def _prefix(key) -> str:
+    from dask.utils import key_split
+    return key_split(key)
+
+
+def profile(lake: Path) -> dict:
+    """Worker time by task prefix for one EM iteration, in this process (task stream)."""
+    import logging
+
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from merf_dask import MERF
+    from merf_dask.lake import read_lake
+    from merf_dask.learners import make_learner
+
+    with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, memory_limit=MEMORY_LIMIT,
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        frame = read_lake(str(lake), columns=["x1", "x2", "x3", "y", "cluster"],
+                          cluster_column="cluster")
+        model = MERF(make_learner("random-forest", random_state=0), formula=FORMULA,
+                     max_iterations=1, random_state=0, client=client)
+        start = time.perf_counter()
+        with get_task_stream(client) as stream:
+            model.fit(frame)
+        wall = time.perf_counter() - start
+        tasks = stream.data
+    by_prefix: dict[str, float] = {}
+    for task in tasks:
+        seconds = sum(s["stop"] - s["start"] for s in task["startstops"]
+                      if s["action"] == "compute")
+        by_prefix[_prefix(task["key"])] = by_prefix.get(_prefix(task["key"]), 0.0) + seconds
+    busy = sum(by_prefix.values())
+    return {"fit_wall_seconds": wall, "worker_seconds_by_prefix": by_prefix,
+            "worker_busy_seconds": busy,
+            "worker_idle_seconds": N_WORKERS * wall - busy,
+            "learner_fit_share_of_busy": by_prefix.get("fit_members", 0.0) / busy if busy else None,
+            "history": [{"m_step_seconds": r.m_step_seconds, "e_step_seconds": r.e_step_seconds}
+                        for r in model.history_]}
+
+
+def round_trip_overhead(lake_dir: Path) -> dict:
+    """Seconds per EM iteration on a tiny lake (2,000 rows) with a linear learner."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    from merf_dask import MERF
+    from merf_dask.lake import read_lake
+    from merf_dask.learners import make_learner
+
+    lake = lake_dir / "scaling_tiny_lake"
+    simulate(2_000, lake)
+    with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, memory_limit=MEMORY_LIMIT,
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
+        frame = read_lake(str(lake), columns=["x1", "x2", "x3", "y", "cluster"],
+                          cluster_column="cluster")
+        model = MERF(make_learner("linear"), formula=FORMULA, max_iterations=5, tol=0.0,
+                     random_state=0, client=client)
+        start = time.perf_counter()
+        model.fit(frame)
+        wall = time.perf_counter() - start
+    shutil.rmtree(lake)
+    per_iteration = [r.m_step_seconds + r.e_step_seconds for r in model.history_]
+    return {"rows": 2_000, "n_partitions": frame.npartitions, "iterations": model.n_iter_,
+            "fit_wall_seconds": wall, "seconds_per_iteration": per_iteration,
+            "median_seconds_per_iteration": float(np.median(per_iteration))}
+
+
+# ------------------------------------------------------------------------------ report
+
+def _fmt(value, digits=1):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def checks(records: list[dict], extra: dict | None = None) -> dict:
+    done = {r["rows"]: r for r in records if r.get("mean_seconds_per_iteration")}
+    out = {}
+    if 1_000_000 in done:
+        base = done[1_000_000]["mean_seconds_per_iteration"]
+        largest = max(done)
+        out["linear_growth"] = {
+            "largest_rows": largest,
+            "per_iteration_ratio_to_1m": done[largest]["mean_seconds_per_iteration"] / base,
+            "allowed": largest / 1_000_000 * 1.25 if largest != 20_000_000 else 25.0,
+            "target": "20M rows cost at most 25 x 1M rows (seconds per EM iteration)"}
+        out["linear_growth"]["holds"] = (out["linear_growth"]["per_iteration_ratio_to_1m"]
+                                         <= out["linear_growth"]["allowed"])
+    ratios = {rows: r.get("cost_ratio") for rows, r in done.items() if r.get("cost_ratio")}
+    profile_1m = extra.get("profile_1m") if extra else None
+    if profile_1m and 1_000_000 in done:
+        em = sum(h["m_step_seconds"] + h["e_step_seconds"] for h in profile_1m["history"])
+        out["cost_ratio_quiet_1m"] = {
+            "em_seconds_per_iteration": em,
+            "plain_fit_seconds": done[1_000_000]["plain_fit_seconds"],
+            "ratio": em / done[1_000_000]["plain_fit_seconds"],
+            "note": "in-process 1-iteration fit (task-stream profile) and the plain fit rerun, "
+                    "both on a quiet machine (load average ~1-2)"}
+    out["cost_ratio"] = {"values": ratios, "target": "<= 1.3 at >= 1M rows",
+                         "holds": all(v <= 1.3 for v in ratios.values()) if ratios else None}
+    out["no_worker_restarts"] = all(not r["workers_restarted"] for r in records)
+    out["all_completed"] = all(r["returncode"] == 0 for r in records)
+    return out
+
+
+def write_report(records: list[dict], extra: dict) -> None:
+    records = sorted(records, key=lambda r: r["rows"])
+    result = {"records": records, **extra, "checks": checks(records, extra)}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scaling.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    lines = ["| Rows | Clusters | Iterations | Fit wall (s) | s / iteration | Outside EM (s) "
+             "| Plain fit, equivalent (s) | Plain fit, rerun on a quiet machine (s) | Cost ratio "
+             "| Peak RSS worker 1 / 2 (MB) | Worker restarts | Model (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        peaks = " / ".join(_fmt(v, 0) for v in r["worker_peak_rss_mb"][:2])
+        lines.append("| " + " | ".join([
+            f"{r['rows']:,}", f"{r['clusters']:,}", str(r.get("iterations", "–")),
+            _fmt(r["fit_wall_seconds"]), _fmt(r.get("mean_seconds_per_iteration")),
+            _fmt(r.get("outside_em_seconds")),
+            _fmt(r.get("plain_fit_seconds_first", r.get("plain_fit_seconds"))),
+            _fmt(r.get("plain_fit_seconds") if "plain_fit_seconds_first" in r else None),
+            _fmt(r.get("cost_ratio"), 2), peaks,
+            "yes" if r["workers_restarted"] else "none",
+            _fmt(r.get("model_size_bytes", float("nan")) / 1e6)]) + " |")
+    md = ["Scaling of `merf-dask fit` (CLI, embedded LocalCluster, 2 workers x 1 thread, "
+          f"memory limit {MEMORY_LIMIT} each), paper process, rows/100 clusters, "
+          "default random forest (100 trees, min_samples_leaf 5).", "", *lines, ""]
+    c = result["checks"]
+    if "linear_growth" in c:
+        g = c["linear_growth"]
+        md.append(f"* Linear growth: s/iteration at {g['largest_rows']:,} rows = "
+                  f"{g['per_iteration_ratio_to_1m']:.1f} x 1M (allowed {g['allowed']:.1f}): "
+                  f"{'holds' if g['holds'] else 'does NOT hold'}.")
+    md.append(f"* Cost ratio <= 1.3: {c['cost_ratio']['holds']} "
+              f"({', '.join(f'{k:,}: {v:.2f}' for k, v in c['cost_ratio']['values'].items())}).")
+    if "cost_ratio_quiet_1m" in c:
+        q = c["cost_ratio_quiet_1m"]
+        md.append(f"* Cost ratio at 1M on a quiet machine (in-process, 1 iteration): "
+                  f"{q['em_seconds_per_iteration']:.1f} s / {q['plain_fit_seconds']:.1f} s = "
+                  f"{q['ratio']:.2f}.")
+    md.append(f"* No worker restarted: {c['no_worker_restarts']}; all fits completed: "
+              f"{c['all_completed']}.")
+    for p in [extra[k] for k in ("profile", "profile_1m") if extra.get(k)]:
+        md += ["", f"Worker time by task prefix, one EM iteration at {p['rows']:,} rows "
+               f"(in-process fit, task stream; wall {p['fit_wall_seconds']:.1f} s, "
+               f"{N_WORKERS} workers, idle {p['worker_idle_seconds']:.1f} worker-s):", "",
+               "| Task prefix | Worker seconds | Share of busy |", "|---|---|---|"]
+        rest = 0.0
+        for name, seconds in sorted(p["worker_seconds_by_prefix"].items(),
+                                    key=lambda kv: -kv[1]):
+            if seconds < 0.05:
+                rest += seconds
+                continue
+            share = 100 * seconds / p["worker_busy_seconds"]
+            md.append(f"| {name} | {seconds:.1f} | {share:.0f} % |")
+        md.append(f"| all others (getitem, itemgetter, add_sums, ...) | {rest:.2f} | 0 % |")
+    if extra.get("round_trip"):
+        t = extra["round_trip"]
+        md += ["", f"Per-iteration round trip (tiny lake, {t['rows']:,} rows in "
+               f"{t['n_partitions']} partitions, linear learner): median "
+               f"{t['median_seconds_per_iteration']:.2f} s per EM iteration."]
+    (RESULTS / "scaling.md").write_text("\n".join(md) + "\n")
+    _plot(records)
+
+
+def _plot(records: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in records if r.get("mean_seconds_per_iteration")]
+    if not done:
+        return
+    rows = np.array([r["rows"] for r in done], dtype=float)
+    per_it = np.array([r["mean_seconds_per_iteration"] for r in done])
+    wall = np.array([r["fit_wall_seconds"] / r["iterations"] for r in done])
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.loglog(rows, per_it, "o-", label="seconds per EM iteration")
+    ax.loglog(rows, wall, "s--", label="CLI fit wall time / iterations")
+    reference = np.array([rows.min(), 2e7])
+    ax.loglog(reference, per_it[0] * reference / rows[0], ":", color="grey",
+              label="linear reference (from the smallest size)")
+    plain = [(r["rows"], r["plain_fit_seconds"]) for r in done if r.get("plain_fit_seconds")]
+    if plain:
+        ax.loglog(*zip(*plain), "^-",
+                  label="equivalent plain forest fit (quiet rerun; 5M: after its fit)")
+    ax.set_xlabel("training rows")
+    ax.set_ylabel("seconds")
+    ax.set_title("merf-dask fit, 2 workers x 1 GiB (shared 2-core VM: noisy)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "scaling.png", dpi=120)
+
+
+# ------------------------------------------------------------------------------ main
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+",
+                        default=[1_000_000, 2_000_000, 5_000_000, 10_000_000, 20_000_000])
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--lake-dir", type=Path, default=Path("/tmp"))
+    parser.add_argument("--profile-rows", type=int, default=None,
+                        help="also profile one in-process iteration at this size (task stream; "
+                             "kept as 'profile_1m' at 1M rows, 'profile' otherwise)")
+    parser.add_argument("--round-trip", action="store_true",
+                        help="also time EM iterations on a tiny lake (round-trip overhead)")
+    parser.add_argument("--reuse", action="store_true", help="reuse scaling_runs/<rows>.json")
+    parser.add_argument("--keep-lakes", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--timeout", type=float, default=None, help="per fit, seconds")
+    args = parser.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    extra_path = RUNS / "extra.json"
+    extra = json.loads(extra_path.read_text()) if extra_path.exists() else {}
+    if not args.report_only:
+        extra["environment"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                                "load_average_start": os.getloadavg()}
+        for rows in args.rows:
+            path = RUNS / f"{rows}.json"
+            if args.reuse and path.exists():
+                continue
+            lake = args.lake_dir / f"scaling_lake_{rows}"
+            model = args.lake_dir / f"scaling_model_{rows}"
+            print(f"{rows:,} rows: simulating", flush=True)
+            simulate_seconds = simulate(rows, lake)
+            print(f"{rows:,} rows: fitting", flush=True)
+            record = fit_record(rows, cli_fit(lake, model, args.iterations, args.timeout), model)
+            record["simulate_seconds"] = simulate_seconds
+            record["load_average_after_fit"] = os.getloadavg()
+            record["plain_fit_seconds"] = plain_fit_seconds(lake, rows)
+            if record.get("mean_seconds_per_iteration"):
+                record["cost_ratio"] = (record["mean_seconds_per_iteration"]
+                                        / record["plain_fit_seconds"])
+            path.write_text(json.dumps(record, indent=1, default=float) + "\n")
+            if args.profile_rows == rows:
+                extra["profile" if rows != 1_000_000 else "profile_1m"] = {"rows": rows,
+                                                                        **profile(lake)}
+                extra_path.write_text(json.dumps(extra, indent=1, default=float) + "\n")
+            print(json.dumps({k: v for k, v in record.items() if k != "stderr_tail"},
+                             default=float), flush=True)
+            if not args.keep_lakes:
+                shutil.rmtree(lake, ignore_errors=True)
+            shutil.rmtree(model, ignore_errors=True)
+        if args.round_trip:
+            extra["round_trip"] = round_trip_overhead(args.lake_dir)
+        extra["environment"]["load_average_end"] = os.getloadavg()
+        extra_path.write_text(json.dumps(extra, indent=1, default=float) + "\n")
+    records = [json.loads(p.read_text()) for p in RUNS.glob("[0-9]*.json")]
+    write_report(records, extra)
+
+
+if __name__ == "__main__":
+    main()
