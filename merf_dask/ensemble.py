@@ -185,8 +185,9 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
     member_rows : int
         The most rows any member is fitted on (in expectation); sets the stride.
     seed : int
-        The fit's seed; with ``iteration`` it seeds every member.
+        The fit's seed; it seeds every member.
     iteration : int
+        Moves the residue classes when there are more classes than members.
 
     Returns
     -------
@@ -201,8 +202,14 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
         n_members = stride
     else:
         stride, n_members = 1, 1
-    rng = np.random.default_rng([seed, iteration])
-    residues = rng.permutation(stride)[np.arange(n_members) % stride]
+    # The same members (seeds, bootstraps, residue classes) in every iteration, as a forest with
+    # a fixed random_state refits in merf: fresh draws each iteration add noise to the GLL that
+    # keeps the relative-change stop from firing for many iterations. Only when there are more
+    # residue classes than members do the classes move on each iteration, so that every cluster
+    # trains some member over the fit.
+    rng = np.random.default_rng(seed)
+    offset = (iteration - 1) * n_members if stride > n_members else 0
+    residues = rng.permutation(stride)[(np.arange(n_members) + offset) % stride]
     seeds = rng.integers(0, np.iinfo(np.uint32).max, n_members, dtype=np.uint32)
     return MemberPlan(learner=learner, trees=trees, stride=stride, residues=residues, seeds=seeds)
 

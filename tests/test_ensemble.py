@@ -187,15 +187,22 @@ def test_in_sample_plan_has_one_member(learner):
     np.testing.assert_array_equal(plan.residues, [0])
 
 
-def test_plans_are_reproducible_and_change_with_seed_and_iteration():
-    def plan(seed, iteration):
-        return plan_members(forest(32), honest=True, n_rows=800_000, n_folds=2,
+def test_plans_are_reproducible_change_with_seed_and_keep_members_across_iterations():
+    def plan(seed, iteration, n_rows=800_000):
+        return plan_members(forest(32), honest=True, n_rows=n_rows, n_folds=2,
                             member_rows=100_000, seed=seed, iteration=iteration)
     a, b = plan(0, 1), plan(0, 1)
     np.testing.assert_array_equal(a.residues, b.residues)
     np.testing.assert_array_equal(a.seeds, b.seeds)
     assert not np.array_equal(a.seeds, plan(1, 1).seeds)
-    assert not np.array_equal(a.seeds, plan(0, 2).seeds)
+    # stride 8 < 32 trees: the same members every iteration (a smooth GLL)
+    np.testing.assert_array_equal(a.seeds, plan(0, 2).seeds)
+    np.testing.assert_array_equal(a.residues, plan(0, 2).residues)
+    # stride 64 > 32 trees: the classes move on, so every cluster trains some tree over the fit
+    first, second = plan(0, 1, n_rows=6_400_000), plan(0, 2, n_rows=6_400_000)
+    assert first.stride == 64
+    assert set(first.residues).isdisjoint(second.residues)
+    assert set(first.residues) | set(second.residues) == set(range(64))
 
 
 def test_chunks_cover_every_member_once_within_its_residue_class():
