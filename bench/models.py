@@ -87,8 +87,6 @@ def _merf_dask(design: Design, *, client=None, learner: str = "random-forest") -
                      converged=bool(model.converged_), warnings=_warning_names(caught))
     with FitMeter() as plain:  # one plain fit of the same learner on the same rows
         make_learner(learner).fit(X, y)
-    # On a Dask client the M-step only submits its tasks (m_step_seconds ~ 0): the learner's
-    # fit is then waited for, and counted, inside e_step_seconds.
     m_step_seconds = sum(r.m_step_seconds for r in model.history_)
     e_step_seconds = sum(r.e_step_seconds for r in model.history_)
     record.update(

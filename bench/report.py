@@ -97,8 +97,9 @@ def results_markdown(results: dict) -> str:
              "process, right after the MERF fit. Forests: every tree is a member on a Poisson "
              "bootstrap of the rows (below member_rows=100,000 rows all rows), so the plain "
              "forest is the like-for-like fit; other learners are cross-fitted on 2 disjoint "
-             "folds, about one fit in total. On a Dask client the M-step only submits its tasks, "
-             "so the learner's fit is counted in the E-step column there.", "",
+             "folds, about one fit in total. The M-step column is the learner's fit (on a Dask "
+             "client, until every member is fitted); the E-step column includes the honest "
+             "predictions.", "",
              *_cost_table(results), "", "Not run:", ""]
     lines += [f"* {item['what']}: {item['reason']}" for item in results["not_run"]]
     return "\n".join(lines) + "\n"
