@@ -140,10 +140,7 @@ def save_model(model, url, *, overwrite: bool = False, storage_options: dict | N
         "n_iter": model.n_iter_,
         "converged": bool(model.converged_),
         "oob": bool(model.oob_),
-        "history": [{"iteration": r.iteration, "gll": r.gll, "sigma2": r.sigma2,
-                     "D": r.D.tolist(), "m_step_seconds": r.m_step_seconds,
-                     "e_step_seconds": r.e_step_seconds, "val_mse": r.val_mse}
-                    for r in model.history_],
+        "history": [r.to_json() for r in model.history_],
         "data_fingerprint": fingerprint,
         "model_size_bytes": model_size,
         "versions": _versions(),
@@ -210,11 +207,7 @@ def load_model(url, *, storage_options: dict | None = None):
     model.b_cov_ = _conditional_covariances(effects, names)
     model.sigma2_ = float(manifest["sigma2"])
     model.D_ = np.asarray(manifest["D"], dtype=float)
-    model.history_ = [IterationRecord(iteration=r["iteration"], gll=r["gll"],
-                                      relative_change=np.nan, sigma2=r["sigma2"],
-                                      D=np.asarray(r["D"]), m_step_seconds=r["m_step_seconds"],
-                                      e_step_seconds=r["e_step_seconds"], val_mse=r["val_mse"])
-                      for r in manifest["history"]]
+    model.history_ = [IterationRecord.from_json(r) for r in manifest["history"]]
     model.gll_history_ = [r.gll for r in model.history_]
     model.sigma2_history_ = [r.sigma2 for r in model.history_]
     model.D_history_ = [r.D for r in model.history_]

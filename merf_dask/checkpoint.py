@@ -43,13 +43,6 @@ def fit_key(parameters: dict, *, n_rows: int, n_clusters: int) -> str:
     return joblib.hash({"parameters": parameters, "n_rows": n_rows, "n_clusters": n_clusters})
 
 
-def _record_to_json(record: IterationRecord) -> dict:
-    return {"iteration": record.iteration, "gll": record.gll,
-            "relative_change": record.relative_change, "sigma2": record.sigma2,
-            "D": np.asarray(record.D).tolist(), "m_step_seconds": record.m_step_seconds,
-            "e_step_seconds": record.e_step_seconds, "val_mse": record.val_mse}
-
-
 def write_checkpoint(url: str | os.PathLike, state: EMState, *, key: str, seed: int) -> None:
     """Write ``state`` and the fit's ``seed`` to ``url`` atomically (temporary name, then
     rename)."""
@@ -59,7 +52,7 @@ def write_checkpoint(url: str | os.PathLike, state: EMState, *, key: str, seed: 
                       **{f"b{j}": b[:, j] for j in range(b.shape[1])}}), preserve_index=False)
     metadata = {"key": key, "seed": seed, "iteration": state.iteration, "sigma2": state.sigma2,
                 "D": np.asarray(state.D).tolist(),
-                "history": [_record_to_json(r) for r in state.history]}
+                "history": [r.to_json() for r in state.history]}
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), _METADATA_KEY: json.dumps(metadata).encode()})
     buffer = io.BytesIO()
@@ -89,7 +82,7 @@ def read_checkpoint(url: str | os.PathLike, *, key: str) -> tuple[EMState, int] 
         return None
     frame = table.to_pandas()
     b = frame[[c for c in frame.columns if c != _CLUSTER]].to_numpy(dtype=float)
-    history = [IterationRecord(**{**r, "D": np.asarray(r["D"])}) for r in metadata["history"]]
+    history = [IterationRecord.from_json(r) for r in metadata["history"]]
     state = EMState(iteration=metadata["iteration"], sigma2=metadata["sigma2"],
                     D=np.asarray(metadata["D"]), history=history,
                     cluster_ids=pd.Index(frame[_CLUSTER]), b=b)

@@ -246,6 +246,23 @@ class IterationRecord:
                 f"diag(D)=[{diag}]  M-step={self.m_step_seconds:.2f}s  "
                 f"E-step={self.e_step_seconds:.2f}s{val}")
 
+    def to_json(self) -> dict:
+        """The record as JSON values (a relative change that is not finite, as in the first
+        iteration, becomes null: strict JSON has no infinity)."""
+        change = self.relative_change if np.isfinite(self.relative_change) else None
+        return {"iteration": self.iteration, "gll": self.gll, "relative_change": change,
+                "sigma2": self.sigma2, "D": np.asarray(self.D).tolist(),
+                "m_step_seconds": self.m_step_seconds, "e_step_seconds": self.e_step_seconds,
+                "val_mse": self.val_mse}
+
+    @classmethod
+    def from_json(cls, values: dict) -> "IterationRecord":
+        """The record written by :meth:`to_json` (a missing relative change, as in manifests
+        of earlier versions, reads as NaN)."""
+        change = values.get("relative_change", np.nan)
+        return cls(**{**values, "D": np.asarray(values["D"], dtype=float),
+                      "relative_change": np.inf if change is None else change})
+
 
 @dataclass(frozen=True)
 class EMState:
@@ -316,7 +333,8 @@ def run_em(data: EMData, *, planner: Callable[[int], MemberPlan], q: int, max_it
     ----------
     data : EMData
     planner : callable
-        ``planner(iteration)`` gives the :class:`~merf_dask.ensemble.MemberPlan` of an M-step.
+        ``planner(iteration=k)`` gives the :class:`~merf_dask.ensemble.MemberPlan` of the M-step
+        of iteration k.
     q : int
         Number of random-effect columns.
     max_iterations : int
@@ -348,7 +366,7 @@ def run_em(data: EMData, *, planner: Callable[[int], MemberPlan], q: int, max_it
     converged = False
     for iteration in range(first, max_iterations + 1):
         started = time.perf_counter()
-        data.fit_fixed_effects(planner(iteration))
+        data.fit_fixed_effects(planner(iteration=iteration))
         m_step_done = time.perf_counter()
         sums = data.random_effects_step(sigma2=sigma2, D=D)
         sigma2, D, gll = map(_canonical, update_variance_components(sums))

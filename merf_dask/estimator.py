@@ -237,7 +237,7 @@ class MERF(RegressorMixin, BaseEstimator):
         planner = functools.partial(plan_members, learner, honest=honest,
                                     n_rows=em_data.n_rows, n_folds=self.n_folds,
                                     member_rows=self.member_rows, seed=seed)
-        result = run_em(em_data, planner=lambda iteration: planner(iteration=iteration),
+        result = run_em(em_data, planner=planner,
                         q=len(self.z_names_), max_iterations=self.max_iterations, tol=self.tol,
                         validation_mse=validation, start=start, on_state=on_state)
         if self.checkpoint is not None:

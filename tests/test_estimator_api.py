@@ -149,3 +149,16 @@ def test_unknown_and_invalid_parameters_are_rejected(frame):
         MERF(max_iterations=0).fit(*arrays(frame))
     with pytest.raises(ValueError, match="n_folds"):
         MERF(n_folds=1).fit(*arrays(frame))
+
+
+def test_saved_model_keeps_its_iteration_history(frame, tmp_path):
+    model = MERF(LinearRegression(), max_iterations=4, tol=0).fit(*arrays(frame))
+    model.save(tmp_path / "model")
+    loaded = MERF.load(tmp_path / "model")
+    assert len(loaded.history_) == 4
+    assert np.isinf(loaded.history_[0].relative_change)  # the first iteration has no previous
+    for saved, original in zip(loaded.history_, model.history_):
+        for name in ("iteration", "gll", "relative_change", "sigma2", "m_step_seconds",
+                     "e_step_seconds", "val_mse"):
+            assert getattr(saved, name) == getattr(original, name), name
+        np.testing.assert_array_equal(saved.D, original.D)
