@@ -74,8 +74,12 @@ def read_checkpoint(url: str | os.PathLike, *, key: str) -> tuple[EMState, int] 
     filesystem, path = open_filesystem(url)
     if not filesystem.exists(path):
         return None
-    table = pq.read_table(io.BytesIO(filesystem.cat_file(path)))
-    metadata = json.loads(table.schema.metadata[_METADATA_KEY])
+    try:
+        table = pq.read_table(io.BytesIO(filesystem.cat_file(path)))
+        metadata = json.loads((table.schema.metadata or {})[_METADATA_KEY])
+    except (pa.ArrowInvalid, KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f"{url} is not a merf-dask checkpoint ({type(error).__name__}); "
+                         "remove it to start the fit afresh") from None
     if metadata["key"] != key:
         logger.warning("ignoring the checkpoint %s: it belongs to a fit with other parameters "
                        "or data", url)

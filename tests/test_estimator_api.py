@@ -162,3 +162,15 @@ def test_saved_model_keeps_its_iteration_history(frame, tmp_path):
                      "e_step_seconds", "val_mse"):
             assert getattr(saved, name) == getattr(original, name), name
         np.testing.assert_array_equal(saved.D, original.D)
+
+
+@pytest.mark.parametrize("content", [b"not parquet", "plain parquet"])
+def test_a_file_in_the_checkpoints_place_that_is_not_one_is_named(frame, tmp_path, content):
+    path = tmp_path / "fit.checkpoint.parquet"
+    if content == "plain parquet":
+        pd.DataFrame({"a": [1.0]}).to_parquet(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="fit.checkpoint.parquet is not a merf-dask checkpoint"):
+        MERF(LinearRegression(), max_iterations=2, checkpoint=str(path)).fit(*arrays(frame))
+    assert path.exists()  # the user's file is left as it was
