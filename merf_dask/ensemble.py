@@ -19,9 +19,19 @@ Which rows a member sees is decided per row from a stable hash of its cluster id
 values, never from the partition the row sits in or the process that runs the
 member, so the same seed gives the same model whatever the number of workers and partitions.
 A member trains on the clusters whose hash falls in one residue class modulo ``stride`` (a power
-of two chosen so that no member sees more than ``member_rows`` rows, or ``n_folds`` if larger): that bounds the memory of
-every task and the size of every tree, and when the lake's bucket count (also a power of two)
-divides the stride, each member's rows come from a single bucket and nothing moves.
+of two chosen so that no member sees more than ``member_rows`` rows, or ``n_folds`` if larger):
+that bounds the memory of every task and the size of every tree, and when the lake's bucket count
+(also a power of two) divides the stride, each member's rows come from a single bucket and
+nothing moves.
+
+Honest predictions cost what they cost without the strides. A classic forest's out-of-bag
+prediction averages about ``n_estimators / e`` trees per row (the trees whose bootstrap missed
+it); once trees see a fraction of the clusters, almost every tree misses a row, and averaging all
+of them would cost ``stride``-fold more than the forest's fit. So each residue class is predicted
+by its own trees (out of bag where the bootstrap missed the row) topped up with trees of other
+classes to the classic count, ``ceil(n_estimators / e)``; a cross-fit predicts each row with
+``n_folds - 1`` members of other folds, as a K-fold cross-fit does. Which members serve which
+class rotates with the class, so every member predicts about the same number of rows.
 
 Classes and functions
 ---------------------
@@ -126,6 +136,8 @@ class MemberPlan:
         Member m trains on clusters whose hash modulo ``stride`` is ``residues[m]``.
     residues : ndarray of shape (n_members,)
     seeds : ndarray of shape (n_members,), uint32
+    n_honest : int
+        How many members an honest prediction averages per row (see :meth:`honest_members`).
     """
 
     learner: BaseEstimator
@@ -133,6 +145,7 @@ class MemberPlan:
     stride: int
     residues: np.ndarray
     seeds: np.ndarray
+    n_honest: int
 
     @property
     def n_members(self) -> int:
@@ -153,6 +166,26 @@ class MemberPlan:
         size = max(1, math.ceil(self.n_members / max(n_chunks, len(per_residue))))
         return [(residue, members[i:i + size]) for residue, members in per_residue.items()
                 for i in range(0, len(members), size)]
+
+    def honest_members(self, residue: int) -> np.ndarray:
+        """The members that may give an honest prediction to rows of residue class ``residue``.
+
+        Tree members of the class itself (a row counts them where their bootstrap missed it),
+        then members of other classes, which never saw the row, up to ``n_honest`` in
+        expectation; the other classes' members are taken from a window that rotates with the
+        class. A cross-fit's members of the class itself are never honest.
+
+        Returns
+        -------
+        ndarray of shape (n_selected,), sorted member indices
+        """
+        own = np.flatnonzero(self.residues == residue) if self.trees else np.empty(0, int)
+        other = np.flatnonzero(self.residues != residue)
+        out_of_bag_share = math.exp(-1)  # P(Poisson(1) = 0)
+        n_other = min(len(other), max(0, self.n_honest - round(len(own) * out_of_bag_share)))
+        start = residue * len(other) // self.stride
+        window = other[(start + np.arange(n_other)) % max(len(other), 1)]
+        return np.sort(np.concatenate([own, window]))
 
     def in_bag(self, member: int, keys: np.ndarray, residue_of_row: np.ndarray) -> np.ndarray:
         """In-bag count of every row for ``member``; 0 marks an honest (out-of-bag) row."""
@@ -197,11 +230,12 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
     trees = honest and is_bagged_forest(learner)
     if trees:
         n_members = learner.n_estimators
+        n_honest = math.ceil(n_members * math.exp(-1))  # a classic out-of-bag prediction's trees
     elif honest:
         stride = max(stride, n_folds)
-        n_members = stride
+        n_members, n_honest = stride, n_folds - 1
     else:
-        stride, n_members = 1, 1
+        stride, n_members, n_honest = 1, 1, 0
     # The same members (seeds, bootstraps, residue classes) in every iteration, as a forest with
     # a fixed random_state refits in merf: fresh draws each iteration add noise to the GLL that
     # keeps the relative-change stop from firing for many iterations. Only when there are more
@@ -211,7 +245,8 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
     offset = (iteration - 1) * n_members if stride > n_members else 0
     residues = rng.permutation(stride)[(np.arange(n_members) + offset) % stride]
     seeds = rng.integers(0, np.iinfo(np.uint32).max, n_members, dtype=np.uint32)
-    return MemberPlan(learner=learner, trees=trees, stride=stride, residues=residues, seeds=seeds)
+    return MemberPlan(learner=learner, trees=trees, stride=stride, residues=residues, seeds=seeds,
+                      n_honest=n_honest)
 
 
 @dataclass(frozen=True)
@@ -306,10 +341,11 @@ def _predict(member: BaseEstimator, X: np.ndarray, trees: bool) -> np.ndarray:
 
 def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]], *,
                        X: np.ndarray, keys: np.ndarray, residue_of_row: np.ndarray) -> np.ndarray:
-    """Each row's average over the members that did not train on it.
+    """Each row's average over the members of :meth:`MemberPlan.honest_members` of its class that
+    did not train on it.
 
-    Rows that every member trained on (all rows, for one in-sample member) get the average of
-    all members.
+    Rows that no such member missed (all rows, for one in-sample member) get the average of all
+    members.
 
     Parameters
     ----------
@@ -324,16 +360,24 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
     ndarray of shape (n_rows,)
     """
     X = np.ascontiguousarray(X, dtype=plan.feature_dtype)
-    total = np.zeros(len(X))
+    classes, class_of_row = np.unique(residue_of_row, return_inverse=True)
+    serves = np.zeros((plan.n_members, len(classes)), dtype=bool)
+    for column, residue in enumerate(classes):
+        serves[plan.honest_members(int(residue)), column] = True
     honest_total = np.zeros(len(X))
     n_honest = np.zeros(len(X))
     for member, estimator in fitted:
-        prediction = _predict(estimator, X, plan.trees)
-        out_of_bag = plan.in_bag(member, keys, residue_of_row) == 0
-        total += prediction
-        honest_total += prediction * out_of_bag
-        n_honest += out_of_bag
-    return np.where(n_honest > 0, honest_total / np.maximum(n_honest, 1), total / len(fitted))
+        rows = np.flatnonzero(serves[member][class_of_row])
+        rows = rows[plan.in_bag(member, keys[rows], residue_of_row[rows]) == 0]
+        if len(rows):
+            honest_total[rows] += _predict(estimator, X[rows], plan.trees)
+            n_honest[rows] += 1
+    unserved = np.flatnonzero(n_honest == 0)
+    if len(unserved):
+        honest_total[unserved] = np.mean(
+            [_predict(estimator, X[unserved], plan.trees) for _, estimator in fitted], axis=0)
+        n_honest[unserved] = 1
+    return honest_total / n_honest
 
 
 class FoldEnsemble(RegressorMixin, BaseEstimator):

@@ -95,8 +95,9 @@ class MERF(RegressorMixin, BaseEstimator):
         in-sample fit is the maximum-likelihood estimate; False uses in-sample predictions
         (merf 1.0, which biases sigma2 low for forests). See :mod:`merf_dask.ensemble`.
     n_folds : int, default=2
-        Members of the cross-fit for learners that are not bagged forests (more when the data
-        has more than ``n_folds * member_rows`` rows).
+        Folds of the cross-fit for learners that are not bagged forests: each row's honest
+        prediction averages ``n_folds - 1`` members fitted without its cluster (there are more
+        members, on smaller folds, when the data has more than ``n_folds * member_rows`` rows).
     member_rows : int, default=100_000
         The most rows one member (a tree, or a cross-fit's model) is fitted on, in expectation:
         bigger data gives each member a sample of whole clusters. Bounds the memory of every

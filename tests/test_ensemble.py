@@ -267,17 +267,55 @@ def test_honest_predictions_equal_a_naive_per_row_loop(forest_fit):
     in_bag = {m: naive_in_bag(plan, m, keys, residue_of_row) for m in predictions}
     expected = np.empty(len(X))
     for i in range(len(X)):
-        honest = [predictions[m][i] for m in predictions if in_bag[m][i] == 0]
+        serving = plan.honest_members(int(residue_of_row[i]))
+        honest = [predictions[m][i] for m in serving if in_bag[m][i] == 0]
         every = [predictions[m][i] for m in predictions]
         expected[i] = np.mean(honest) if honest else np.mean(every)
     got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
-    # the exclusion matters: rows with in-bag members are not predicted by the plain average
-    n_in_bag = np.sum([in_bag[m] > 0 for m in in_bag], axis=0)
-    mixed = (n_in_bag > 0) & (n_in_bag < plan.n_members)
-    assert mixed.sum() > len(X) // 2
+    # the exclusion matters: no row is predicted by the plain average of every tree
     every = np.mean(list(predictions.values()), axis=0)
-    assert np.all(np.abs(got[mixed] - every[mixed]) > 1e-9)
+    assert np.all(np.abs(got - every) > 1e-9)
+
+
+def test_honest_members_average_a_classic_out_of_bag_count(forest_fit):
+    """ceil(12 / e) = 5 trees per row in expectation: the class's own trees (out of bag on about
+    1/e of its rows) topped up with trees of other classes, which never saw the row."""
+    plan, keys, residue_of_row = (forest_fit[k] for k in ("plan", "keys", "residue_of_row"))
+    assert plan.n_honest == math.ceil(12 / math.e) == 5
+    n_out_of_bag = np.zeros(len(keys))
+    for residue in range(plan.stride):
+        serving = plan.honest_members(residue)
+        own = serving[plan.residues[serving] == residue]
+        np.testing.assert_array_equal(own, np.flatnonzero(plan.residues == residue))
+        n_other = len(serving) - len(own)
+        assert n_other == plan.n_honest - round(len(own) / math.e)
+        rows = residue_of_row == residue
+        for member in serving:
+            n_out_of_bag[rows] += naive_in_bag(plan, member, keys, residue_of_row)[rows] == 0
+    assert n_out_of_bag.min() >= 1
+    assert abs(n_out_of_bag.mean() - plan.n_honest) < 1.0
+
+
+def test_honest_members_of_an_unstrided_forest_are_all_its_trees():
+    plan = plan_members(RandomForestRegressor(n_estimators=50), honest=True, n_rows=1000,
+                        n_folds=2, member_rows=10**6, seed=0, iteration=1)
+    assert plan.stride == 1
+    np.testing.assert_array_equal(plan.honest_members(0), np.arange(50))
+
+
+def test_honest_members_spread_the_prediction_work_over_the_members():
+    plan = plan_members(RandomForestRegressor(n_estimators=100), honest=True, n_rows=6_400_000,
+                        n_folds=2, member_rows=100_000, seed=4, iteration=1)
+    assert plan.stride == 64
+    served = np.zeros(plan.n_members)
+    for residue in range(plan.stride):
+        serving = plan.honest_members(residue)
+        assert len(serving) == len(np.unique(serving))
+        served[serving] += 1
+    # 64 classes x ~37 trees over 100 trees: each tree serves ~24 classes, none far off
+    assert served.sum() == pytest.approx(64 * 37, abs=64)
+    assert served.min() >= 0.6 * served.mean() and served.max() <= 1.4 * served.mean()
 
 
 def test_assembled_forest_predicts_the_mean_of_its_trees(forest_fit):
@@ -377,3 +415,25 @@ def test_in_sample_member_predicts_in_sample():
     assert model is fitted[0][1] and isinstance(model, RandomForestRegressor)
     got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
     np.testing.assert_allclose(got, model.predict(X), rtol=1e-12)
+
+
+def test_a_strided_cross_fit_predicts_each_row_with_n_folds_minus_one_other_members():
+    """With more folds than ``n_folds`` (big data), each row is predicted by ``n_folds - 1``
+    members of other folds, never its own: the cost of a ``n_folds``-fold cross-fit."""
+    ids, hashes, codes, X, _, keys = clustered_rows(n_clusters=160, rows_per_cluster=4, seed=7)
+    n_folds = 3
+    plan = plan_members(DummyRegressor(strategy="mean"), honest=True, n_rows=len(codes),
+                        n_folds=n_folds, member_rows=len(codes) // 8, seed=2, iteration=1)
+    assert plan.stride == 8 and plan.n_members == 8 and plan.n_honest == n_folds - 1
+    fold = (hashes % np.uint64(plan.stride)).astype(np.int64)[codes]
+    y = 100.0 * fold + np.random.default_rng(1).standard_normal(len(codes))
+    keys = row_keys(hashes, codes, np.column_stack([X, y]))
+    fitted = fit_plan(plan, X=X, y=y, keys=keys, residue_of_row=fold)
+    member_mean = {m: est.predict(X[:1])[0] for m, est in fitted}
+    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=fold)
+    for residue in range(plan.stride):
+        serving = plan.honest_members(residue)
+        assert len(serving) == n_folds - 1
+        assert not np.any(plan.residues[serving] == residue)
+        np.testing.assert_allclose(got[fold == residue],
+                                   np.mean([member_mean[m] for m in serving]), rtol=1e-12)
