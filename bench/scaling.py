@@ -11,11 +11,10 @@ a 1 GiB memory limit each (``--n-workers 2 --memory-limit 1GiB``), and record
 * the peak RSS of every worker process (:mod:`cli_meter` samples the CLI's child processes);
   more worker pids than workers means a worker was restarted (killed for memory);
 * the model size (``model_size_bytes`` of the model directory's manifest);
-* one *equivalent plain fit* of the same forest: 100 trees, each on a bootstrap of
-  ``n_rows / stride`` rows (``max_samples``), which is what one EM iteration's M-step grows
-  (every member fits the clusters of one residue class modulo ``stride``, the power of two
-  >= n_rows / member_rows); a plain forest of 100 trees on *all* rows would be stride times
-  dearer and is not what the M-step does. Cost ratio = seconds per iteration / plain fit.
+* one *equivalent plain fit* of the same learner (:func:`plain_learner`): for a forest, as many
+  trees as the M-step grows, each on a bootstrap of ``n_rows / stride`` rows (``max_samples``);
+  for a cross-fitted learner, one fit on all rows. Cost ratio = seconds per iteration / plain
+  fit. ``--learners`` fits every named learner on every size's lake.
 
 Optionally (``--profile-rows``) one in-process fit of 1 iteration on the same kind of cluster with
 ``distributed``'s task stream, to split worker time by task prefix: ``fit_members`` (the learner's
@@ -27,7 +26,8 @@ work itself is negligible.
 Usage::
 
     .venv/bin/python bench/scaling.py [--rows 1000000 2000000 5000000 10000000 20000000]
-        [--iterations 3] [--lake-dir /tmp] [--profile-rows 1000000] [--keep-lakes]
+        [--iterations 3] [--learners random-forest gradient-boosting ...] [--lake-dir /tmp]
+        [--profile-rows 1000000] [--keep-lakes]
 
 Each size's record is also written to ``bench/results/scaling_runs/<rows>.json`` and reused by
 later runs with ``--reuse`` (so sizes can be run one at a time); ``--report-only`` rebuilds
@@ -62,6 +62,9 @@ N_WORKERS = 2
 MEMORY_LIMIT = "1GiB"
 MEMBER_ROWS = 100_000
 N_TREES = 100
+DEFAULT_LEARNER = "random-forest"
+#: learners whose members are the trees of one forest (the others are cross-fitted)
+BAGGED_FORESTS = ("random-forest", "extra-trees")
 
 
 def _stride(n_rows: int, member_rows: int = MEMBER_ROWS) -> int:
@@ -77,7 +80,8 @@ def simulate(rows: int, lake: Path) -> float:
     return time.perf_counter() - start
 
 
-def cli_fit(lake: Path, model: Path, iterations: int, timeout: float | None) -> dict:
+def cli_fit(lake: Path, model: Path, iterations: int, timeout: float | None,
+            learner: str = DEFAULT_LEARNER) -> dict:
     for path in (model, Path(f"{model}.checkpoint.parquet")):
         if path.is_dir():
             shutil.rmtree(path)
@@ -85,13 +89,14 @@ def cli_fit(lake: Path, model: Path, iterations: int, timeout: float | None) -> 
             path.unlink()
     return run_metered([CLI, "fit", str(lake), "--formula", FORMULA, "--output", str(model),
                         "--n-workers", str(N_WORKERS), "--memory-limit", MEMORY_LIMIT,
-                        "--max-iterations", str(iterations), "--quiet"],
+                        "--max-iterations", str(iterations), "--learner", learner, "--quiet"],
                        interval=0.2, timeout=timeout)
 
 
-def fit_record(rows: int, metered: dict, model: Path) -> dict:
+def fit_record(rows: int, metered: dict, model: Path, learner: str = DEFAULT_LEARNER) -> dict:
     """One size's record from a metered CLI run and its model directory."""
-    record = {"rows": rows, "clusters": rows // 100, "returncode": metered["returncode"],
+    record = {"rows": rows, "clusters": rows // 100, "learner": learner,
+              "returncode": metered["returncode"],
               "fit_wall_seconds": metered["wall_seconds"],
               "worker_peak_rss_mb": metered["worker_peak_rss_mb"],
               "n_worker_pids": metered["n_worker_pids"],
@@ -116,19 +121,37 @@ def fit_record(rows: int, metered: dict, model: Path) -> dict:
     return record
 
 
-def plain_fit_seconds(lake: Path, rows: int) -> float:
-    """One equivalent plain forest fit: 100 trees of bootstraps of rows / stride rows."""
+def plain_learner(learner: str, rows: int):
+    """The plain fit that one EM iteration's M-step stands for, on this machine's 2 cores.
+
+    A bagged forest's M-step grows max(100, stride) trees on bootstraps of ``rows / stride``
+    rows (every tree fits the clusters of one residue class modulo ``stride``, the power of two
+    >= rows / member_rows, and every class has a tree): the equivalent plain forest has as many
+    trees and ``max_samples=rows / stride``; a forest of 100 trees on *all* rows would be about
+    stride times dearer and is not what the M-step does. Any other learner is cross-fitted on disjoint folds that together hold every
+    row once: the equivalent is one fit of the learner on all rows.
+    """
+    from merf_dask.learners import make_learner
+
+    estimator = make_learner(learner, random_state=0)
+    if learner in BAGGED_FORESTS:
+        estimator.set_params(n_estimators=max(N_TREES, _stride(rows)),
+                             max_samples=int(rows / _stride(rows)))
+    if "n_jobs" in estimator.get_params():
+        estimator.set_params(n_jobs=N_WORKERS)
+    return estimator
+
+
+def plain_fit_seconds(lake: Path, rows: int, learner: str = DEFAULT_LEARNER) -> float:
+    """Seconds of one fit of :func:`plain_learner` on the lake's rows."""
     import pandas as pd
-    from sklearn.ensemble import RandomForestRegressor
 
     frame = pd.read_parquet(lake, columns=["x1", "x2", "x3", "y"])
     X, y = frame[["x1", "x2", "x3"]].to_numpy(), frame["y"].to_numpy()
     del frame
-    forest = RandomForestRegressor(n_estimators=N_TREES, min_samples_leaf=5, max_features=1.0,
-                                   max_samples=int(rows / _stride(rows)), n_jobs=N_WORKERS,
-                                   random_state=0)
+    estimator = plain_learner(learner, rows)
     start = time.perf_counter()
-    forest.fit(X, y)
+    estimator.fit(X, y)
     return time.perf_counter() - start
 
 
@@ -240,9 +263,27 @@ def checks(records: list[dict], extra: dict | None = None) -> dict:
     return out
 
 
+def _learner_table(records: list[dict]) -> list[str]:
+    """Cost ratio of every learner, one row per (rows, learner)."""
+    lines = ["| Rows | Learner | Iterations | s / iteration | Plain fit, equivalent (s) "
+             "| Cost ratio | Peak RSS worker 1 / 2 (MB) | sigma2 | D |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["rows"], r.get("learner", DEFAULT_LEARNER))):
+        peaks = " / ".join(_fmt(v, 0) for v in r["worker_peak_rss_mb"][:2])
+        lines.append("| " + " | ".join([
+            f"{r['rows']:,}", r.get("learner", DEFAULT_LEARNER), str(r.get("iterations", "–")),
+            _fmt(r.get("mean_seconds_per_iteration")), _fmt(r.get("plain_fit_seconds")),
+            _fmt(r.get("cost_ratio"), 2), peaks, _fmt(r.get("sigma2"), 2),
+            _fmt(r.get("var_b"), 2)]) + " |")
+    return lines
+
+
 def write_report(records: list[dict], extra: dict) -> None:
-    records = sorted(records, key=lambda r: r["rows"])
-    result = {"records": records, **extra, "checks": checks(records, extra)}
+    by_learner = records
+    records = sorted((r for r in records if r.get("learner", DEFAULT_LEARNER) == DEFAULT_LEARNER),
+                     key=lambda r: r["rows"])
+    result = {"records": records, "learner_records": by_learner, **extra,
+              "checks": checks(records, extra)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scaling.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     lines = ["| Rows | Clusters | Iterations | Fit wall (s) | s / iteration | Outside EM (s) "
@@ -278,6 +319,11 @@ def write_report(records: list[dict], extra: dict) -> None:
                   f"{q['ratio']:.2f}.")
     md.append(f"* No worker restarted: {c['no_worker_restarts']}; all fits completed: "
               f"{c['all_completed']}.")
+    if len({r.get("learner", DEFAULT_LEARNER) for r in by_learner}) > 1:
+        md += ["", "Every learner (`--learner`), same CLI fit and machine; the equivalent plain "
+               "fit is the forest of the M-step's trees for bagged forests (`max_samples` = "
+               "rows / stride) and one fit on all rows for cross-fitted learners:", "",
+               *_learner_table(by_learner)]
     for p in [extra[k] for k in ("profile", "profile_1m") if extra.get(k)]:
         md += ["", f"Worker time by task prefix, one EM iteration at {p['rows']:,} rows "
                f"(in-process fit, task stream; wall {p['fit_wall_seconds']:.1f} s, "
@@ -338,6 +384,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+",
                         default=[1_000_000, 2_000_000, 5_000_000, 10_000_000, 20_000_000])
     parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--learners", nargs="+", default=[DEFAULT_LEARNER],
+                        help="merf_dask.learners names; each is fitted on every size's lake")
     parser.add_argument("--lake-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--profile-rows", type=int, default=None,
                         help="also profile one in-process iteration at this size (task stream; "
@@ -356,37 +404,45 @@ def main() -> None:
         extra["environment"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                 "load_average_start": os.getloadavg()}
         for rows in args.rows:
-            path = RUNS / f"{rows}.json"
-            if args.reuse and path.exists():
-                continue
             lake = args.lake_dir / f"scaling_lake_{rows}"
             model = args.lake_dir / f"scaling_model_{rows}"
+            pending = [learner for learner in args.learners
+                       if not (args.reuse and _record_path(rows, learner).exists())]
+            if not pending:
+                continue
             print(f"{rows:,} rows: simulating", flush=True)
             simulate_seconds = simulate(rows, lake)
-            print(f"{rows:,} rows: fitting", flush=True)
-            record = fit_record(rows, cli_fit(lake, model, args.iterations, args.timeout), model)
-            record["simulate_seconds"] = simulate_seconds
-            record["load_average_after_fit"] = os.getloadavg()
-            record["plain_fit_seconds"] = plain_fit_seconds(lake, rows)
-            if record.get("mean_seconds_per_iteration"):
-                record["cost_ratio"] = (record["mean_seconds_per_iteration"]
-                                        / record["plain_fit_seconds"])
-            path.write_text(json.dumps(record, indent=1, default=float) + "\n")
-            if args.profile_rows == rows:
-                extra["profile" if rows != 1_000_000 else "profile_1m"] = {"rows": rows,
-                                                                        **profile(lake)}
-                extra_path.write_text(json.dumps(extra, indent=1, default=float) + "\n")
-            print(json.dumps({k: v for k, v in record.items() if k != "stderr_tail"},
-                             default=float), flush=True)
+            for learner in pending:
+                path = _record_path(rows, learner)
+                print(f"{rows:,} rows: fitting with {learner}", flush=True)
+                record = fit_record(rows, cli_fit(lake, model, args.iterations, args.timeout,
+                                                  learner), model, learner)
+                record["simulate_seconds"] = simulate_seconds
+                record["load_average_after_fit"] = os.getloadavg()
+                record["plain_fit_seconds"] = plain_fit_seconds(lake, rows, learner)
+                if record.get("mean_seconds_per_iteration"):
+                    record["cost_ratio"] = (record["mean_seconds_per_iteration"]
+                                            / record["plain_fit_seconds"])
+                path.write_text(json.dumps(record, indent=1, default=float) + "\n")
+                if args.profile_rows == rows and learner == DEFAULT_LEARNER:
+                    extra["profile" if rows != 1_000_000 else "profile_1m"] = {
+                        "rows": rows, **profile(lake)}
+                    extra_path.write_text(json.dumps(extra, indent=1, default=float) + "\n")
+                print(json.dumps({k: v for k, v in record.items() if k != "stderr_tail"},
+                                 default=float), flush=True)
+                shutil.rmtree(model, ignore_errors=True)
             if not args.keep_lakes:
                 shutil.rmtree(lake, ignore_errors=True)
-            shutil.rmtree(model, ignore_errors=True)
         if args.round_trip:
             extra["round_trip"] = round_trip_overhead(args.lake_dir)
         extra["environment"]["load_average_end"] = os.getloadavg()
         extra_path.write_text(json.dumps(extra, indent=1, default=float) + "\n")
     records = [json.loads(p.read_text()) for p in RUNS.glob("[0-9]*.json")]
     write_report(records, extra)
+
+
+def _record_path(rows: int, learner: str) -> Path:
+    return RUNS / (f"{rows}.json" if learner == DEFAULT_LEARNER else f"{rows}-{learner}.json")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -322,8 +323,15 @@ def demo(output, rows, clusters):
     click.echo(f"\nmodel directory: {model_dir}\nreport: {model_dir / 'report.html'}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line, like the errors: no source file and line for a user to decode."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    click.echo(f"merf-dask: warning: {text}", err=True)
+
+
 def main() -> None:
     """Console-script entry point."""
+    warnings.showwarning = _show_warning
     # Workers of an embedded cluster inherit this process's stderr; their log of a failed task
     # (with its traceback) would bury the one-line error. Set the variable to see it again.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")

@@ -320,8 +320,7 @@ def _canonical(value):
     return rounded if np.ndim(value) else float(rounded)
 
 
-def run_em(data: EMData, *, planner: Callable[[int], MemberPlan], q: int, max_iterations: int,
-           tol: float,
+def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: float,
            validation_mse: Callable[[BaseEstimator, pd.Index, np.ndarray], float] | None = None,
            on_iteration: Callable[[IterationRecord], None] | None = None,
            start: EMState | None = None,
@@ -332,9 +331,8 @@ def run_em(data: EMData, *, planner: Callable[[int], MemberPlan], q: int, max_it
     Parameters
     ----------
     data : EMData
-    planner : callable
-        ``planner(iteration=k)`` gives the :class:`~merf_dask.ensemble.MemberPlan` of the M-step
-        of iteration k.
+    plan : MemberPlan
+        The members of every M-step (:func:`~merf_dask.ensemble.plan_members`).
     q : int
         Number of random-effect columns.
     max_iterations : int
@@ -366,7 +364,7 @@ def run_em(data: EMData, *, planner: Callable[[int], MemberPlan], q: int, max_it
     converged = False
     for iteration in range(first, max_iterations + 1):
         started = time.perf_counter()
-        data.fit_fixed_effects(planner(iteration=iteration))
+        data.fit_fixed_effects(plan)
         m_step_done = time.perf_counter()
         sums = data.random_effects_step(sigma2=sigma2, D=D)
         sigma2, D, gll = map(_canonical, update_variance_components(sums))

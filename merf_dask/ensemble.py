@@ -38,7 +38,7 @@ Classes and functions
 row_keys
     Stable 64-bit keys of rows (:func:`merf_dask.partitioning.cluster_hashes` hashes clusters).
 MemberPlan, plan_members
-    The members of one M-step: learner, residue class, seed.
+    The members of every M-step of a fit: learner, residue class, seed.
 Piece, training_pieces
     The rows of one residue class found in one block of rows, ready to ship.
 fit_members
@@ -202,8 +202,12 @@ def _power_of_two_at_least(value: float) -> int:
 
 
 def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: int,
-                 member_rows: int, seed: int, iteration: int) -> MemberPlan:
-    """Decide the members of the M-step of ``iteration``.
+                 member_rows: int, seed: int) -> MemberPlan:
+    """Decide the members of every M-step of a fit.
+
+    The same members (seeds, bootstraps, residue classes) serve every iteration, as a forest with
+    a fixed random_state refits in merf: fresh draws each iteration add noise to the GLL that
+    keeps the relative-change stop from firing for many iterations.
 
     Parameters
     ----------
@@ -219,8 +223,6 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
         The most rows any member is fitted on (in expectation); sets the stride.
     seed : int
         The fit's seed; it seeds every member.
-    iteration : int
-        Moves the residue classes when there are more classes than members.
 
     Returns
     -------
@@ -229,21 +231,17 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
     stride = _power_of_two_at_least(n_rows / member_rows)
     trees = honest and is_bagged_forest(learner)
     if trees:
-        n_members = learner.n_estimators
-        n_honest = math.ceil(n_members * math.exp(-1))  # a classic out-of-bag prediction's trees
+        # at least one tree per residue class, so that every cluster trains the forest
+        n_members = max(learner.n_estimators, stride)
+        # as many trees as the classic out-of-bag prediction of n_estimators trees averages
+        n_honest = math.ceil(learner.n_estimators * math.exp(-1))
     elif honest:
         stride = max(stride, n_folds)
         n_members, n_honest = stride, n_folds - 1
     else:
         stride, n_members, n_honest = 1, 1, 0
-    # The same members (seeds, bootstraps, residue classes) in every iteration, as a forest with
-    # a fixed random_state refits in merf: fresh draws each iteration add noise to the GLL that
-    # keeps the relative-change stop from firing for many iterations. Only when there are more
-    # residue classes than members do the classes move on each iteration, so that every cluster
-    # trains some member over the fit.
     rng = np.random.default_rng(seed)
-    offset = (iteration - 1) * n_members if stride > n_members else 0
-    residues = rng.permutation(stride)[(np.arange(n_members) + offset) % stride]
+    residues = rng.permutation(stride)[np.arange(n_members) % stride]
     seeds = rng.integers(0, np.iinfo(np.uint32).max, n_members, dtype=np.uint32)
     return MemberPlan(learner=learner, trees=trees, stride=stride, residues=residues, seeds=seeds,
                       n_honest=n_honest)

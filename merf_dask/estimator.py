@@ -235,10 +235,9 @@ class MERF(RegressorMixin, BaseEstimator):
                                      n_jobs=learner.n_jobs if is_bagged_forest(learner) else None)
             self.n_partitions_ = 1
         seed, start, on_state = self._checkpointing(em_data)
-        planner = functools.partial(plan_members, learner, honest=honest,
-                                    n_rows=em_data.n_rows, n_folds=self.n_folds,
-                                    member_rows=self.member_rows, seed=seed)
-        result = run_em(em_data, planner=planner,
+        plan = plan_members(learner, honest=honest, n_rows=em_data.n_rows,
+                            n_folds=self.n_folds, member_rows=self.member_rows, seed=seed)
+        result = run_em(em_data, plan=plan,
                         q=len(self.z_names_), max_iterations=self.max_iterations, tol=self.tol,
                         validation_mse=validation, start=start, on_state=on_state)
         if self.checkpoint is not None:

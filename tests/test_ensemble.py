@@ -145,7 +145,7 @@ def forest(n_estimators=16, **params):
 ])
 def test_forest_plan_stride(n_rows, member_rows, stride):
     plan = plan_members(forest(16), honest=True, n_rows=n_rows, n_folds=2,
-                        member_rows=member_rows, seed=0, iteration=1)
+                        member_rows=member_rows, seed=0)
     assert plan.trees
     assert plan.stride == stride
     assert plan.n_members == 16
@@ -159,7 +159,7 @@ def test_forest_plan_stride(n_rows, member_rows, stride):
 
 def test_extra_trees_with_bootstrap_are_tree_members():
     plan = plan_members(ExtraTreesRegressor(n_estimators=5), honest=True, n_rows=10,
-                        n_folds=2, member_rows=100, seed=0, iteration=1)
+                        n_folds=2, member_rows=100, seed=0)
     assert plan.trees and plan.n_members == 5
 
 
@@ -171,7 +171,7 @@ def test_extra_trees_with_bootstrap_are_tree_members():
 ])
 def test_cross_fit_plan(n_rows, n_folds, stride):
     plan = plan_members(HistGradientBoostingRegressor(), honest=True, n_rows=n_rows,
-                        n_folds=n_folds, member_rows=100_000, seed=0, iteration=1)
+                        n_folds=n_folds, member_rows=100_000, seed=0)
     assert not plan.trees
     assert plan.feature_dtype == np.float64
     assert plan.stride == stride and plan.n_members == stride >= n_folds
@@ -181,33 +181,35 @@ def test_cross_fit_plan(n_rows, n_folds, stride):
 @pytest.mark.parametrize("learner", [forest(16), HistGradientBoostingRegressor()])
 def test_in_sample_plan_has_one_member(learner):
     plan = plan_members(learner, honest=False, n_rows=800_000, n_folds=3, member_rows=100_000,
-                        seed=0, iteration=1)
+                        seed=0)
     assert not plan.trees
     assert plan.stride == 1 and plan.n_members == 1
     np.testing.assert_array_equal(plan.residues, [0])
 
 
-def test_plans_are_reproducible_change_with_seed_and_keep_members_across_iterations():
-    def plan(seed, iteration, n_rows=800_000):
+def test_plans_are_reproducible_and_change_with_seed():
+    def plan(seed, n_rows=800_000):
         return plan_members(forest(32), honest=True, n_rows=n_rows, n_folds=2,
-                            member_rows=100_000, seed=seed, iteration=iteration)
-    a, b = plan(0, 1), plan(0, 1)
+                            member_rows=100_000, seed=seed)
+    a, b = plan(0), plan(0)
     np.testing.assert_array_equal(a.residues, b.residues)
     np.testing.assert_array_equal(a.seeds, b.seeds)
-    assert not np.array_equal(a.seeds, plan(1, 1).seeds)
-    # stride 8 < 32 trees: the same members every iteration (a smooth GLL)
-    np.testing.assert_array_equal(a.seeds, plan(0, 2).seeds)
-    np.testing.assert_array_equal(a.residues, plan(0, 2).residues)
-    # stride 64 > 32 trees: the classes move on, so every cluster trains some tree over the fit
-    first, second = plan(0, 1, n_rows=6_400_000), plan(0, 2, n_rows=6_400_000)
-    assert first.stride == 64
-    assert set(first.residues).isdisjoint(second.residues)
-    assert set(first.residues) | set(second.residues) == set(range(64))
+    assert not np.array_equal(a.seeds, plan(1).seeds)
+
+
+def test_a_forest_has_a_tree_in_every_residue_class():
+    """Stride 64 > 32 trees: 64 trees, one per class, so every cluster trains the forest; the
+    honest predictions still average the classic ceil(32 / e) = 12 trees."""
+    plan = plan_members(forest(32), honest=True, n_rows=6_400_000, n_folds=2,
+                        member_rows=100_000, seed=0)
+    assert plan.stride == 64 and plan.n_members == 64 and plan.n_honest == 12
+    np.testing.assert_array_equal(np.sort(plan.residues), np.arange(64))
+    assert len(set(plan.seeds)) == 64
 
 
 def test_chunks_cover_every_member_once_within_its_residue_class():
     plan = plan_members(forest(37), honest=True, n_rows=400_000, n_folds=2,
-                        member_rows=100_000, seed=4, iteration=2)
+                        member_rows=100_000, seed=4)
     for n_chunks in (1, 3, 8, 50):
         chunks = plan.chunks(n_chunks)
         members = np.concatenate([m for _, m in chunks])
@@ -227,7 +229,7 @@ def forest_fit():
     learner = RandomForestRegressor(n_estimators=12, min_samples_leaf=1, max_features=1.0,
                                     n_jobs=1, random_state=0)
     plan = plan_members(learner, honest=True, n_rows=len(y), n_folds=2,
-                        member_rows=len(y) // 4, seed=11, iteration=3)
+                        member_rows=len(y) // 4, seed=11)
     assert plan.trees and plan.stride == 4
     residue_of_row = (hashes % np.uint64(plan.stride))[codes]
     fitted = fit_plan(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
@@ -299,14 +301,14 @@ def test_honest_members_average_a_classic_out_of_bag_count(forest_fit):
 
 def test_honest_members_of_an_unstrided_forest_are_all_its_trees():
     plan = plan_members(RandomForestRegressor(n_estimators=50), honest=True, n_rows=1000,
-                        n_folds=2, member_rows=10**6, seed=0, iteration=1)
+                        n_folds=2, member_rows=10**6, seed=0)
     assert plan.stride == 1
     np.testing.assert_array_equal(plan.honest_members(0), np.arange(50))
 
 
 def test_honest_members_spread_the_prediction_work_over_the_members():
     plan = plan_members(RandomForestRegressor(n_estimators=100), honest=True, n_rows=6_400_000,
-                        n_folds=2, member_rows=100_000, seed=4, iteration=1)
+                        n_folds=2, member_rows=100_000, seed=4)
     assert plan.stride == 64
     served = np.zeros(plan.n_members)
     for residue in range(plan.stride):
@@ -354,7 +356,7 @@ def assert_same_trees(a, b):
 def test_fit_members_does_not_depend_on_the_order_or_cut_of_the_pieces(learner):
     ids, hashes, codes, X, y, keys = clustered_rows(n_clusters=50, rows_per_cluster=6, seed=2)
     plan = plan_members(learner, honest=True, n_rows=len(y), n_folds=2,
-                        member_rows=len(y) // 2, seed=5, iteration=1)
+                        member_rows=len(y) // 2, seed=5)
     residue_of_row = (hashes % np.uint64(plan.stride))[codes]
     pieces = training_pieces(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
     probe = np.random.default_rng(4).standard_normal((200, X.shape[1]))
@@ -381,7 +383,7 @@ def test_cross_fit_never_predicts_a_row_with_its_own_fold():
     ids, hashes, codes, X, _, keys = clustered_rows(n_clusters=80, rows_per_cluster=5, seed=6)
     n_folds = 4
     plan = plan_members(DummyRegressor(strategy="mean"), honest=True, n_rows=len(codes),
-                        n_folds=n_folds, member_rows=10**6, seed=3, iteration=1)
+                        n_folds=n_folds, member_rows=10**6, seed=3)
     assert plan.stride == n_folds and plan.n_members == n_folds and not plan.trees
     fold = (hashes % np.uint64(n_folds)).astype(np.int64)[codes]
     y = 100.0 * fold + np.random.default_rng(0).standard_normal(len(codes))
@@ -407,7 +409,7 @@ def test_in_sample_member_predicts_in_sample():
     ids, hashes, codes, X, y, keys = clustered_rows(seed=8)
     learner = RandomForestRegressor(n_estimators=5, n_jobs=1, random_state=0)
     plan = plan_members(learner, honest=False, n_rows=len(y), n_folds=2, member_rows=10**6,
-                        seed=0, iteration=1)
+                        seed=0)
     residue_of_row = np.zeros(len(y), dtype=np.uint64)
     fitted = fit_plan(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
     assert len(fitted) == 1
@@ -423,7 +425,7 @@ def test_a_strided_cross_fit_predicts_each_row_with_n_folds_minus_one_other_memb
     ids, hashes, codes, X, _, keys = clustered_rows(n_clusters=160, rows_per_cluster=4, seed=7)
     n_folds = 3
     plan = plan_members(DummyRegressor(strategy="mean"), honest=True, n_rows=len(codes),
-                        n_folds=n_folds, member_rows=len(codes) // 8, seed=2, iteration=1)
+                        n_folds=n_folds, member_rows=len(codes) // 8, seed=2)
     assert plan.stride == 8 and plan.n_members == 8 and plan.n_honest == n_folds - 1
     fold = (hashes % np.uint64(plan.stride)).astype(np.int64)[codes]
     y = 100.0 * fold + np.random.default_rng(1).standard_normal(len(codes))
