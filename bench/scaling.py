@@ -233,7 +233,7 @@ def _fmt(value, digits=1):
     return f"{value:,.{digits}f}"
 
 
-def checks(records: list[dict], extra: dict | None = None) -> dict:
+def checks(records: list[dict]) -> dict:
     done = {r["rows"]: r for r in records if r.get("mean_seconds_per_iteration")}
     out = {}
     if 1_000_000 in done:
@@ -247,15 +247,6 @@ def checks(records: list[dict], extra: dict | None = None) -> dict:
         out["linear_growth"]["holds"] = (out["linear_growth"]["per_iteration_ratio_to_1m"]
                                          <= out["linear_growth"]["allowed"])
     ratios = {rows: r.get("cost_ratio") for rows, r in done.items() if r.get("cost_ratio")}
-    profile_1m = extra.get("profile_1m") if extra else None
-    if profile_1m and 1_000_000 in done:
-        em = sum(h["m_step_seconds"] + h["e_step_seconds"] for h in profile_1m["history"])
-        out["cost_ratio_quiet_1m"] = {
-            "em_seconds_per_iteration": em,
-            "plain_fit_seconds": done[1_000_000]["plain_fit_seconds"],
-            "ratio": em / done[1_000_000]["plain_fit_seconds"],
-            "note": "in-process 1-iteration fit (task-stream profile) and the plain fit rerun, "
-                    "both on a quiet machine (load average ~1-2)"}
     out["cost_ratio"] = {"values": ratios, "target": "<= 1.3 at >= 1M rows",
                          "holds": all(v <= 1.3 for v in ratios.values()) if ratios else None}
     out["no_worker_restarts"] = all(not r["workers_restarted"] for r in records)
@@ -283,21 +274,21 @@ def write_report(records: list[dict], extra: dict) -> None:
     records = sorted((r for r in records if r.get("learner", DEFAULT_LEARNER) == DEFAULT_LEARNER),
                      key=lambda r: r["rows"])
     result = {"records": records, "learner_records": by_learner, **extra,
-              "checks": checks(records, extra)}
+              "checks": checks(records)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scaling.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
-    lines = ["| Rows | Clusters | Iterations | Fit wall (s) | s / iteration | Outside EM (s) "
-             "| Plain fit, equivalent (s) | Plain fit, rerun on a quiet machine (s) | Cost ratio "
+    lines = ["| Rows | Clusters | Trees x rows each | Iterations | Fit wall (s) | s / iteration "
+             "| Outside EM (s) | Plain fit, equivalent (s) | Cost ratio "
              "| Peak RSS worker 1 / 2 (MB) | Worker restarts | Model (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         peaks = " / ".join(_fmt(v, 0) for v in r["worker_peak_rss_mb"][:2])
         lines.append("| " + " | ".join([
-            f"{r['rows']:,}", f"{r['clusters']:,}", str(r.get("iterations", "–")),
+            f"{r['rows']:,}", f"{r['clusters']:,}",
+            f"{max(N_TREES, r['stride'])} x {r['rows_per_member']:,.0f}",
+            str(r.get("iterations", "–")),
             _fmt(r["fit_wall_seconds"]), _fmt(r.get("mean_seconds_per_iteration")),
-            _fmt(r.get("outside_em_seconds")),
-            _fmt(r.get("plain_fit_seconds_first", r.get("plain_fit_seconds"))),
-            _fmt(r.get("plain_fit_seconds") if "plain_fit_seconds_first" in r else None),
+            _fmt(r.get("outside_em_seconds")), _fmt(r.get("plain_fit_seconds")),
             _fmt(r.get("cost_ratio"), 2), peaks,
             "yes" if r["workers_restarted"] else "none",
             _fmt(r.get("model_size_bytes", float("nan")) / 1e6)]) + " |")
@@ -312,11 +303,6 @@ def write_report(records: list[dict], extra: dict) -> None:
                   f"{'holds' if g['holds'] else 'does NOT hold'}.")
     md.append(f"* Cost ratio <= 1.3: {c['cost_ratio']['holds']} "
               f"({', '.join(f'{k:,}: {v:.2f}' for k, v in c['cost_ratio']['values'].items())}).")
-    if "cost_ratio_quiet_1m" in c:
-        q = c["cost_ratio_quiet_1m"]
-        md.append(f"* Cost ratio at 1M on a quiet machine (in-process, 1 iteration): "
-                  f"{q['em_seconds_per_iteration']:.1f} s / {q['plain_fit_seconds']:.1f} s = "
-                  f"{q['ratio']:.2f}.")
     md.append(f"* No worker restarted: {c['no_worker_restarts']}; all fits completed: "
               f"{c['all_completed']}.")
     if len({r.get("learner", DEFAULT_LEARNER) for r in by_learner}) > 1:

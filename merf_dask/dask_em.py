@@ -15,8 +15,10 @@ One EM iteration is two passes over the partitions:
    task that gathers that class's pieces (from one partition when the bucket count divides the
    plan's stride, see :mod:`merf_dask.ensemble`);
 2. E-step -- each partition predicts its rows with the members that did not train on them and
-   runs the E-step (:func:`merf_dask.em.e_step`); b comes back to the driver, the partial sums
-   are tree-reduced on the workers.
+   runs the E-step (:func:`merf_dask.em.e_step`); a partition's task is sent only the members
+   that serve its residue classes (:meth:`merf_dask.ensemble.MemberPlan.members_serving`), so
+   worker memory holds a few dozen members, not the model. b comes back to the driver, the
+   partial sums are tree-reduced on the workers.
 
 Classes and functions
 ---------------------
@@ -27,16 +29,18 @@ The rest are the small functions that run on the workers.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import dask
 import distributed
 import numpy as np
 import pandas as pd
+from sklearn.base import clone
 
 from ._core import EMSums
 from .em import PartitionArrays, align_random_effects, e_step, m_step_pieces
-from .ensemble import assemble_model, fit_members
+from .ensemble import MemberPlan, assemble_model, fit_members
 from .partitioning import cluster_hashes
 
 __all__ = ["DaskEMData"]
@@ -54,6 +58,22 @@ def _layout(frame: pd.DataFrame, *, cluster_column: str) -> tuple[pd.Index, np.n
 
 def _pieces(frame: pd.DataFrame, b: np.ndarray, plan, *, columns: dict) -> dict:
     return m_step_pieces(PartitionArrays.from_frame(frame, **columns), b, plan)
+
+
+def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
+    """The plan with a learner that uses one thread, like every task on a Dask worker.
+
+    A worker runs one task per thread, and its nanny sets OMP_NUM_THREADS=1 for the same reason;
+    LightGBM's ``n_jobs=None`` means every physical core, which oversubscribed a 2-core machine
+    three times over (two workers, three busy threads each).
+    """
+    if plan.learner.get_params(deep=False).get("n_jobs", 1) == 1:
+        return plan
+    return dataclasses.replace(plan, learner=clone(plan.learner).set_params(n_jobs=1))
+
+
+def _fit_members(plan: MemberPlan, members: np.ndarray, *pieces):
+    return fit_members(_one_thread_per_member(plan), members, *pieces)
 
 
 def _e_step(frame: pd.DataFrame, plan, sigma2: float, D: np.ndarray, *chunks, columns: dict
@@ -105,7 +125,7 @@ class DaskEMData:
         q = len(z_columns)
         self.b = [np.zeros((len(ids), q)) for ids in self.cluster_ids]
         self.b_cov = [np.zeros((len(ids), q, q)) for ids in self.cluster_ids]  # futures later
-        self.plan = self.chunks = None
+        self.plan = self.chunks = self.chunk_members = None
 
     def _n_threads(self) -> int:
         return sum(self.client.nthreads().values())
@@ -115,29 +135,40 @@ class DaskEMData:
         pieces = client.compute([
             dask.delayed(_pieces, pure=False)(source, b, plan, columns=self.columns)
             for source, b in zip(self.sources, self.b)])
-        stride = np.uint64(plan.stride)
         holders: dict[int, list[int]] = {}
-        for p, hashes in enumerate(self.hashes):
-            for residue in np.unique(hashes % stride):
+        for p, residues in enumerate(self._residues(plan)):
+            for residue in residues:
                 holders.setdefault(int(residue), []).append(p)
-        chunks = []
+        chunks, chunk_members = [], []
         for residue, members in plan.chunks(self._n_threads()):
             if residue not in holders:
                 continue  # no cluster falls in this class: its members are not grown
             class_pieces = [client.submit(operator.getitem, pieces[p], residue, pure=False)
                             for p in holders[residue]]
-            chunks.append(client.submit(fit_members, plan, members, *class_pieces, pure=False))
-        # every E-step task needs every member, so waiting here costs nothing and makes the
+            chunks.append(client.submit(_fit_members, plan, members, *class_pieces, pure=False))
+            chunk_members.append(members)
+        # the E-step tasks need most members, so waiting here costs little and makes the
         # logged M-step and E-step times mean what they say
         distributed.wait(chunks)
-        self.plan, self.chunks = plan, chunks
+        self.plan, self.chunks, self.chunk_members = plan, chunks, chunk_members
+
+    def _residues(self, plan) -> list[np.ndarray]:
+        """The residue classes of each partition's clusters."""
+        return [np.unique(hashes % np.uint64(plan.stride)) for hashes in self.hashes]
+
+    def _serving_chunks(self, residues: np.ndarray) -> list:
+        """The member chunks that a partition holding ``residues`` classes predicts with."""
+        serving = self.plan.members_serving(residues)
+        return [chunk for chunk, members in zip(self.chunks, self.chunk_members)
+                if np.isin(members, serving).any()]
 
     def random_effects_step(self, *, sigma2, D):
         client = self.client
         results = client.compute([
-            dask.delayed(_e_step, pure=False)(source, self.plan, sigma2, D, *self.chunks,
+            dask.delayed(_e_step, pure=False)(source, self.plan, sigma2, D,
+                                              *self._serving_chunks(residues),
                                               columns=self.columns)
-            for source in self.sources])
+            for source, residues in zip(self.sources, self._residues(self.plan))])
         sums = _tree_reduce(client, [client.submit(operator.itemgetter(2), r) for r in results],
                             _add_sums)
         self.b = client.gather([client.submit(operator.itemgetter(0), r) for r in results])
@@ -146,6 +177,10 @@ class DaskEMData:
 
     def fixed_effects_model(self):
         fitted = [member for chunk in self.client.gather(self.chunks) for member in chunk]
+        n_jobs = self.plan.learner.get_params(deep=False).get("n_jobs")
+        for _, estimator in fitted:  # the fitted model predicts with the threads asked for
+            if "n_jobs" in estimator.get_params(deep=False):
+                estimator.set_params(n_jobs=n_jobs)
         return assemble_model(self.plan, fitted, self.n_features)
 
     def random_effects(self):

@@ -30,8 +30,11 @@ it); once trees see a fraction of the clusters, almost every tree misses a row, 
 of them would cost ``stride``-fold more than the forest's fit. So each residue class is predicted
 by its own trees (out of bag where the bootstrap missed the row) topped up with trees of other
 classes to the classic count, ``ceil(n_estimators / e)``; a cross-fit predicts each row with
-``n_folds - 1`` members of other folds, as a K-fold cross-fit does. Which members serve which
-class rotates with the class, so every member predicts about the same number of rows.
+``n_folds - 1`` members of other folds, as a K-fold cross-fit does. The other classes' members
+come from one of a few fixed windows of the ensemble, chosen by the class's residue modulo a
+small power of two, so the classes of one lake bucket share a window and a bucket's E-step task
+needs a few dozen members rather than all of them (at 20M rows, 256 trees of 1 MB each would not
+fit a 1 GiB worker twice over).
 
 Classes and functions
 ---------------------
@@ -167,25 +170,45 @@ class MemberPlan:
         return [(residue, members[i:i + size]) for residue, members in per_residue.items()
                 for i in range(0, len(members), size)]
 
+    @property
+    def n_windows(self) -> int:
+        """How many distinct windows of other classes' members serve the residue classes.
+
+        A power of two, at most ``n_members / n_honest``, so the windows barely overlap, and at
+        most ``stride``. Class r uses window ``r % n_windows``: the classes of one lake bucket
+        (clusters of equal hash modulo the power-of-two bucket count) share a window, so a
+        bucket's E-step needs a few dozen members, not the whole ensemble.
+        """
+        per_window = max(1, self.n_members // max(self.n_honest, 1))
+        return min(self.stride, 1 << (per_window.bit_length() - 1))
+
     def honest_members(self, residue: int) -> np.ndarray:
         """The members that may give an honest prediction to rows of residue class ``residue``.
 
         Tree members of the class itself (a row counts them where their bootstrap missed it),
         then members of other classes, which never saw the row, up to ``n_honest`` in
-        expectation; the other classes' members are taken from a window that rotates with the
-        class. A cross-fit's members of the class itself are never honest.
+        expectation, taken in member order from the start of the class's window. A cross-fit's
+        members of the class itself are never honest.
 
         Returns
         -------
         ndarray of shape (n_selected,), sorted member indices
         """
         own = np.flatnonzero(self.residues == residue) if self.trees else np.empty(0, int)
-        other = np.flatnonzero(self.residues != residue)
         out_of_bag_share = math.exp(-1)  # P(Poisson(1) = 0)
-        n_other = min(len(other), max(0, self.n_honest - round(len(own) * out_of_bag_share)))
-        start = residue * len(other) // self.stride
-        window = other[(start + np.arange(n_other)) % max(len(other), 1)]
-        return np.sort(np.concatenate([own, window]))
+        n_other = max(0, self.n_honest - round(len(own) * out_of_bag_share))
+        window = residue % self.n_windows
+        start = window * self.n_members // self.n_windows
+        order = (start + np.arange(self.n_members)) % self.n_members
+        other = order[self.residues[order] != residue][:n_other]
+        return np.sort(np.concatenate([own, other]))
+
+    def members_serving(self, residues) -> np.ndarray:
+        """Every member that :meth:`honest_members` names for any of ``residues``; all members
+        when none is named (an in-sample plan, whose rows get the average of all members)."""
+        named = [self.honest_members(int(r)) for r in np.unique(residues)]
+        serving = np.unique(np.concatenate(named)) if named else np.empty(0, int)
+        return serving if len(serving) else np.arange(self.n_members)
 
     def in_bag(self, member: int, keys: np.ndarray, residue_of_row: np.ndarray) -> np.ndarray:
         """In-bag count of every row for ``member``; 0 marks an honest (out-of-bag) row."""
@@ -349,7 +372,8 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
     ----------
     plan : MemberPlan
     fitted : list of (member index, fitted member)
-        Every member of the plan.
+        At least the members of :meth:`MemberPlan.members_serving` for this block's classes
+        (every member of the plan will do).
     X : ndarray of shape (n_rows, n_features)
     keys, residue_of_row : ndarray of shape (n_rows,)
 

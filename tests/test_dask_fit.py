@@ -82,3 +82,20 @@ def test_partition_invariant_is_checked(dask_client, frame):
     with pytest.raises(ValueError, match="span more than one partition"):
         check_cluster_partitions(ddf, "g")
     check_cluster_partitions(ensure_cluster_partitions(ddf, "g"), "g")
+
+
+def test_members_use_one_thread_on_workers_and_the_model_the_threads_asked_for(dask_client,
+                                                                                 frame):
+    """LightGBM's n_jobs=None means every core: on a worker, which runs one task per thread,
+    each member is fitted with one thread; the returned model keeps the user's setting."""
+    from lightgbm import LGBMRegressor  # in the test extra
+    learner = LGBMRegressor(n_estimators=10, verbose=-1, random_state=0)
+    assert learner.n_jobs is None
+    model = MERF(learner, client=dask_client, max_iterations=2, tol=0).fit(
+        frame[["x1", "x2", "x3"]], frame[["one", "t"]], frame["g"], frame["y"])
+    members = model.fe_model_.members
+    assert len(members) == 2
+    for member in members:
+        assert member.booster_.params["num_threads"] == 1
+        assert member.n_jobs is None
+    assert learner.n_jobs is None  # the user's learner is not touched

@@ -306,72 +306,29 @@ def test_honest_members_of_an_unstrided_forest_are_all_its_trees():
     np.testing.assert_array_equal(plan.honest_members(0), np.arange(50))
 
 
-def test_honest_members_spread_the_prediction_work_over_the_members():
-    plan = plan_members(RandomForestRegressor(n_estimators=100), honest=True, n_rows=6_400_000,
-                        n_folds=2, member_rows=100_000, seed=4)
-    assert plan.stride == 64
-    served = np.zeros(plan.n_members)
-    for residue in range(plan.stride):
-        serving = plan.honest_members(residue)
-        assert len(serving) == len(np.unique(serving))
-        served[serving] += 1
-    # 64 classes x ~37 trees over 100 trees: each tree serves ~24 classes, none far off
-    assert served.sum() == pytest.approx(64 * 37, abs=64)
-    assert served.min() >= 0.6 * served.mean() and served.max() <= 1.4 * served.mean()
+@pytest.mark.parametrize("n_buckets", [8, 32, 256])
+def test_a_lake_buckets_classes_share_few_serving_members(n_buckets):
+    """20M rows: 256 trees, one per class. A bucket holds the classes of one residue modulo its
+    (power-of-two) bucket count; they share a window of other classes' trees, so the bucket's
+    E-step needs its own classes' trees and about ceil(100 / e) = 37 others, not all 256."""
+    plan = plan_members(RandomForestRegressor(n_estimators=100), honest=True,
+                        n_rows=20_000_000, n_folds=2, member_rows=100_000, seed=4)
+    assert plan.stride == 256 and plan.n_members == 256 and plan.n_honest == 37
+    assert plan.n_windows == 4
+    for bucket in range(0, n_buckets, max(1, n_buckets // 5)):
+        classes = np.arange(bucket, plan.stride, n_buckets)
+        serving = plan.members_serving(classes)
+        own = np.flatnonzero(np.isin(plan.residues, classes))
+        assert set(own) <= set(serving)
+        assert len(serving) <= len(own) + plan.n_honest + len(classes)
+        for residue in classes:  # and every class still gets its full honest set
+            assert len(plan.honest_members(residue)) == 1 + plan.n_honest - round(1 / math.e)
 
 
-def test_assembled_forest_predicts_the_mean_of_its_trees(forest_fit):
-    plan, fitted, X = forest_fit["plan"], forest_fit["fitted"], forest_fit["X"]
-    model = assemble_model(plan, list(reversed(fitted)), X.shape[1])
-    assert isinstance(model, RandomForestRegressor)
-    assert len(model.estimators_) == plan.n_members
-    by_member = dict(fitted)
-    assert all(model.estimators_[m] is by_member[m] for m in range(plan.n_members))
-    expected = np.mean([t.predict(X.astype(np.float32)) for _, t in fitted], axis=0)
-    np.testing.assert_allclose(model.predict(X), expected, rtol=0, atol=1e-12)
-    new_X = np.random.default_rng(9).standard_normal((50, X.shape[1]))
-    expected_new = np.mean([t.predict(new_X.astype(np.float32)) for _, t in fitted], axis=0)
-    np.testing.assert_allclose(model.predict(new_X), expected_new, rtol=0, atol=1e-12)
-
-
-def split_in_pieces(piece, n_pieces, seed):
-    """``piece``'s rows shuffled and cut into ``n_pieces`` pieces."""
-    order = np.random.default_rng(seed).permutation(len(piece.keys))
-    return [Piece(keys=piece.keys[rows], X=piece.X[rows], y=piece.y[rows])
-            for rows in np.array_split(order, n_pieces)]
-
-
-def assert_same_trees(a, b):
-    ta, tb = a.tree_, b.tree_
-    assert ta.node_count == tb.node_count
-    np.testing.assert_array_equal(ta.feature, tb.feature)
-    np.testing.assert_array_equal(ta.threshold, tb.threshold)
-    np.testing.assert_array_equal(ta.value, tb.value)
-
-
-@pytest.mark.parametrize("learner", [
-    RandomForestRegressor(n_estimators=6, max_features=0.6, min_samples_leaf=2, n_jobs=1),
-    HistGradientBoostingRegressor(max_iter=15),
-])
-def test_fit_members_does_not_depend_on_the_order_or_cut_of_the_pieces(learner):
-    ids, hashes, codes, X, y, keys = clustered_rows(n_clusters=50, rows_per_cluster=6, seed=2)
-    plan = plan_members(learner, honest=True, n_rows=len(y), n_folds=2,
-                        member_rows=len(y) // 2, seed=5)
-    residue_of_row = (hashes % np.uint64(plan.stride))[codes]
-    pieces = training_pieces(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
-    probe = np.random.default_rng(4).standard_normal((200, X.shape[1]))
-    for residue, members in plan.chunks(1):
-        whole = fit_members(plan, members, pieces[residue])
-        for n_pieces, seed in ((2, 0), (5, 1)):
-            cut = fit_members(plan, members, *split_in_pieces(pieces[residue], n_pieces, seed))
-            assert [m for m, _ in cut] == [m for m, _ in whole]
-            for (_, a), (_, b) in zip(whole, cut):
-                if plan.trees:
-                    assert_same_trees(a, b)
-                    np.testing.assert_array_equal(a.predict(probe.astype(np.float32)),
-                                                  b.predict(probe.astype(np.float32)))
-                else:
-                    np.testing.assert_array_equal(a.predict(probe), b.predict(probe))
+def test_an_in_sample_plan_is_served_by_all_its_members():
+    plan = plan_members(RandomForestRegressor(n_estimators=5), honest=False, n_rows=10,
+                        n_folds=2, member_rows=100, seed=0)
+    np.testing.assert_array_equal(plan.members_serving([0]), [0])
 
 
 # ------------------------------------------------------------------ cross-fit
