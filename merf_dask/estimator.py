@@ -101,7 +101,9 @@ class MERF(RegressorMixin, BaseEstimator):
     member_rows : int, default=100_000
         The most rows one member (a tree, or a cross-fit's model) is fitted on, in expectation:
         bigger data gives each member a sample of whole clusters. Bounds the memory of every
-        task and the size of the model.
+        task and the size of each tree. A forest grows at least one tree per sample, so above
+        ``n_estimators * member_rows`` rows it has more than ``n_estimators`` trees (256 at 20M
+        rows by default) and every cluster trains it.
     random_state : int, RandomState instance or None, default=None
         Seeds every member; the same seed gives the same model whatever the number of workers
         and partitions.
