@@ -72,10 +72,6 @@ def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
     return dataclasses.replace(plan, learner=clone(plan.learner).set_params(n_jobs=1))
 
 
-def _fit_members(plan: MemberPlan, members: np.ndarray, *pieces):
-    return fit_members(_one_thread_per_member(plan), members, *pieces)
-
-
 def _e_step(frame: pd.DataFrame, plan, sigma2: float, D: np.ndarray, *chunks, columns: dict
             ) -> tuple[np.ndarray, np.ndarray, EMSums]:
     fitted = [member for chunk in chunks for member in chunk]
@@ -135,6 +131,7 @@ class DaskEMData:
         pieces = client.compute([
             dask.delayed(_pieces, pure=False)(source, b, plan, columns=self.columns)
             for source, b in zip(self.sources, self.b)])
+        worker_plan = _one_thread_per_member(plan)  # once here, not in every fit task
         holders: dict[int, list[int]] = {}
         for p, residues in enumerate(self._residues(plan)):
             for residue in residues:
@@ -145,7 +142,8 @@ class DaskEMData:
                 continue  # no cluster falls in this class: its members are not grown
             class_pieces = [client.submit(operator.getitem, pieces[p], residue, pure=False)
                             for p in holders[residue]]
-            chunks.append(client.submit(_fit_members, plan, members, *class_pieces, pure=False))
+            chunks.append(client.submit(fit_members, worker_plan, members, *class_pieces,
+                                        pure=False))
             chunk_members.append(members)
         # the E-step tasks need most members, so waiting here costs little and makes the
         # logged M-step and E-step times mean what they say
