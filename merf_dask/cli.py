@@ -84,6 +84,9 @@ def _scheduler_lost(client, error: BaseException | None = None) -> bool:
     # the futures the client cancelled when the connection dropped, also once it reconnected
     if getattr(error, "reason", None) == "scheduler-connection-lost":
         return True
+    # a reset connection to the scheduler can reach the fit before the client notices it
+    if isinstance(error, OSError) and str(client.scheduler.address) in str(error):
+        return True
     return client.status != "running" or client.scheduler_comm is None or \
         client.scheduler_comm.comm is None or client.scheduler_comm.comm.closed()
 
