@@ -366,7 +366,8 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
     did not train on it.
 
     Rows that no such member missed (all rows, for one in-sample member) get the average of all
-    members.
+    members. The rows are grouped by class first, so a member predicts each class it serves as
+    one contiguous block (only its own class's out-of-bag rows are picked out one by one).
 
     Parameters
     ----------
@@ -381,25 +382,33 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
     -------
     ndarray of shape (n_rows,)
     """
-    X = np.ascontiguousarray(X, dtype=plan.feature_dtype)
-    classes, class_of_row = np.unique(residue_of_row, return_inverse=True)
+    by_class = np.argsort(residue_of_row, kind="stable")
+    X = np.ascontiguousarray(X[by_class], dtype=plan.feature_dtype)
+    keys, residue_of_row = keys[by_class], residue_of_row[by_class]
+    classes, starts = np.unique(residue_of_row, return_index=True)
+    blocks = [slice(start, stop) for start, stop in zip(starts, [*starts[1:], len(X)])]
     serves = np.zeros((plan.n_members, len(classes)), dtype=bool)
     for column, residue in enumerate(classes):
         serves[plan.honest_members(int(residue)), column] = True
     honest_total = np.zeros(len(X))
     n_honest = np.zeros(len(X))
     for member, estimator in fitted:
-        rows = np.flatnonzero(serves[member][class_of_row])
-        rows = rows[plan.in_bag(member, keys[rows], residue_of_row[rows]) == 0]
-        if len(rows):
-            honest_total[rows] += _predict(estimator, X[rows], plan.trees)
-            n_honest[rows] += 1
+        for column in np.flatnonzero(serves[member]):
+            rows = blocks[column]
+            if classes[column] == plan.residues[member]:  # own class: where the bootstrap missed
+                rows = rows.start + np.flatnonzero(
+                    plan.in_bag(member, keys[rows], residue_of_row[rows]) == 0)
+            if len(X[rows]):
+                honest_total[rows] += _predict(estimator, X[rows], plan.trees)
+                n_honest[rows] += 1
     unserved = np.flatnonzero(n_honest == 0)
     if len(unserved):
         honest_total[unserved] = np.mean(
             [_predict(estimator, X[unserved], plan.trees) for _, estimator in fitted], axis=0)
         n_honest[unserved] = 1
-    return honest_total / n_honest
+    predictions = np.empty(len(X))
+    predictions[by_class] = honest_total / n_honest
+    return predictions
 
 
 class FoldEnsemble(RegressorMixin, BaseEstimator):
