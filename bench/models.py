@@ -22,6 +22,7 @@ import pandas as pd
 from sklearn.ensemble import RandomForestRegressor
 
 from design import FEATURES, Design, model_inputs
+from equivalent import equivalent_plain_learner
 from measure import FitMeter
 
 SEED = 0
@@ -85,13 +86,15 @@ def _merf_dask(design: Design, *, client=None, learner: str = "random-forest") -
     record = _scored(meter, design, predict, sigma2=float(model.sigma2_),
                      var_b=float(model.D_[0, 0]), iterations=model.n_iter_,
                      converged=bool(model.converged_), warnings=_warning_names(caught))
-    with FitMeter() as plain:  # one plain fit of the same learner on the same rows
-        make_learner(learner).fit(X, y)
+    plain_learner, plan_shape = equivalent_plain_learner(make_learner(learner), len(y))
+    with FitMeter() as plain:  # what one M-step stands for, on the same rows (equivalent.py)
+        plain_learner.fit(X, y)
     m_step_seconds = sum(r.m_step_seconds for r in model.history_)
     e_step_seconds = sum(r.e_step_seconds for r in model.history_)
     record.update(
         learner=learner,
-        plain_forest_fit_seconds=plain.seconds,
+        **plan_shape,
+        plain_fit_seconds=plain.seconds,
         per_iteration_cost_ratio=meter.seconds / (model.n_iter_ * plain.seconds),
         m_step_seconds=m_step_seconds,
         e_step_seconds=e_step_seconds,

@@ -66,15 +66,17 @@ def _main_table(results: dict) -> list[str]:
 
 def _cost_table(results: dict) -> list[str]:
     lines = ["| merf-dask run | Train rows | Iterations | Fit (s) "
-             "| One plain fit of the learner (s) | Cost ratio fit / (iterations x plain fit) "
+             "| Members x rows each | Equivalent plain fit (s) "
+             "| Cost ratio fit / (iterations x plain fit) "
              "| M-step total (s) | E-step total (s) | Other (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for run in results["runs"]:
         if run.get("per_iteration_cost_ratio") is None:
             continue
         lines.append("| " + " | ".join([
             run["label"], f"{run['rows']:,}", str(run["iterations"]),
-            _number(run["fit_seconds"], 1), _number(run["plain_forest_fit_seconds"], 1),
+            _number(run["fit_seconds"], 1), f"{run['n_members']} x {run['rows_per_member']:,.0f}",
+            _number(run["plain_fit_seconds"], 1),
             _number(run["per_iteration_cost_ratio"]), _number(run["m_step_seconds"], 1),
             _number(run["e_step_seconds"], 3), _number(run["other_seconds"], 1)]) + " |")
     return lines
@@ -92,14 +94,14 @@ def results_markdown(results: dict) -> str:
              f"{results['environment']['load_average_end'][0]:.1f} at the end; "
              f"run took {results['wall_seconds'] / 60:.1f} min.", "",
              *_main_table(results), "",
-             "Per-iteration cost of merf-dask (target <= 1.3). The plain fit is one fit of the "
-             "same learner (`merf_dask.learners.make_learner`) on all training rows in the same "
-             "process, right after the MERF fit. Forests: every tree is a member on a Poisson "
-             "bootstrap of the rows (below member_rows=100,000 rows all rows), so the plain "
-             "forest is the like-for-like fit; other learners are cross-fitted on 2 disjoint "
-             "folds, about one fit in total. The M-step column is the learner's fit (on a Dask "
-             "client, until every member is fitted); the E-step column includes the honest "
-             "predictions.", "",
+             "Per-iteration cost of merf-dask (target <= 1.3). The plain fit is what one "
+             "M-step stands for (`bench/equivalent.py`), timed in the same process right after "
+             "the MERF fit: a forest with as many trees as the M-step grows, each on a bootstrap "
+             "of rows / stride rows (the M-step's members each fit the clusters of one residue "
+             "class modulo the stride, the power of two >= rows / member_rows), or one fit of "
+             "any other learner on all rows (it is cross-fitted on disjoint folds). The M-step "
+             "column is the learner's fit (on a Dask client, until every member is fitted); the "
+             "E-step column includes the honest predictions.", "",
              *_cost_table(results), "", "Not run:", ""]
     lines += [f"* {item['what']}: {item['reason']}" for item in results["not_run"]]
     return "\n".join(lines) + "\n"

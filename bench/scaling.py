@@ -11,7 +11,7 @@ a 1 GiB memory limit each (``--n-workers 2 --memory-limit 1GiB``), and record
 * the peak RSS of every worker process (:mod:`cli_meter` samples the CLI's child processes);
   more worker pids than workers means a worker was restarted (killed for memory);
 * the model size (``model_size_bytes`` of the model directory's manifest);
-* one *equivalent plain fit* of the same learner (:func:`plain_learner`): for a forest, as many
+* one *equivalent plain fit* of the same learner (:mod:`equivalent`): for a forest, as many
   trees as the M-step grows, each on a bootstrap of ``n_rows / stride`` rows (``max_samples``);
   for a cross-fitted learner, one fit on all rows. Cost ratio = seconds per iteration / plain
   fit. ``--learners`` fits every named learner on every size's lake.
@@ -52,6 +52,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cli_meter import run_metered  # noqa: E402
+from equivalent import equivalent_plain_learner  # noqa: E402
 
 ROOT = HERE.parent
 CLI = str(ROOT / ".venv" / "bin" / "merf-dask")
@@ -60,15 +61,7 @@ RUNS = RESULTS / "scaling_runs"
 FORMULA = "y ~ x1 + x2 + x3 + (1 | cluster)"
 N_WORKERS = 2
 MEMORY_LIMIT = "1GiB"
-MEMBER_ROWS = 100_000
-N_TREES = 100
 DEFAULT_LEARNER = "random-forest"
-#: learners whose members are the trees of one forest (the others are cross-fitted)
-BAGGED_FORESTS = ("random-forest", "extra-trees")
-
-
-def _stride(n_rows: int, member_rows: int = MEMBER_ROWS) -> int:
-    return 1 << max(0, math.ceil(math.log2(n_rows / member_rows)))
 
 
 def simulate(rows: int, lake: Path) -> float:
@@ -105,7 +98,7 @@ def fit_record(rows: int, metered: dict, model: Path, learner: str = DEFAULT_LEA
               "tree_peak_rss_mb": metered["tree_peak_rss_mb"],
               "workers_restarted": metered["n_worker_pids"] > N_WORKERS,
               "stderr_tail": [entry["line"] for entry in metered["stderr"][-20:]],
-              "stride": _stride(rows), "rows_per_member": rows / _stride(rows)}
+              **plain_learner(learner, rows)[1]}
     manifest_path = model / "manifest.json"
     if metered["returncode"] == 0 and manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -122,24 +115,14 @@ def fit_record(rows: int, metered: dict, model: Path, learner: str = DEFAULT_LEA
 
 
 def plain_learner(learner: str, rows: int):
-    """The plain fit that one EM iteration's M-step stands for, on this machine's 2 cores.
-
-    A bagged forest's M-step grows max(100, stride) trees on bootstraps of ``rows / stride``
-    rows (every tree fits the clusters of one residue class modulo ``stride``, the power of two
-    >= rows / member_rows, and every class has a tree): the equivalent plain forest has as many
-    trees and ``max_samples=rows / stride``; a forest of 100 trees on *all* rows would be about
-    stride times dearer and is not what the M-step does. Any other learner is cross-fitted on disjoint folds that together hold every
-    row once: the equivalent is one fit of the learner on all rows.
-    """
+    """The equivalent plain fit of the learner called ``learner`` on ``rows`` rows, on this
+    machine's 2 cores, and the plan's shape (:func:`equivalent.equivalent_plain_learner`)."""
     from merf_dask.learners import make_learner
 
-    estimator = make_learner(learner, random_state=0)
-    if learner in BAGGED_FORESTS:
-        estimator.set_params(n_estimators=max(N_TREES, _stride(rows)),
-                             max_samples=int(rows / _stride(rows)))
+    estimator, shape = equivalent_plain_learner(make_learner(learner, random_state=0), rows)
     if "n_jobs" in estimator.get_params():
         estimator.set_params(n_jobs=N_WORKERS)
-    return estimator
+    return estimator, shape
 
 
 def plain_fit_seconds(lake: Path, rows: int, learner: str = DEFAULT_LEARNER) -> float:
@@ -149,7 +132,7 @@ def plain_fit_seconds(lake: Path, rows: int, learner: str = DEFAULT_LEARNER) -> 
     frame = pd.read_parquet(lake, columns=["x1", "x2", "x3", "y"])
     X, y = frame[["x1", "x2", "x3"]].to_numpy(), frame["y"].to_numpy()
     del frame
-    estimator = plain_learner(learner, rows)
+    estimator, _ = plain_learner(learner, rows)
     start = time.perf_counter()
     estimator.fit(X, y)
     return time.perf_counter() - start
@@ -285,7 +268,7 @@ def write_report(records: list[dict], extra: dict) -> None:
         peaks = " / ".join(_fmt(v, 0) for v in r["worker_peak_rss_mb"][:2])
         lines.append("| " + " | ".join([
             f"{r['rows']:,}", f"{r['clusters']:,}",
-            f"{max(N_TREES, r['stride'])} x {r['rows_per_member']:,.0f}",
+            f"{r['n_members']} x {r['rows_per_member']:,.0f}",
             str(r.get("iterations", "–")),
             _fmt(r["fit_wall_seconds"]), _fmt(r.get("mean_seconds_per_iteration")),
             _fmt(r.get("outside_em_seconds")), _fmt(r.get("plain_fit_seconds")),
