@@ -20,7 +20,9 @@ values, never from the partition the row sits in or the process that runs the
 member, so the same seed gives the same model whatever the number of workers and partitions.
 A member trains on the clusters whose hash falls in one residue class modulo ``stride`` (a power
 of two chosen so that no member sees more than ``member_rows`` rows, or ``n_folds`` if larger):
-that bounds the memory of every task and the size of every tree, and when the lake's bucket count
+that bounds the memory of every task and the size of every tree (by default 100,000 rows per
+tree, and 1,000,000 per member of a cross-fit, whose model does not grow with its rows and whose
+fit pays a per-fit overhead better paid a few times than dozens), and when the lake's bucket count
 (also a power of two) divides the stride, each member's rows come from a single bucket and
 nothing moves.
 
@@ -62,13 +64,17 @@ from sklearn.base import BaseEstimator, RegressorMixin, clone
 from sklearn.ensemble._forest import BaseForest
 from sklearn.tree import DecisionTreeRegressor
 
-__all__ = ["row_keys", "MemberPlan", "plan_members", "Piece",
-           "training_pieces", "fit_members", "honest_predictions", "assemble_model",
+__all__ = ["row_keys", "MemberPlan", "plan_members", "TREE_MEMBER_ROWS", "FOLD_MEMBER_ROWS",
+           "Piece", "training_pieces", "fit_members", "honest_predictions", "assemble_model",
            "FoldEnsemble", "is_bagged_forest"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Poisson(1) cumulative probabilities; a uniform above the last gives 21 (probability < 1e-19)
 _POISSON_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(21)])
+#: ``member_rows="auto"``: rows per tree of a bagged forest (bounds every tree's size) ...
+TREE_MEMBER_ROWS = 100_000
+#: ... and per member of a cross-fit (bounds the memory of its fit task: a few copies of its rows)
+FOLD_MEMBER_ROWS = 1_000_000
 _TREE_PARAMS = ("criterion", "max_depth", "min_samples_split", "min_samples_leaf",
                 "min_weight_fraction_leaf", "max_features", "max_leaf_nodes",
                 "min_impurity_decrease", "ccp_alpha", "monotonic_cst")
@@ -225,7 +231,7 @@ def _power_of_two_at_least(value: float) -> int:
 
 
 def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: int,
-                 member_rows: int, seed: int) -> MemberPlan:
+                 member_rows: int | str, seed: int) -> MemberPlan:
     """Decide the members of every M-step of a fit.
 
     The same members (seeds, bootstraps, residue classes) serve every iteration, as a forest with
@@ -242,8 +248,10 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
         Training rows in all partitions.
     n_folds : int
         Members of a cross-fit (learners that are not bagged forests).
-    member_rows : int
-        The most rows any member is fitted on (in expectation); sets the stride.
+    member_rows : int or "auto"
+        The most rows any member is fitted on (in expectation); sets the stride. "auto" is
+        ``TREE_MEMBER_ROWS`` for the trees of a bagged forest and ``FOLD_MEMBER_ROWS`` for the
+        members of a cross-fit.
     seed : int
         The fit's seed; it seeds every member.
 
@@ -251,8 +259,10 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
     -------
     MemberPlan
     """
-    stride = _power_of_two_at_least(n_rows / member_rows)
     trees = honest and is_bagged_forest(learner)
+    if member_rows == "auto":
+        member_rows = TREE_MEMBER_ROWS if trees else FOLD_MEMBER_ROWS
+    stride = _power_of_two_at_least(n_rows / member_rows)
     if trees:
         # at least one tree per residue class, so that every cluster trains the forest
         n_members = max(learner.n_estimators, stride)

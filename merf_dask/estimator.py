@@ -98,12 +98,15 @@ class MERF(RegressorMixin, BaseEstimator):
         Folds of the cross-fit for learners that are not bagged forests: each row's honest
         prediction averages ``n_folds - 1`` members fitted without its cluster (there are more
         members, on smaller folds, when the data has more than ``n_folds * member_rows`` rows).
-    member_rows : int, default=100_000
+    member_rows : int or "auto", default="auto"
         The most rows one member (a tree, or a cross-fit's model) is fitted on, in expectation:
         bigger data gives each member a sample of whole clusters. Bounds the memory of every
-        task and the size of each tree. A forest grows at least one tree per sample, so above
-        ``n_estimators * member_rows`` rows it has more than ``n_estimators`` trees (256 at 20M
-        rows by default) and every cluster trains it.
+        task and the size of each tree. "auto" is 100,000 rows per tree of a bagged forest and
+        1,000,000 rows per member of a cross-fit (a cross-fit's model does not grow with its
+        rows; its fit task holds a few copies of them, ~100 bytes per row with 3 features). A
+        forest grows at least one tree per sample, so above ``n_estimators * member_rows`` rows
+        it has more than ``n_estimators`` trees (256 at 20M rows by default) and every cluster
+        trains it.
     random_state : int, RandomState instance or None, default=None
         Seeds every member; the same seed gives the same model whatever the number of workers
         and partitions.
@@ -163,14 +166,14 @@ class MERF(RegressorMixin, BaseEstimator):
         "tol": [Interval(Real, 0, None, closed="left")],
         "oob": [StrOptions({"auto"}), "boolean"],
         "n_folds": [Interval(Integral, 2, None, closed="left")],
-        "member_rows": [Interval(Integral, 1, None, closed="left")],
+        "member_rows": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "random_state": ["random_state"],
         "checkpoint": [str, os.PathLike, None],
         "client": [HasMethods(["submit", "gather"]), None],
     }
 
     def __init__(self, fixed_effects_model=None, *, formula=None, max_iterations=20, tol=1e-3,
-                 oob="auto", n_folds=2, member_rows=100_000, random_state=None, checkpoint=None,
+                 oob="auto", n_folds=2, member_rows="auto", random_state=None, checkpoint=None,
                  client=None):
         self.fixed_effects_model = fixed_effects_model
         self.formula = formula

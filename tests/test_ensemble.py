@@ -14,9 +14,9 @@ from sklearn.ensemble import (ExtraTreesRegressor, HistGradientBoostingRegressor
                               RandomForestRegressor)
 from sklearn.tree import DecisionTreeRegressor
 
-from merf_dask.ensemble import (FoldEnsemble, Piece, _bootstrap_counts, assemble_model,
-                                fit_members, honest_predictions, plan_members, row_keys,
-                                training_pieces)
+from merf_dask.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, FoldEnsemble, Piece,
+                                _bootstrap_counts, assemble_model, fit_members,
+                                honest_predictions, plan_members, row_keys, training_pieces)
 from merf_dask.partitioning import cluster_hashes
 
 
@@ -176,6 +176,19 @@ def test_cross_fit_plan(n_rows, n_folds, stride):
     assert plan.feature_dtype == np.float64
     assert plan.stride == stride and plan.n_members == stride >= n_folds
     np.testing.assert_array_equal(np.sort(plan.residues), np.arange(stride))  # one per fold
+
+
+@pytest.mark.parametrize("learner, n_rows, stride", [
+    (forest(16), 1_000_000, 16),  # 100,000 rows per tree
+    (forest(16), 100_000, 1),
+    (HistGradientBoostingRegressor(), 1_000_000, 2),  # 1,000,000 rows per member, 2 folds
+    (HistGradientBoostingRegressor(), 4_000_001, 8),
+])
+def test_auto_member_rows_bound_trees_and_cross_fit_members_apart(learner, n_rows, stride):
+    plan = plan_members(learner, honest=True, n_rows=n_rows, n_folds=2, member_rows="auto",
+                        seed=0)
+    assert plan.stride == stride
+    assert n_rows / plan.stride <= (TREE_MEMBER_ROWS if plan.trees else FOLD_MEMBER_ROWS)
 
 
 @pytest.mark.parametrize("learner", [forest(16), HistGradientBoostingRegressor()])
