@@ -1,12 +1,15 @@
-"""MERF's EM over cluster-whole partitions streamed by Dask workers, never all held at once.
+"""MERF's EM over cluster-whole partitions on Dask workers, never all held at once.
 
-Every pass reads each partition from its source (a lake's Parquet file, or a scattered pandas
-frame) inside the task that uses it, so a fit needs worker memory for a few partitions and the
-model, not for the data: a lake larger than the cluster's memory fits. What stays between
-passes is small and lives on the driver: the b_i of every partition's clusters (q floats per
-cluster) and the plan of the M-step. That also makes every task a pure function of its inputs,
-so a lost worker's tasks are recomputed elsewhere with the same result, and the driver can
-checkpoint the loop after any iteration.
+Each partition becomes a :class:`merf_dask.em.PartitionArrays` (numpy arrays in key order) on a
+worker. When those arrays take at most ``CACHE_SHARE`` of the workers' memory limits together,
+they are made once and kept in worker memory; otherwise every pass makes them again from the
+partition's source (a lake's Parquet file, or a scattered pandas frame) inside the task that
+uses them, so a fit needs worker memory for a few partitions and the model, not for the data: a
+lake larger than the cluster's memory fits. Both give the same model. What stays between passes
+on the driver is small: the b_i of every partition's clusters (q floats per cluster) and the
+plan of the M-step. Every task is a pure function of its inputs, so a lost worker's tasks (and
+kept arrays) are recomputed elsewhere with the same result, and the driver can checkpoint the
+loop after any iteration.
 
 One EM iteration is two passes over the partitions:
 
@@ -24,12 +27,15 @@ Classes and functions
 ---------------------
 DaskEMData
     The :class:`merf_dask.em.EMData` implementation over a list of partition sources.
+fits_in_memory
+    Whether arrays of a given size are kept in worker memory.
 The rest are the small functions that run on the workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 
 import dask
@@ -41,23 +47,26 @@ from sklearn.base import clone
 from ._core import EMSums
 from .em import PartitionArrays, align_random_effects, e_step, m_step_pieces
 from .ensemble import MemberPlan, assemble_model, fit_members
-from .partitioning import cluster_hashes
 
-__all__ = ["DaskEMData"]
+__all__ = ["DaskEMData", "fits_in_memory", "CACHE_SHARE"]
 
 #: Partial sums are added in groups of this many futures per task (the tree reduction's fan-in).
 _REDUCE_FAN_IN = 8
+#: The partitions' arrays are kept in worker memory when they take at most this share of the
+#: workers' memory limits together (see :func:`fits_in_memory`).
+CACHE_SHARE = 0.1
+
+logger = logging.getLogger("merf_dask")
 
 
-def _layout(frame: pd.DataFrame, *, cluster_column: str) -> tuple[pd.Index, np.ndarray, int]:
-    """A partition's clusters (in the order :class:`PartitionArrays` numbers them), their
-    hashes and its row count."""
-    _, cluster_ids = pd.factorize(frame[cluster_column], sort=False)
-    return pd.Index(cluster_ids), cluster_hashes(cluster_ids), len(frame)
+def _partition_arrays(frame: pd.DataFrame, *, columns: dict) -> PartitionArrays:
+    return PartitionArrays.from_frame(frame, **columns)
 
 
-def _pieces(frame: pd.DataFrame, b: np.ndarray, plan, *, columns: dict) -> dict:
-    return m_step_pieces(PartitionArrays.from_frame(frame, **columns), b, plan)
+def _layout(part: PartitionArrays) -> tuple[pd.Index, np.ndarray, int, int]:
+    """A partition's clusters (in the order of ``part.codes``), their hashes, its row count and
+    the bytes of its arrays."""
+    return part.cluster_ids, part.hashes, len(part.y), part.nbytes
 
 
 def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
@@ -72,10 +81,10 @@ def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
     return dataclasses.replace(plan, learner=clone(plan.learner).set_params(n_jobs=1))
 
 
-def _e_step(frame: pd.DataFrame, plan, sigma2: float, D: np.ndarray, *chunks, columns: dict
+def _e_step(part: PartitionArrays, plan, sigma2: float, D: np.ndarray, *chunks
             ) -> tuple[np.ndarray, np.ndarray, EMSums]:
     fitted = [member for chunk in chunks for member in chunk]
-    return e_step(PartitionArrays.from_frame(frame, **columns), plan, fitted, sigma2=sigma2, D=D)
+    return e_step(part, plan, fitted, sigma2=sigma2, D=D)
 
 
 def _add_sums(*sums: EMSums) -> EMSums:
@@ -92,30 +101,60 @@ def _tree_reduce(client, futures: list, combine):
     return futures[0]
 
 
+def fits_in_memory(n_bytes: int, memory_limits: list[int]) -> bool:
+    """Whether partition arrays of ``n_bytes`` in all are kept in the memory of workers with
+    these memory limits (0 is no limit, which tells nothing about the memory there is).
+
+    The fit needs the rest: a worker holds pieces of the M-step (about half the arrays' size in
+    flight), a few dozen members, and its own baseline of a few hundred MB.
+    """
+    return bool(memory_limits) and all(memory_limits) and n_bytes <= CACHE_SHARE * sum(
+        memory_limits)
+
+
 class DaskEMData:
-    """Cluster-whole partitions read by the workers on every pass.
+    """Cluster-whole partitions on Dask workers: kept in worker memory when they fit, read again
+    on every pass otherwise.
 
     Parameters
     ----------
     client : distributed.Client
     partitions : list of Delayed or Future
-        Sources of pandas DataFrames, each holding whole clusters. Delayed sources (a lake's
-        ``to_delayed()``) are recomputed on every pass; futures stay in worker memory.
+        Sources of pandas DataFrames, each holding whole clusters (a lake's ``to_delayed()``, or
+        scattered frames).
     x_columns, z_columns : list of str
     cluster_column, y_column : str
+    cache : bool or None, default=None
+        Keep every partition's arrays in worker memory between passes; None decides with
+        :func:`fits_in_memory`.
+
+    Attributes
+    ----------
+    cached : bool
+        Whether the partitions' arrays are kept in worker memory.
     """
 
-    def __init__(self, *, client, partitions, x_columns, z_columns, cluster_column, y_column):
+    def __init__(self, *, client, partitions, x_columns, z_columns, cluster_column, y_column,
+                 cache=None):
         self.client = client
-        self.sources = list(partitions)
-        self.columns = dict(x_columns=list(x_columns), z_columns=list(z_columns),
-                            cluster_column=cluster_column, y_column=y_column)
+        self.partitions = list(partitions)  # scattered or persisted sources stay alive
+        columns = dict(x_columns=list(x_columns), z_columns=list(z_columns),
+                       cluster_column=cluster_column, y_column=y_column)
+        self.sources = [dask.delayed(_partition_arrays)(source, columns=columns)
+                        for source in self.partitions]
         layouts = client.gather(client.compute(
-            [dask.delayed(_layout)(source, cluster_column=cluster_column)
-             for source in self.sources]))
-        self.cluster_ids = [ids for ids, _, _ in layouts]
-        self.hashes = [hashes for _, hashes, _ in layouts]
-        self.n_rows = int(sum(n for _, _, n in layouts))
+            [dask.delayed(_layout)(source) for source in self.sources]))
+        self.cluster_ids = [ids for ids, _, _, _ in layouts]
+        self.hashes = [hashes for _, hashes, _, _ in layouts]
+        self.n_rows = int(sum(n for _, _, n, _ in layouts))
+        n_bytes = sum(size for _, _, _, size in layouts)
+        if cache is None:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            cache = fits_in_memory(n_bytes, [w.get("memory_limit") or 0 for w in workers])
+        self.cached = cache
+        if cache:
+            logger.debug("keeping the partitions in worker memory (%.0f MB)", n_bytes / 1e6)
+            self.sources = client.compute(self.sources)
         self.n_clusters = sum(len(ids) for ids in self.cluster_ids)
         self.n_features = len(x_columns)
         q = len(z_columns)
@@ -129,7 +168,7 @@ class DaskEMData:
     def fit_fixed_effects(self, plan):
         client = self.client
         pieces = client.compute([
-            dask.delayed(_pieces, pure=False)(source, b, plan, columns=self.columns)
+            dask.delayed(m_step_pieces, pure=False)(source, b, plan)
             for source, b in zip(self.sources, self.b)])
         worker_plan = _one_thread_per_member(plan)  # once here, not in every fit task
         holders: dict[int, list[int]] = {}
@@ -164,8 +203,7 @@ class DaskEMData:
         client = self.client
         results = client.compute([
             dask.delayed(_e_step, pure=False)(source, self.plan, sigma2, D,
-                                              *self._serving_chunks(residues),
-                                              columns=self.columns)
+                                              *self._serving_chunks(residues))
             for source, residues in zip(self.sources, self._residues(self.plan))])
         sums = _tree_reduce(client, [client.submit(operator.itemgetter(2), r) for r in results],
                             _add_sums)

@@ -104,6 +104,11 @@ class PartitionArrays:
             y=frame[y_column].to_numpy(dtype=float), codes=codes.astype(np.int64),
             cluster_ids=cluster_ids)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the row arrays."""
+        return sum(a.nbytes for a in (self.X, self.Z, self.y, self.codes, self.keys))
+
     def residues(self, stride: int) -> np.ndarray:
         """Residue class of every row's cluster hash modulo ``stride``."""
         return (self.hashes % np.uint64(stride))[self.codes]

@@ -1,6 +1,7 @@
 """Distributed fits on a real two-process LocalCluster agree with in-process fits."""
 
 import dask.dataframe as dd
+import distributed
 import numpy as np
 import pandas as pd
 import pytest
@@ -99,3 +100,62 @@ def test_members_use_one_thread_on_workers_and_the_model_the_threads_asked_for(d
         assert member.booster_.params["num_threads"] == 1
         assert member.n_jobs is None
     assert learner.n_jobs is None  # the user's learner is not touched
+
+
+@pytest.fixture(scope="module")
+def lake_rows(tmp_path_factory):
+    """A simulated Parquet lake of 4 buckets, read lazily (every pass reads the files again)."""
+    from merf_dask.lake import read_lake, write_simulated_lake
+    url = tmp_path_factory.mktemp("cache") / "lake"
+    write_simulated_lake(url, n_rows=4000, n_clusters=80, seed=3, n_buckets=4)
+    frame = read_lake(url, columns=["x1", "x2", "x3", "y", "cluster"], cluster_column="cluster")
+    return frame.assign(one=1.0)
+
+
+@pytest.mark.parametrize("honest", [True, False])
+def test_kept_and_streamed_partitions_give_the_same_fit(dask_client, lake_rows, honest):
+    from sklearn.ensemble import RandomForestRegressor
+
+    from merf_dask.dask_em import DaskEMData
+    from merf_dask.em import run_em
+    from merf_dask.ensemble import plan_members
+
+    learner = RandomForestRegressor(n_estimators=8, min_samples_leaf=5, random_state=0)
+    results = {}
+    for cache in (False, True):
+        data = DaskEMData(client=dask_client, partitions=lake_rows.to_delayed(),
+                          x_columns=["x1", "x2", "x3"], z_columns=["one"],
+                          cluster_column="cluster", y_column="y", cache=cache)
+        assert data.cached is cache
+        # members on 4 residue classes, so pieces move between tasks as on big data
+        plan = plan_members(learner, honest=honest, n_rows=data.n_rows, n_folds=2,
+                            member_rows=1000, seed=0)
+        results[cache] = run_em(data, plan=plan, q=1, max_iterations=3, tol=0)
+    streamed, kept = results[False], results[True]
+    assert [r.gll for r in kept.history] == [r.gll for r in streamed.history]
+    np.testing.assert_array_equal(kept.b, streamed.b)
+    assert kept.sigma2 == streamed.sigma2
+    X = lake_rows[["x1", "x2", "x3"]].compute().to_numpy()
+    np.testing.assert_array_equal(kept.fe_model.predict(X), streamed.fe_model.predict(X))
+
+
+@pytest.mark.parametrize("n_bytes, limits, kept", [
+    (100, [1000, 1000], True),  # 5 % of the memory there is
+    (201, [1000, 1000], False),  # over a tenth
+    (100, [1000, 0], False),  # a worker without a limit: the memory there is is unknown
+    (100, [], False),
+])
+def test_partitions_are_kept_in_worker_memory_only_when_they_fit(n_bytes, limits, kept):
+    from merf_dask.dask_em import fits_in_memory
+    assert fits_in_memory(n_bytes, limits) is kept
+
+
+def test_small_data_is_kept_in_worker_memory_by_default(dask_client, lake_rows):
+    from merf_dask.dask_em import DaskEMData
+    data = DaskEMData(client=dask_client, partitions=lake_rows.to_delayed(),
+                      x_columns=["x1", "x2", "x3"], z_columns=["one"], cluster_column="cluster",
+                      y_column="y")
+    assert data.cached
+    assert len(data.sources) == lake_rows.npartitions
+    distributed.wait(data.sources)
+    assert all(dask_client.who_has(data.sources).values())  # each on a worker
