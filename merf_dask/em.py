@@ -134,7 +134,7 @@ def m_step_pieces(part: PartitionArrays, b: np.ndarray, plan: MemberPlan) -> dic
 
 
 def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: float,
-           D: np.ndarray) -> tuple[np.ndarray, np.ndarray, EMSums]:
+           D: np.ndarray, n_jobs=None) -> tuple[np.ndarray, np.ndarray, EMSums]:
     """Honest predictions of f at this block's rows, then the E-step for its clusters.
 
     Parameters
@@ -144,6 +144,9 @@ def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: flo
     fitted : list of (member index, fitted member)
     sigma2 : float
     D : ndarray of shape (q, q)
+    n_jobs : int or None
+        Threads that predict contiguous blocks of rows (joblib convention); a row's prediction
+        does not depend on the other rows, so any number gives the same result.
 
     Returns
     -------
@@ -151,8 +154,12 @@ def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: flo
     b_cov : ndarray of shape (n_clusters, q, q)
     sums : EMSums
     """
-    f_hat = honest_predictions(plan, fitted, X=part.X, keys=part.keys,
-                               residue_of_row=part.residues(plan.stride))
+    residue_of_row = part.residues(plan.stride)
+    bounds = np.linspace(0, len(part.y), joblib.effective_n_jobs(n_jobs) + 1).astype(int)
+    f_hat = np.concatenate(joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
+        joblib.delayed(honest_predictions)(plan, fitted, X=part.X[rows], keys=part.keys[rows],
+                                           residue_of_row=residue_of_row[rows])
+        for rows in (slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:]))))
     stats = cluster_statistics(part.codes, part.Z, part.y - f_hat,
                                n_clusters=len(part.cluster_ids))
     return random_effects_step(stats, sigma2=sigma2, D=D)
@@ -196,7 +203,7 @@ class InMemoryEMData:
     y : ndarray of shape (n_samples,)
     cluster_ids : pandas.Index of length n_clusters
     n_jobs : int or None
-        Threads that fit members (joblib convention; -1 is every core).
+        Threads that fit members and predict rows (joblib convention; -1 is every core).
     """
 
     def __init__(self, *, X, Z, codes, y, cluster_ids: pd.Index, n_jobs=None):
@@ -217,7 +224,8 @@ class InMemoryEMData:
         self.plan, self.fitted = plan, [member for chunk in fitted for member in chunk]
 
     def random_effects_step(self, *, sigma2, D):
-        self.b, self.b_cov, sums = e_step(self.part, self.plan, self.fitted, sigma2=sigma2, D=D)
+        self.b, self.b_cov, sums = e_step(self.part, self.plan, self.fitted, sigma2=sigma2, D=D,
+                                          n_jobs=self.n_jobs)
         return sums
 
     def fixed_effects_model(self):

@@ -408,8 +408,9 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
             if classes[column] == plan.residues[member]:  # own class: where the bootstrap missed
                 rows = rows.start + np.flatnonzero(
                     plan.in_bag(member, keys[rows], residue_of_row[rows]) == 0)
-            if len(X[rows]):
-                honest_total[rows] += _predict(estimator, X[rows], plan.trees)
+            X_rows = X[rows]
+            if len(X_rows):
+                honest_total[rows] += _predict(estimator, X_rows, plan.trees)
                 n_honest[rows] += 1
     unserved = np.flatnonzero(n_honest == 0)
     if len(unserved):

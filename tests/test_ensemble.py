@@ -4,6 +4,7 @@ Pure numpy / scikit-learn: every expectation is computed here from the definitio
 probabilities, per-row loops over members, a constant learner per fold), not copied from a run.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from sklearn.ensemble import (ExtraTreesRegressor, HistGradientBoostingRegressor
                               RandomForestRegressor)
 from sklearn.tree import DecisionTreeRegressor
 
-from merf_dask.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, FoldEnsemble, Piece,
+from merf_dask.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, FoldEnsemble,
                                 _bootstrap_counts, assemble_model, fit_members,
                                 honest_predictions, plan_members, row_keys, training_pieces)
 from merf_dask.partitioning import cluster_hashes
@@ -409,3 +410,19 @@ def test_a_strided_cross_fit_predicts_each_row_with_n_folds_minus_one_other_memb
         assert not np.any(plan.residues[serving] == residue)
         np.testing.assert_allclose(got[fold == residue],
                                    np.mean([member_mean[m] for m in serving]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_jobs", [2, 3])
+def test_an_e_step_on_threads_equals_one_on_a_single_thread(forest_fit, n_jobs):
+    from merf_dask.em import PartitionArrays, e_step
+    X, codes, y = forest_fit["X"], forest_fit["codes"], forest_fit["y"]
+    part = PartitionArrays.from_arrays(X=X, Z=np.ones((len(y), 1)), y=y, codes=codes,
+                                       cluster_ids=np.arange(codes.max() + 1))
+    kwargs = dict(sigma2=1.0, D=np.eye(1))
+    single = e_step(part, forest_fit["plan"], forest_fit["fitted"], **kwargs)
+    threads = e_step(part, forest_fit["plan"], forest_fit["fitted"], n_jobs=n_jobs, **kwargs)
+    np.testing.assert_array_equal(threads[0], single[0])
+    np.testing.assert_array_equal(threads[1], single[1])
+    for field in dataclasses.fields(single[2]):
+        np.testing.assert_array_equal(getattr(threads[2], field.name),
+                                      getattr(single[2], field.name))
