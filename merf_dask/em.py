@@ -156,10 +156,11 @@ def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: flo
     """
     residue_of_row = part.residues(plan.stride)
     bounds = np.linspace(0, len(part.y), joblib.effective_n_jobs(n_jobs) + 1).astype(int)
+    blocks = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
     f_hat = np.concatenate(joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
         joblib.delayed(honest_predictions)(plan, fitted, X=part.X[rows], keys=part.keys[rows],
                                            residue_of_row=residue_of_row[rows])
-        for rows in (slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:]))))
+        for rows in blocks))
     stats = cluster_statistics(part.codes, part.Z, part.y - f_hat,
                                n_clusters=len(part.cluster_ids))
     return random_effects_step(stats, sigma2=sigma2, D=D)
