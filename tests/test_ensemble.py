@@ -294,6 +294,19 @@ def test_honest_predictions_equal_a_naive_per_row_loop(forest_fit):
     assert np.all(np.abs(got - every) > 1e-9)
 
 
+def test_honest_predictions_do_not_depend_on_the_order_of_the_rows(forest_fit):
+    """Trees predict a block's rows in the order of one tree's leaves (for the cache); the
+    result comes back in the caller's order, bit for bit, whatever order the rows came in."""
+    plan, fitted, X = forest_fit["plan"], forest_fit["fitted"], forest_fit["X"]
+    keys, residue_of_row = forest_fit["keys"], forest_fit["residue_of_row"]
+    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
+    shuffle = np.random.default_rng(3).permutation(len(X))
+    shuffled = honest_predictions(plan, fitted, X=X[shuffle], keys=keys[shuffle],
+                                  residue_of_row=residue_of_row[shuffle])
+    assert not np.array_equal(got[shuffle], got)
+    np.testing.assert_array_equal(shuffled, got[shuffle])
+
+
 def test_honest_members_average_a_classic_out_of_bag_count(forest_fit):
     """ceil(12 / e) = 5 trees per row in expectation: the class's own trees (out of bag on about
     1/e of its rows) topped up with trees of other classes, which never saw the row."""
