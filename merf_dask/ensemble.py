@@ -50,6 +50,8 @@ fit_members
     Fit some members of a plan on the pieces of their residue class.
 honest_predictions
     Out-of-bag / cross-fitted predictions at one block's rows.
+predict_fixed_effects
+    The fitted learner's prediction of any rows (trees in a cache-friendly order).
 assemble_model, FoldEnsemble
     The fitted learner that predicts new rows.
 """
@@ -66,7 +68,7 @@ from sklearn.tree import DecisionTreeRegressor
 
 __all__ = ["row_keys", "MemberPlan", "plan_members", "TREE_MEMBER_ROWS", "FOLD_MEMBER_ROWS",
            "Piece", "training_pieces", "fit_members", "honest_predictions", "assemble_model",
-           "FoldEnsemble", "is_bagged_forest"]
+           "FoldEnsemble", "is_bagged_forest", "predict_fixed_effects"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Poisson(1) cumulative probabilities; a uniform above the last gives 21 (probability < 1e-19)
@@ -446,6 +448,28 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
     predictions = np.empty(len(X))
     predictions[order] = honest_total / n_honest
     return predictions
+
+
+def predict_fixed_effects(model: BaseEstimator, X: np.ndarray) -> np.ndarray:
+    """``model.predict(X)`` as a float vector; a bagged forest predicts the rows in the leaf
+    order of its first tree (faster on many rows, see :func:`_prediction_order`), same values.
+
+    Parameters
+    ----------
+    model : fitted estimator
+    X : ndarray of shape (n_rows, n_features)
+
+    Returns
+    -------
+    ndarray of shape (n_rows,)
+    """
+    if not is_bagged_forest(model):
+        return np.asarray(model.predict(X), dtype=float).reshape(-1)
+    X = np.asarray(X, dtype=np.float32)
+    order = np.argsort(model.estimators_[0].apply(X, check_input=False), kind="stable")
+    prediction = np.empty(len(X))
+    prediction[order] = model.predict(X[order])
+    return prediction
 
 
 class FoldEnsemble(RegressorMixin, BaseEstimator):

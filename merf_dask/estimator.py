@@ -40,7 +40,7 @@ from . import _validation as check
 from ._core import random_effects_offset
 from .checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
 from .em import InMemoryEMData, logger, run_em
-from .ensemble import is_bagged_forest, plan_members
+from .ensemble import is_bagged_forest, plan_members, predict_fixed_effects
 from .learners import default_learner, is_linear_model
 
 __all__ = ["MERF", "SingularFitWarning"]
@@ -348,7 +348,8 @@ class MERF(RegressorMixin, BaseEstimator):
 
         def validation_mse(fe_model, cluster_ids, b):
             codes = cluster_ids.get_indexer(ids_val)
-            prediction = fe_model.predict(X_val) + random_effects_offset(Z_val, b, codes)
+            prediction = (predict_fixed_effects(fe_model, X_val)
+                          + random_effects_offset(Z_val, b, codes))
             return float(np.mean((y_val - prediction) ** 2))
         return validation_mse
 
@@ -455,7 +456,7 @@ class MERF(RegressorMixin, BaseEstimator):
         codes = self.b_.index.get_indexer(ids)
         # threads, not processes: Dask workers are daemons and cannot start joblib's process pool
         with joblib.parallel_config(backend="threading"):
-            f_hat = np.asarray(self.fe_model_.predict(X), dtype=float)
+            f_hat = predict_fixed_effects(self.fe_model_, X)
         prediction = f_hat + random_effects_offset(Z, self.b_.to_numpy(), codes)
         if not return_std:
             return prediction

@@ -17,7 +17,8 @@ from sklearn.tree import DecisionTreeRegressor
 
 from merf_dask.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, FoldEnsemble,
                                 _bootstrap_counts, assemble_model, fit_members,
-                                honest_predictions, plan_members, row_keys, training_pieces)
+                                honest_predictions, plan_members, predict_fixed_effects, row_keys,
+                                training_pieces)
 from merf_dask.partitioning import cluster_hashes
 
 
@@ -439,3 +440,13 @@ def test_an_e_step_on_threads_equals_one_on_a_single_thread(forest_fit, n_jobs):
     for field in dataclasses.fields(single[2]):
         np.testing.assert_array_equal(getattr(threads[2], field.name),
                                       getattr(single[2], field.name))
+
+
+def test_predict_fixed_effects_of_a_forest_equals_its_predict(forest_fit):
+    """The leaf-ordered prediction of new rows gives the forest's own prediction, in order."""
+    plan, fitted, X = forest_fit["plan"], forest_fit["fitted"], forest_fit["X"]
+    forest = assemble_model(plan, fitted, n_features=X.shape[1])
+    forest.set_params(n_jobs=1)
+    new_rows = np.random.default_rng(5).normal(size=(300, X.shape[1]))
+    np.testing.assert_array_equal(predict_fixed_effects(forest, new_rows),
+                                  forest.predict(new_rows))
