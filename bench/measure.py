@@ -4,7 +4,8 @@
 every 20 ms in a background thread, the resident memory (RSS) of this process plus all of its
 descendants (Dask workers of a LocalCluster are child processes). It reports the peak RSS during
 the block and the peak minus the RSS just before the block. ``ru_maxrss`` of this process (the
-kernel's high-water mark) is recorded as a cross-check for in-process fits.
+kernel's high-water mark) is recorded as a cross-check for in-process fits. :class:`StolenCPU`
+records how much of the machine's CPU the hypervisor gave to other machines meanwhile.
 """
 
 from __future__ import annotations
@@ -65,3 +66,24 @@ class FitMeter:
             # Linux reports ru_maxrss in KiB
             "ru_maxrss_self_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
+
+
+class StolenCPU:
+    """The share of this machine's CPU time taken by the hypervisor for other machines while a
+    block runs (Linux's ``steal``; 0 where the kernel does not report it).
+
+    On a shared VM a fit and the plain fit it is compared with can run at different speeds with
+    the same work; recording the steal of each says when a cost ratio is noise.
+    """
+
+    share = float("nan")
+
+    def __enter__(self) -> StolenCPU:
+        self._start = psutil.cpu_times()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = psutil.cpu_times()
+        total = sum(end) - sum(self._start)
+        stolen = getattr(end, "steal", 0.0) - getattr(self._start, "steal", 0.0)
+        self.share = stolen / total if total > 0 else 0.0

@@ -14,7 +14,9 @@ a 1 GiB memory limit each (``--n-workers 2 --memory-limit 1GiB``), and record
 * one *equivalent plain fit* of the same learner (:mod:`equivalent`): for a forest, as many
   trees as the M-step grows, each on a bootstrap of ``n_rows / stride`` rows (``max_samples``);
   for a cross-fitted learner, one fit on all rows. Cost ratio = seconds per iteration / plain
-  fit. ``--learners`` fits every named learner on every size's lake.
+  fit. ``--learners`` fits every named learner on every size's lake;
+* the share of the machine's CPU stolen by the hypervisor during the fit and during the plain
+  fit (:class:`measure.StolenCPU`): on a shared VM, a ratio measured under unequal steal is noise.
 
 Optionally (``--profile-rows``) one in-process fit of 1 iteration on the same kind of cluster with
 ``distributed``'s task stream, to split worker time by task prefix: ``fit_members`` (the learner's
@@ -53,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cli_meter import run_metered  # noqa: E402
 from equivalent import equivalent_plain_learner  # noqa: E402
+from measure import StolenCPU  # noqa: E402
 
 ROOT = HERE.parent
 CLI = str(ROOT / ".venv" / "bin" / "merf-dask")
@@ -237,17 +240,27 @@ def checks(records: list[dict]) -> dict:
     return out
 
 
+def _stolen(record: dict) -> str:
+    """CPU stolen by the hypervisor during the fit and the plain fit, in percent ('–' for
+    records from before it was measured)."""
+    stolen = record.get("cpu_stolen_share")
+    if not stolen:
+        return "–"
+    return f"{100 * stolen['fit']:.0f} / {100 * stolen['plain_fit']:.0f}"
+
+
 def _learner_table(records: list[dict]) -> list[str]:
     """Cost ratio of every learner, one row per (rows, learner)."""
     lines = ["| Rows | Learner | Iterations | s / iteration | Plain fit, equivalent (s) "
-             "| Cost ratio | Peak RSS worker 1 / 2 (MB) | sigma2 | D |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| Cost ratio | CPU stolen, fit / plain (%) | Peak RSS worker 1 / 2 (MB) | sigma2 "
+             "| D |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["rows"], r.get("learner", DEFAULT_LEARNER))):
         peaks = " / ".join(_fmt(v, 0) for v in r["worker_peak_rss_mb"][:2])
         lines.append("| " + " | ".join([
             f"{r['rows']:,}", r.get("learner", DEFAULT_LEARNER), str(r.get("iterations", "–")),
             _fmt(r.get("mean_seconds_per_iteration")), _fmt(r.get("plain_fit_seconds")),
-            _fmt(r.get("cost_ratio"), 2), peaks, _fmt(r.get("sigma2"), 2),
+            _fmt(r.get("cost_ratio"), 2), _stolen(r), peaks, _fmt(r.get("sigma2"), 2),
             _fmt(r.get("var_b"), 2)]) + " |")
     return lines
 
@@ -262,8 +275,9 @@ def write_report(records: list[dict], extra: dict) -> None:
     (RESULTS / "scaling.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     lines = ["| Rows | Clusters | Trees x rows each | Iterations | Fit wall (s) | s / iteration "
              "| Outside EM (s) | Plain fit, equivalent (s) | Cost ratio "
-             "| Peak RSS worker 1 / 2 (MB) | Worker restarts | Model (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU stolen, fit / plain (%) | Peak RSS worker 1 / 2 (MB) | Worker restarts "
+             "| Model (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         peaks = " / ".join(_fmt(v, 0) for v in r["worker_peak_rss_mb"][:2])
         lines.append("| " + " | ".join([
@@ -272,7 +286,7 @@ def write_report(records: list[dict], extra: dict) -> None:
             str(r.get("iterations", "–")),
             _fmt(r["fit_wall_seconds"]), _fmt(r.get("mean_seconds_per_iteration")),
             _fmt(r.get("outside_em_seconds")), _fmt(r.get("plain_fit_seconds")),
-            _fmt(r.get("cost_ratio"), 2), peaks,
+            _fmt(r.get("cost_ratio"), 2), _stolen(r), peaks,
             "yes" if r["workers_restarted"] else "none",
             _fmt(r.get("model_size_bytes", float("nan")) / 1e6)]) + " |")
     md = ["Scaling of `merf-dask fit` (CLI, embedded LocalCluster, 2 workers x 1 thread, "
@@ -384,11 +398,14 @@ def main() -> None:
             for learner in pending:
                 path = _record_path(rows, learner)
                 print(f"{rows:,} rows: fitting with {learner}", flush=True)
-                record = fit_record(rows, cli_fit(lake, model, args.iterations, args.timeout,
-                                                  learner), model, learner)
+                with StolenCPU() as fit_steal:
+                    metered = cli_fit(lake, model, args.iterations, args.timeout, learner)
+                record = fit_record(rows, metered, model, learner)
                 record["simulate_seconds"] = simulate_seconds
                 record["load_average_after_fit"] = os.getloadavg()
-                record["plain_fit_seconds"] = plain_fit_seconds(lake, rows, learner)
+                with StolenCPU() as plain_steal:
+                    record["plain_fit_seconds"] = plain_fit_seconds(lake, rows, learner)
+                record["cpu_stolen_share"] = {"fit": fit_steal.share, "plain_fit": plain_steal.share}
                 if record.get("mean_seconds_per_iteration"):
                     record["cost_ratio"] = (record["mean_seconds_per_iteration"]
                                             / record["plain_fit_seconds"])

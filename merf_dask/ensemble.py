@@ -36,7 +36,8 @@ classes to the classic count, ``ceil(n_estimators / e)``; a cross-fit predicts e
 come from one of a few fixed windows of the ensemble, chosen by the class's residue modulo a
 small power of two, so the classes of one lake bucket share a window and a bucket's E-step task
 needs a few dozen members rather than all of them (at 20M rows, 256 trees of 1 MB each would not
-fit a 1 GiB worker twice over).
+fit a 1 GiB worker twice over). Trees predict a block's rows in the order of one tree's leaves,
+which keeps the nodes they visit in the cache (:func:`_prediction_order`).
 
 Classes and functions
 ---------------------
