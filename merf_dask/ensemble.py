@@ -368,6 +368,8 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
 
 
 def _predict(member: BaseEstimator, X: np.ndarray, trees: bool) -> np.ndarray:
+    """A fitted learner's prediction as a float vector of shape (n_rows,); a single tree skips
+    scikit-learn's input check (its rows are float32 already)."""
     if trees:
         return member.predict(X, check_input=False)
     return np.asarray(member.predict(X), dtype=float).reshape(-1)
@@ -465,7 +467,7 @@ def predict_fixed_effects(model: BaseEstimator, X: np.ndarray) -> np.ndarray:
     ndarray of shape (n_rows,)
     """
     if not is_bagged_forest(model):
-        return np.asarray(model.predict(X), dtype=float).reshape(-1)
+        return _predict(model, X, trees=False)
     X = np.asarray(X, dtype=np.float32)
     order = np.argsort(model.estimators_[0].apply(X, check_input=False), kind="stable")
     prediction = np.empty(len(X))
@@ -486,8 +488,7 @@ class FoldEnsemble(RegressorMixin, BaseEstimator):
 
     def predict(self, X):
         """Average prediction of the members, shape (n_samples,)."""
-        return np.mean([np.asarray(m.predict(X), dtype=float).reshape(-1)
-                        for m in self.members], axis=0)
+        return np.mean([_predict(m, X, trees=False) for m in self.members], axis=0)
 
     @property
     def feature_importances_(self):
