@@ -13,20 +13,15 @@ loop after any iteration.
 
 One EM iteration is two passes over the partitions:
 
-1. M-step -- each partition's rows of each member's residue class, with the working response
-   y - Z b (:func:`merf_dask.em.m_step_pieces`), go to a task that fits the members of that
-   class on the pieces of all partitions (one partition when the bucket count divides the
+1. M-step -- each partition cuts out the rows of each member's residue class with the working
+   response y - Z b (:func:`merf_dask.em.m_step_pieces`); the members of a class are fitted in a
+   task that gathers that class's pieces (from one partition when the bucket count divides the
    plan's stride, see :mod:`merf_dask.ensemble`);
 2. E-step -- each partition predicts its rows with the members that did not train on them and
    runs the E-step (:func:`merf_dask.em.e_step`); a partition's task is sent only the members
    that serve its residue classes (:meth:`merf_dask.ensemble.MemberPlan.members_serving`), so
    worker memory holds a few dozen members, not the model. b comes back to the driver, the
    partial sums are tree-reduced on the workers.
-
-The pieces of the next M-step need nothing but the partition and its new b, so the E-step task
-cuts them too and they wait on the worker: after the first iteration, an iteration reads every
-partition once, not twice (reading and making the arrays took a fifth of the workers' time at
-5M rows).
 
 Classes and functions
 ---------------------
@@ -87,11 +82,9 @@ def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
 
 
 def _e_step(part: PartitionArrays, plan, sigma2: float, D: np.ndarray, *chunks
-            ) -> tuple[np.ndarray, np.ndarray, EMSums, dict]:
-    """The E-step of one partition, and its pieces of the next M-step cut with the new b."""
+            ) -> tuple[np.ndarray, np.ndarray, EMSums]:
     fitted = [member for chunk in chunks for member in chunk]
-    b, b_cov, sums = e_step(part, plan, fitted, sigma2=sigma2, D=D)
-    return b, b_cov, sums, m_step_pieces(part, b, plan)
+    return e_step(part, plan, fitted, sigma2=sigma2, D=D)
 
 
 def _add_sums(*sums: EMSums) -> EMSums:
@@ -168,19 +161,15 @@ class DaskEMData:
         self.b = [np.zeros((len(ids), q)) for ids in self.cluster_ids]
         self.b_cov = [np.zeros((len(ids), q, q)) for ids in self.cluster_ids]  # futures later
         self.plan = self.chunks = self.chunk_members = None
-        # futures of every partition's pieces of the next M-step, cut by the last E-step
-        self.next_pieces = None
 
     def _n_threads(self) -> int:
         return sum(self.client.nthreads().values())
 
     def fit_fixed_effects(self, plan):
         client = self.client
-        pieces, self.next_pieces = self.next_pieces, None
-        if pieces is None or plan is not self.plan:
-            pieces = client.compute([
-                dask.delayed(m_step_pieces, pure=False)(source, b, plan)
-                for source, b in zip(self.sources, self.b)])
+        pieces = client.compute([
+            dask.delayed(m_step_pieces, pure=False)(source, b, plan)
+            for source, b in zip(self.sources, self.b)])
         worker_plan = _one_thread_per_member(plan)  # once here, not in every fit task
         holders: dict[int, list[int]] = {}
         for p, residues in enumerate(self._residues(plan)):
@@ -220,7 +209,6 @@ class DaskEMData:
                             _add_sums)
         self.b = client.gather([client.submit(operator.itemgetter(0), r) for r in results])
         self.b_cov = [client.submit(operator.itemgetter(1), r) for r in results]
-        self.next_pieces = [client.submit(operator.itemgetter(3), r) for r in results]
         return sums.result()
 
     def fixed_effects_model(self):
@@ -237,4 +225,3 @@ class DaskEMData:
 
     def set_random_effects(self, cluster_ids, b):
         self.b = [align_random_effects(ids, cluster_ids, b) for ids in self.cluster_ids]
-        self.next_pieces = None  # cut with another b

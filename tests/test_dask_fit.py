@@ -159,23 +159,3 @@ def test_small_data_is_kept_in_worker_memory_by_default(dask_client, lake_rows):
     assert len(data.sources) == lake_rows.npartitions
     distributed.wait(data.sources)
     assert all(dask_client.who_has(data.sources).values())  # each on a worker
-
-
-def test_a_streamed_fit_reads_each_partition_once_per_iteration(dask_client, lake_rows):
-    """The E-step cuts the next M-step's pieces, so only the first M-step reads the lake."""
-    from dask.utils import key_split
-    from sklearn.ensemble import RandomForestRegressor
-
-    from merf_dask.dask_em import DaskEMData
-    from merf_dask.em import run_em
-    from merf_dask.ensemble import plan_members
-
-    data = DaskEMData(client=dask_client, partitions=lake_rows.to_delayed(),
-                      x_columns=["x1", "x2", "x3"], z_columns=["one"], cluster_column="cluster",
-                      y_column="y", cache=False)
-    plan = plan_members(RandomForestRegressor(n_estimators=8, random_state=0), honest=True,
-                        n_rows=data.n_rows, n_folds=2, member_rows=1000, seed=0)
-    with distributed.get_task_stream(client=dask_client) as stream:
-        run_em(data, plan=plan, q=1, max_iterations=3, tol=0)
-    reads = [task for task in stream.data if key_split(task["key"]) == "partition_arrays"]
-    assert len(reads) == lake_rows.npartitions * (1 + 3)  # the first M-step, then 3 E-steps
