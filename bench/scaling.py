@@ -18,10 +18,11 @@ a 1 GiB memory limit each (``--n-workers 2 --memory-limit 1GiB``), and record
 * the share of the machine's CPU stolen by the hypervisor during the fit and during the plain
   fit (:class:`measure.StolenCPU`): on a shared VM, a ratio measured under unequal steal is noise.
 
-Optionally (``--profile-rows``) one in-process fit of 1 iteration on the same kind of cluster with
-``distributed``'s task stream, to split worker time by task prefix: ``fit_members`` (the learner's
-fit), ``_e_step`` (the learner's prediction + the E-step), ``_pieces`` and the Parquet read (I/O and
-data preparation), ``_layout`` and the rest (scheduling, reductions). And the per-iteration
+Optionally (``--profile-rows``) one in-process fit of 2 iterations on the same kind of cluster
+with ``distributed``'s task stream, to split the worker time of the second (steady-state)
+iteration by task prefix: ``fit_members`` (the learner's fit), ``e_step`` (the learner's
+prediction, the E-step and the next M-step's pieces), ``m_step_pieces`` and the Parquet read (I/O
+and data preparation) and the rest (scheduling, reductions). And the per-iteration
 round-trip overhead: seconds per EM iteration on a tiny lake with a linear learner, where the
 work itself is negligible.
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -146,46 +148,71 @@ def _prefix(key) -> str:
     return key_split(key)
 
 
-def profile(lake: Path) -> dict:
-    """Worker time by task prefix for one EM iteration, in this process (task stream)."""
-    import logging
+class _IterationEnds(logging.Handler):
+    """Records when the EM loop logs each finished iteration (``time.time()``, the clock of the
+    task stream's start and stop times)."""
 
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from merf_dask.em import IterationRecord
+        if record.args and isinstance(record.args[0], IterationRecord):
+            self.times.append(time.time())
+
+
+def profile(lake: Path) -> dict:
+    """Worker time by task prefix in the second EM iteration of an in-process fit (task stream).
+
+    The first iteration also holds the fit's start (the layout pass) and the M-step's own read;
+    from the second on, an iteration reads every partition once, in its E-step tasks.
+    """
     from distributed import Client, LocalCluster, get_task_stream
 
     from merf_dask import MERF
     from merf_dask.lake import read_lake
     from merf_dask.learners import make_learner
 
-    with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, memory_limit=MEMORY_LIMIT,
-                      dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
-            Client(cluster) as client:
-        frame = read_lake(str(lake), columns=["x1", "x2", "x3", "y", "cluster"],
-                          cluster_column="cluster")
-        model = MERF(make_learner("random-forest", random_state=0), formula=FORMULA,
-                     max_iterations=1, random_state=0, client=client)
-        start = time.perf_counter()
-        with get_task_stream(client) as stream:
-            model.fit(frame)
-        wall = time.perf_counter() - start
-        tasks = stream.data
+    iteration_ends = _IterationEnds()
+    em_logger = logging.getLogger("merf_dask")
+    em_logger.addHandler(iteration_ends)
+    level = em_logger.level
+    em_logger.setLevel(logging.INFO)
+    try:
+        with LocalCluster(n_workers=N_WORKERS, threads_per_worker=1, memory_limit=MEMORY_LIMIT,
+                          dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                Client(cluster) as client:
+            frame = read_lake(str(lake), columns=["x1", "x2", "x3", "y", "cluster"],
+                              cluster_column="cluster")
+            model = MERF(make_learner("random-forest", random_state=0), formula=FORMULA,
+                         max_iterations=2, tol=0, random_state=0, client=client)
+            with get_task_stream(client) as stream:
+                model.fit(frame)
+            tasks = stream.data
+    finally:
+        em_logger.removeHandler(iteration_ends)
+        em_logger.setLevel(level)
+    first_end, second_end = iteration_ends.times[:2]
     by_prefix: dict[str, float] = {}
     for task in tasks:
         seconds = sum(s["stop"] - s["start"] for s in task["startstops"]
-                      if s["action"] == "compute")
-        by_prefix[_prefix(task["key"])] = by_prefix.get(_prefix(task["key"]), 0.0) + seconds
+                      if s["action"] == "compute" and first_end <= s["start"] <= second_end)
+        if seconds:
+            by_prefix[_prefix(task["key"])] = by_prefix.get(_prefix(task["key"]), 0.0) + seconds
     busy = sum(by_prefix.values())
-    return {"fit_wall_seconds": wall, "worker_seconds_by_prefix": by_prefix,
+    wall = second_end - first_end
+    second = model.history_[1]
+    return {"iteration": 2, "iteration_wall_seconds": wall, "worker_seconds_by_prefix": by_prefix,
             "worker_busy_seconds": busy,
             "worker_idle_seconds": N_WORKERS * wall - busy,
             "learner_fit_share_of_busy": by_prefix.get("fit_members", 0.0) / busy if busy else None,
-            "history": [{"m_step_seconds": r.m_step_seconds, "e_step_seconds": r.e_step_seconds}
-                        for r in model.history_]}
+            "history": [{"m_step_seconds": second.m_step_seconds,
+                         "e_step_seconds": second.e_step_seconds}]}
 
 
 def round_trip_overhead(lake_dir: Path) -> dict:
     """Seconds per EM iteration on a tiny lake (2,000 rows) with a linear learner."""
-    import logging
-
     from distributed import Client, LocalCluster
 
     from merf_dask import MERF
@@ -308,8 +335,8 @@ def write_report(records: list[dict], extra: dict) -> None:
                "rows / stride) and one fit on all rows for cross-fitted learners:", "",
                *_learner_table(by_learner)]
     for p in [extra[k] for k in ("profile", "profile_1m") if extra.get(k)]:
-        md += ["", f"Worker time by task prefix, one EM iteration at {p['rows']:,} rows "
-               f"(in-process fit, task stream; wall {p['fit_wall_seconds']:.1f} s, "
+        md += ["", f"Worker time by task prefix, the second EM iteration at {p['rows']:,} rows "
+               f"(in-process fit, task stream; wall {p['iteration_wall_seconds']:.1f} s, "
                f"{N_WORKERS} workers, idle {p['worker_idle_seconds']:.1f} worker-s):", "",
                "| Task prefix | Worker seconds | Share of busy |", "|---|---|---|"]
         rest = 0.0
@@ -371,7 +398,7 @@ def main() -> None:
                         help="merf_dask.learners names; each is fitted on every size's lake")
     parser.add_argument("--lake-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--profile-rows", type=int, default=None,
-                        help="also profile one in-process iteration at this size (task stream; "
+                        help="also profile the second EM iteration at this size (task stream; "
                              "kept as 'profile_1m' at 1M rows, 'profile' otherwise)")
     parser.add_argument("--round-trip", action="store_true",
                         help="also time EM iterations on a tiny lake (round-trip overhead)")
@@ -391,7 +418,8 @@ def main() -> None:
             model = args.lake_dir / f"scaling_model_{rows}"
             pending = [learner for learner in args.learners
                        if not (args.reuse and _record_path(rows, learner).exists())]
-            if not pending:
+            profiling = args.profile_rows == rows
+            if not (pending or profiling):
                 continue
             print(f"{rows:,} rows: simulating", flush=True)
             simulate_seconds = simulate(rows, lake)
@@ -410,13 +438,14 @@ def main() -> None:
                     record["cost_ratio"] = (record["mean_seconds_per_iteration"]
                                             / record["plain_fit_seconds"])
                 path.write_text(json.dumps(record, indent=1, default=float) + "\n")
-                if args.profile_rows == rows and learner == DEFAULT_LEARNER:
-                    extra["profile" if rows != 1_000_000 else "profile_1m"] = {
-                        "rows": rows, **profile(lake)}
-                    extra_path.write_text(json.dumps(extra, indent=1, default=float) + "\n")
                 print(json.dumps({k: v for k, v in record.items() if k != "stderr_tail"},
                                  default=float), flush=True)
                 shutil.rmtree(model, ignore_errors=True)
+            if profiling:
+                print(f"{rows:,} rows: profiling", flush=True)
+                extra["profile" if rows != 1_000_000 else "profile_1m"] = {
+                    "rows": rows, **profile(lake)}
+                extra_path.write_text(json.dumps(extra, indent=1, default=float) + "\n")
             if not args.keep_lakes:
                 shutil.rmtree(lake, ignore_errors=True)
         if args.round_trip:
