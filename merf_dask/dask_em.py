@@ -16,7 +16,9 @@ One EM iteration is two passes over the partitions:
 1. M-step -- each partition cuts out the rows of each member's residue class with the working
    response y - Z b (:func:`merf_dask.em.m_step_pieces`); the members of a class are fitted in a
    task that gathers that class's pieces (from one partition when the bucket count divides the
-   plan's stride, see :mod:`merf_dask.ensemble`);
+   plan's stride, see :mod:`merf_dask.ensemble`); the fits go before the cutting of more
+   partitions, and a partition's pieces are let go once its classes are cut out, so the
+   workers hold a few partitions' pieces at a time, not the data;
 2. E-step -- each partition predicts its rows with the members that did not train on them and
    runs the E-step (:func:`merf_dask.em.e_step`); a partition's task is sent only the members
    that serve its residue classes (:meth:`merf_dask.ensemble.MemberPlan.members_serving`), so
@@ -52,6 +54,8 @@ __all__ = ["DaskEMData", "fits_in_memory", "CACHE_SHARE"]
 
 #: Partial sums are added in groups of this many futures per task (the tree reduction's fan-in).
 _REDUCE_FAN_IN = 8
+#: Priority of the M-step's fits over the cutting of further pieces (Dask's default is 0).
+_FIT_PRIORITY = 1
 #: The partitions' arrays are kept in worker memory when they take at most this share of the
 #: workers' memory limits together (see :func:`fits_in_memory`).
 CACHE_SHARE = 0.1
@@ -166,6 +170,20 @@ class DaskEMData:
         return sum(self.client.nthreads().values())
 
     def fit_fixed_effects(self, plan):
+        chunks, chunk_members = self._submit_fits(plan)
+        # the E-step tasks need most members, so waiting here costs little and makes the
+        # logged M-step and E-step times mean what they say
+        distributed.wait(chunks)
+        self.plan, self.chunks, self.chunk_members = plan, chunks, chunk_members
+
+    def _submit_fits(self, plan) -> tuple[list, list]:
+        """Futures of the member chunks of the M-step, and the members of each chunk.
+
+        No future of a partition's pieces outlives this call, so the workers let them go as
+        soon as their classes are cut out, and the cutting and the fits run before the next
+        partition's pieces (a higher priority): the M-step holds a few partitions' pieces at a
+        time, however many partitions there are.
+        """
         client = self.client
         pieces = client.compute([
             dask.delayed(m_step_pieces, pure=False)(source, b, plan)
@@ -179,15 +197,13 @@ class DaskEMData:
         for residue, members in plan.chunks(self._n_threads()):
             if residue not in holders:
                 continue  # no cluster falls in this class: its members are not grown
-            class_pieces = [client.submit(operator.getitem, pieces[p], residue, pure=False)
+            class_pieces = [client.submit(operator.getitem, pieces[p], residue, pure=False,
+                                          priority=_FIT_PRIORITY)
                             for p in holders[residue]]
             chunks.append(client.submit(fit_members, worker_plan, members, *class_pieces,
-                                        pure=False))
+                                        pure=False, priority=_FIT_PRIORITY))
             chunk_members.append(members)
-        # the E-step tasks need most members, so waiting here costs little and makes the
-        # logged M-step and E-step times mean what they say
-        distributed.wait(chunks)
-        self.plan, self.chunks, self.chunk_members = plan, chunks, chunk_members
+        return chunks, chunk_members
 
     def _residues(self, plan) -> list[np.ndarray]:
         """The residue classes of each partition's clusters."""

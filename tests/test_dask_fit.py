@@ -5,6 +5,8 @@ import distributed
 import numpy as np
 import pandas as pd
 import pytest
+from dask.utils import key_split
+from distributed.diagnostics.plugin import SchedulerPlugin
 from sklearn.linear_model import LinearRegression
 
 from merf_dask import MERF
@@ -159,3 +161,45 @@ def test_small_data_is_kept_in_worker_memory_by_default(dask_client, lake_rows):
     assert len(data.sources) == lake_rows.npartitions
     distributed.wait(data.sources)
     assert all(dask_client.who_has(data.sources).values())  # each on a worker
+
+
+class _MostHeldPieces(SchedulerPlugin):
+    """Counts the partitions' M-step pieces in worker memory, and the most at any time."""
+
+    name = "most-held-pieces"
+
+    def __init__(self):
+        self.held = self.most = 0
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if key_split(key) == "m_step_pieces":
+            self.held += (finish == "memory") - (start == "memory")
+            self.most = max(self.most, self.held)
+
+
+def test_the_m_step_holds_a_few_partitions_pieces_not_all(dask_client, tmp_path):
+    """Each partition's pieces are let go once cut into classes, and the fits run before more
+    pieces are cut: memory for a few partitions, however many there are."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    from merf_dask.dask_em import DaskEMData
+    from merf_dask.ensemble import plan_members
+    from merf_dask.lake import read_lake, write_simulated_lake
+
+    write_simulated_lake(tmp_path / "lake", n_rows=16_000, n_clusters=320, seed=3, n_buckets=16)
+    frame = read_lake(tmp_path / "lake", columns=["x1", "x2", "x3", "y", "cluster"],
+                      cluster_column="cluster").assign(one=1.0)
+    data = DaskEMData(client=dask_client, partitions=frame.to_delayed(),
+                      x_columns=["x1", "x2", "x3"], z_columns=["one"], cluster_column="cluster",
+                      y_column="y", cache=False)
+    plan = plan_members(RandomForestRegressor(n_estimators=16, random_state=0), honest=True,
+                        n_rows=data.n_rows, n_folds=2, member_rows=1000, seed=0)
+    dask_client.register_plugin(_MostHeldPieces())
+    try:
+        data.fit_fixed_effects(plan)
+        most = dask_client.run_on_scheduler(
+            lambda dask_scheduler: dask_scheduler.plugins[_MostHeldPieces.name].most)
+    finally:
+        dask_client.unregister_scheduler_plugin(_MostHeldPieces.name)
+    assert frame.npartitions == 16
+    assert 1 <= most <= 6  # a few per worker; 16 when the M-step kept them all to its end
