@@ -21,8 +21,8 @@ a 1 GiB memory limit each (``--n-workers 2 --memory-limit 1GiB``), and record
 Optionally (``--profile-rows``) one in-process fit of 2 iterations on the same kind of cluster
 with ``distributed``'s task stream, to split the worker time of the second (steady-state)
 iteration by task prefix: ``fit_members`` (the learner's fit), ``e_step`` (the learner's
-prediction, the E-step and the next M-step's pieces), ``m_step_pieces`` and the Parquet read (I/O
-and data preparation) and the rest (scheduling, reductions). And the per-iteration
+prediction and the E-step), ``m_step_pieces``, ``partition_arrays`` and the Parquet read (I/O and
+data preparation) and the rest (scheduling, reductions). And the per-iteration
 round-trip overhead: seconds per EM iteration on a tiny lake with a linear learner, where the
 work itself is negligible.
 
@@ -165,8 +165,8 @@ class _IterationEnds(logging.Handler):
 def profile(lake: Path) -> dict:
     """Worker time by task prefix in the second EM iteration of an in-process fit (task stream).
 
-    The first iteration also holds the fit's start (the layout pass) and the M-step's own read;
-    from the second on, an iteration reads every partition once, in its E-step tasks.
+    The first iteration also holds the fit's start (the layout pass that finds every
+    partition's clusters), so the second is the one every later iteration repeats.
     """
     from distributed import Client, LocalCluster, get_task_stream
 
