@@ -1,5 +1,8 @@
 """Distributed fits on a real two-process LocalCluster agree with in-process fits."""
 
+import time
+
+import dask
 import dask.dataframe as dd
 import distributed
 import numpy as np
@@ -177,9 +180,19 @@ class _MostHeldPieces(SchedulerPlugin):
             self.most = max(self.most, self.held)
 
 
+def _slow_read(partition):
+    time.sleep(0.25)
+    return partition
+
+
 def test_the_m_step_holds_a_few_partitions_pieces_not_all(dask_client, tmp_path):
     """Each partition's pieces are let go once cut into classes, and the fits run before more
-    pieces are cut: memory for a few partitions, however many there are."""
+    pieces are cut: memory for a few partitions, however many there are.
+
+    Each read takes a quarter second, as a real partition's read takes longer than a scheduler
+    round trip: with instant reads a loaded machine finishes several partitions before the
+    scheduler's message to cut the first arrives, and the count measures that latency instead.
+    """
     from sklearn.ensemble import RandomForestRegressor
 
     from merf_dask.dask_em import DaskEMData
@@ -189,7 +202,8 @@ def test_the_m_step_holds_a_few_partitions_pieces_not_all(dask_client, tmp_path)
     write_simulated_lake(tmp_path / "lake", n_rows=16_000, n_clusters=320, seed=3, n_buckets=16)
     frame = read_lake(tmp_path / "lake", columns=["x1", "x2", "x3", "y", "cluster"],
                       cluster_column="cluster").assign(one=1.0)
-    data = DaskEMData(client=dask_client, partitions=frame.to_delayed(),
+    partitions = [dask.delayed(_slow_read)(partition) for partition in frame.to_delayed()]
+    data = DaskEMData(client=dask_client, partitions=partitions,
                       x_columns=["x1", "x2", "x3"], z_columns=["one"], cluster_column="cluster",
                       y_column="y", cache=False)
     plan = plan_members(RandomForestRegressor(n_estimators=16, random_state=0), honest=True,
@@ -202,4 +216,6 @@ def test_the_m_step_holds_a_few_partitions_pieces_not_all(dask_client, tmp_path)
     finally:
         dask_client.unregister_scheduler_plugin(_MostHeldPieces.name)
     assert frame.npartitions == 16
-    assert 1 <= most <= 6  # a few per worker; 16 when the M-step kept them all to its end
+    # two per worker thread (the scheduler sends each thread its next read ahead); 16 when the
+    # M-step kept them all to its end
+    assert 1 <= most <= 6
