@@ -255,6 +255,13 @@ def whole_fit_ratio(record: dict) -> float | None:
     return record["fit_wall_seconds"] / (record["iterations"] * record["plain_fit_seconds"])
 
 
+def _cost_ratio_check(ratios: dict) -> dict:
+    """The cost-ratio target over the sizes that have a ratio."""
+    values = {rows: ratio for rows, ratio in ratios.items() if ratio}
+    return {"values": values, "target": "<= 1.3 at >= 1M rows",
+            "holds": all(v <= 1.3 for v in values.values()) if values else None}
+
+
 def checks(records: list[dict]) -> dict:
     done = {r["rows"]: r for r in records if r.get("mean_seconds_per_iteration")}
     out = {}
@@ -268,13 +275,10 @@ def checks(records: list[dict]) -> dict:
             "target": "20M rows cost at most 25 x 1M rows (seconds per EM iteration)"}
         out["linear_growth"]["holds"] = (out["linear_growth"]["per_iteration_ratio_to_1m"]
                                          <= out["linear_growth"]["allowed"])
-    ratios = {rows: r.get("cost_ratio") for rows, r in done.items() if r.get("cost_ratio")}
-    out["cost_ratio"] = {"values": ratios, "target": "<= 1.3 at >= 1M rows",
-                         "holds": all(v <= 1.3 for v in ratios.values()) if ratios else None}
-    whole = {rows: whole_fit_ratio(r) for rows, r in done.items() if whole_fit_ratio(r)}
-    out["whole_fit_cost_ratio"] = {
-        "values": whole, "target": "<= 1.3 at >= 1M rows",
-        "holds": all(v <= 1.3 for v in whole.values()) if whole else None}
+    out["cost_ratio"] = _cost_ratio_check(
+        {rows: r.get("cost_ratio") for rows, r in done.items()})
+    out["whole_fit_cost_ratio"] = _cost_ratio_check(
+        {rows: whole_fit_ratio(r) for rows, r in done.items()})
     out["no_worker_restarts"] = all(not r["workers_restarted"] for r in records)
     out["all_completed"] = all(r["returncode"] == 0 for r in records)
     return out
