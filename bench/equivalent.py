@@ -1,6 +1,6 @@
 """The plain fit that one EM iteration of merf-dask stands for: the cost ratio's denominator.
 
-merf-dask's M-step fits the members that :func:`merf_dask.ensemble.plan_members` plans for the
+merf-dask's M-step fits the members that :func:`merf_dask.core.ensemble.plan_members` plans for the
 data. A bagged forest's members are its trees, each on a Poisson bootstrap of the clusters of one
 residue class modulo the plan's stride (``rows / stride`` rows in expectation, every class at
 least one tree): the like-for-like plain forest has as many trees, each on ``max_samples =
@@ -19,7 +19,7 @@ import math
 from sklearn.base import BaseEstimator, clone
 
 from merf_dask import MERF
-from merf_dask.ensemble import plan_members
+from merf_dask.core.ensemble import plan_members
 
 __all__ = ["equivalent_plain_learner"]
 

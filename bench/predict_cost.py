@@ -1,8 +1,8 @@
 """What the honest prediction of every row costs next to the fit, learner by learner.
 
-Every EM iteration fits the learner's members (:func:`merf_dask.ensemble.fit_members`) and then
+Every EM iteration fits the learner's members (:func:`merf_dask.core.ensemble.fit_members`) and then
 predicts every training row with members that did not train on it
-(:func:`merf_dask.ensemble.honest_predictions`). The prediction is work a plain fit of the
+(:func:`merf_dask.core.ensemble.honest_predictions`). The prediction is work a plain fit of the
 learner never does, so an iteration costs at least ``fit + predict``: a cost ratio below
 ``1 + predict / fit`` (relative to the members' fit) is out of reach however little the EM,
 scheduling and I/O add. This script measures both halves of one M-step's learner work, on one
@@ -14,7 +14,7 @@ thread (as every task on a Dask worker runs), for every named learner on the pap
 * cross-fitted learners: 2 members of rows / 2 rows each, each row predicted by the other one.
 
 It also times the fitted default forest predicting the same rows in their own order and in the
-leaf order of its first tree (:func:`merf_dask.ensemble.predict_fixed_effects`): the cache effect
+leaf order of its first tree (:func:`merf_dask.core.ensemble.predict_fixed_effects`): the cache effect
 that the honest predictions of trees use.
 
 Usage::
@@ -44,8 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from measure import StolenCPU  # noqa: E402
 
-from merf_dask.em import PartitionArrays  # noqa: E402
-from merf_dask.ensemble import (assemble_model, fit_members, honest_predictions,  # noqa: E402
+from merf_dask.core.em import PartitionArrays  # noqa: E402
+from merf_dask.core.ensemble import (assemble_model, fit_members, honest_predictions,  # noqa: E402
                                 plan_members, predict_fixed_effects, training_pieces)
 from merf_dask.learners import LEARNERS, make_learner  # noqa: E402
 from merf_dask.simulate import simulate_frame  # noqa: E402

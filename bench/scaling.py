@@ -159,7 +159,7 @@ class _IterationEnds(logging.Handler):
         self.times: list[float] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        from merf_dask.em import IterationRecord
+        from merf_dask.core.em import IterationRecord
         if record.args and isinstance(record.args[0], IterationRecord):
             self.times.append(time.time())
 
@@ -173,7 +173,7 @@ def profile(lake: Path) -> dict:
     from distributed import Client, LocalCluster, get_task_stream
 
     from merf_dask import MERF
-    from merf_dask.lake import read_lake
+    from merf_dask.io.lake import read_lake
     from merf_dask.learners import make_learner
 
     iteration_ends = _IterationEnds()
@@ -218,7 +218,7 @@ def round_trip_overhead(lake_dir: Path) -> dict:
     from distributed import Client, LocalCluster
 
     from merf_dask import MERF
-    from merf_dask.lake import read_lake
+    from merf_dask.io.lake import read_lake
     from merf_dask.learners import make_learner
 
     lake = lake_dir / "scaling_tiny_lake"

@@ -4,17 +4,19 @@
 y_i = f(X_i) + Z_i b_i + e_i, fitted by the EM algorithm of Hajjem, Bellavance & Larocque (2014)
 in-process or on a Dask cluster.
 
-Modules
--------
-estimator      the ``MERF`` estimator (scikit-learn API, merf 1.0 compatible names)
-em             the EM loop, written once for in-memory and distributed data
-dask_em        the EM over cluster-whole partitions streamed by Dask workers
-_core          the pure numpy E-step on per-cluster sufficient statistics
-ensemble       the M-step's members and their honest (out-of-bag, cross-fitted) predictions
-learners       the default forest and the learners the CLI names
-checkpoint     atomic checkpoints of the EM loop, to resume a killed fit
-partitioning   cluster hashes; keeping each cluster's rows in one partition
-simulate       the paper's data-generating process
+Layers (each imports only the ones above it)
+--------------------------------------------
+core        the pure numpy core: validation, hashing, sufficient statistics and the E-step, the
+            M-step's ensemble with honest predictions, the EM loop over in-memory data
+simulate    the paper's data-generating process
+learners    the default forest and the learners the CLI names
+formula     lme4 formulas: parsing, encoding, design matrices
+dask        the Dask driver: the EM over partitions on workers, partitioning, cluster connections
+io          lakes, model directories, checkpoints and reports
+estimator   the ``MERF`` estimator (scikit-learn API, merf 1.0 compatible names)
+cli         the ``merf-dask`` command line
+
+``import merf_dask`` and an in-process fit import neither ``distributed`` nor ``dask.dataframe``.
 """
 
 from .estimator import MERF, SingularFitWarning

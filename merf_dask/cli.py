@@ -68,7 +68,7 @@ def _log_iterations(quiet: bool) -> None:
 
 def _refuse_existing(path: str, overwrite: bool) -> None:
     """Fail before any work when the output exists (the write itself checks again, atomically)."""
-    from .lake import open_filesystem
+    from .io.filesystem import open_filesystem
     filesystem, root = open_filesystem(path)
     if not overwrite and filesystem.exists(root):
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
@@ -98,10 +98,10 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     The fit checkpoints after every EM iteration next to ``output`` and resumes from there when
     run again after being killed or losing its scheduler.
     """
-    from .artifacts import data_fingerprint
+    from .io.artifacts import data_fingerprint
     from .estimator import MERF
     from .formula import parse_formula
-    from .lake import read_lake
+    from .io.lake import read_lake
 
     _log_iterations(quiet)
     frame = read_lake(lake)
@@ -149,7 +149,7 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def simulate(rows, clusters, output, seed, overwrite):
     """Write the paper's data-generating process as a lake bucketed by cluster."""
-    from .lake import write_simulated_lake
+    from .io.lake import write_simulated_lake
     write_simulated_lake(output, n_rows=rows, n_clusters=clusters, seed=seed, overwrite=overwrite)
     click.echo(f"wrote {rows} rows in {clusters} clusters to {output}")
 
@@ -190,7 +190,7 @@ def fit(ctx, job, **options):
     missing = [name for name in ("lake", "formula", "output") if not options.get(name)]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (give them as flags or in --job)")
-    from .cluster import connect
+    from .dask.cluster import connect
     scheduler, cluster_config = options.pop("scheduler"), options.pop("cluster_config")
     n_workers, memory_limit = options.pop("n_workers"), options.pop("memory_limit")
     _refuse_existing(options["output"], options["overwrite"])  # before starting a cluster
@@ -218,9 +218,9 @@ def _with_predictions(part: pd.DataFrame, *, model, intervals: bool) -> pd.DataF
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def predict(lake, model_dir, output, intervals, scheduler, overwrite):
     """Add a prediction column to every row of LAKE and write it to OUTPUT."""
-    from .cluster import connect
+    from .dask.cluster import connect
     from .estimator import MERF
-    from .lake import read_lake, write_dataset
+    from .io.lake import read_lake, write_dataset
     _refuse_existing(output, overwrite)
     model = MERF.load(model_dir)
     with connect({"address": scheduler} if scheduler else None) as client:
@@ -249,7 +249,7 @@ def _squared_errors(part: pd.DataFrame, *, model) -> pd.DataFrame:
 
 def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
     """MSE and R^2 of ``model`` on a labelled lake, by known / new cluster and overall."""
-    from .lake import read_lake
+    from .io.lake import read_lake
     frame = read_lake(lake, columns=list(model.formula_spec_.columns),
                       cluster_column=model.formula_spec_.group)
     meta = pd.DataFrame({"rows": pd.Series(dtype=object), "n": pd.Series(dtype="int64"),
@@ -271,7 +271,7 @@ def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
 @click.option("--scheduler", help="Address of a running scheduler.")
 def evaluate(lake, model_dir, scheduler):
     """MSE and R^2 on a labelled LAKE, for rows of known and of new clusters."""
-    from .cluster import connect
+    from .dask.cluster import connect
     from .estimator import MERF
     model = MERF.load(model_dir)
     with connect({"address": scheduler} if scheduler else None) as client:
@@ -297,8 +297,8 @@ def show(model_dir):
 @click.option("--clusters", type=click.IntRange(min=2), default=1_000, show_default=True)
 def demo(output, rows, clusters):
     """Simulate a lake, fit on an embedded LocalCluster, evaluate its predictions and show it."""
-    from .cluster import connect
-    from .lake import write_lake
+    from .dask.cluster import connect
+    from .io.lake import write_lake
     from .simulate import simulate_frame
     root = Path(output)
     root.mkdir(parents=True, exist_ok=True)

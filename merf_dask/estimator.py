@@ -3,7 +3,7 @@
 ``MERF`` fits y_i = f(X_i) + Z_i b_i + e_i with b_i ~ N(0, D), e_i ~ N(0, sigma2 I) by the EM
 algorithm of Hajjem, Bellavance & Larocque (2014), with honest predictions of f inside EM: a
 forest's out-of-bag predictions, as the authors' own code does, or cross-fitted predictions for
-any other learner (:mod:`merf_dask.ensemble`).
+any other learner (:mod:`merf_dask.core.ensemble`).
 
 Where the fit runs is decided by the data (as in dask-ml and LightGBM's Dask estimators):
 
@@ -36,11 +36,11 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
-from . import _validation as check
-from ._core import random_effects_offset
-from .checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
-from .em import InMemoryEMData, logger, run_em
-from .ensemble import is_bagged_forest, plan_members, predict_fixed_effects
+from .core import validation as check
+from .core.statistics import random_effects_offset
+from .io.checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
+from .core.em import InMemoryEMData, logger, run_em
+from .core.ensemble import is_bagged_forest, plan_members, predict_fixed_effects
 from .learners import default_learner, is_linear_model
 
 __all__ = ["MERF", "SingularFitWarning"]
@@ -93,7 +93,7 @@ class MERF(RegressorMixin, BaseEstimator):
         bagged forest, cross-fitted predictions (``n_folds`` members on disjoint folds of
         clusters) for any other learner. "auto" uses them except for linear models, whose
         in-sample fit is the maximum-likelihood estimate; False uses in-sample predictions
-        (merf 1.0, which biases sigma2 low for forests). See :mod:`merf_dask.ensemble`.
+        (merf 1.0, which biases sigma2 low for forests). See :mod:`merf_dask.core.ensemble`.
     n_folds : int, default=2
         Folds of the cross-fit for learners that are not bagged forests: each row's honest
         prediction averages ``n_folds - 1`` members fitted without its cluster (there are more
@@ -354,8 +354,8 @@ class MERF(RegressorMixin, BaseEstimator):
         return validation_mse
 
     def _distributed_em_data(self, data, client):
-        from .dask_em import DaskEMData
-        from .partitioning import ensure_cluster_partitions
+        from .dask.em import DaskEMData
+        from .dask.partitioning import ensure_cluster_partitions
         if client is None:
             raise ValueError("a distributed fit needs a dask.distributed Client: create one "
                              "(Client()) or pass client=")
@@ -365,7 +365,7 @@ class MERF(RegressorMixin, BaseEstimator):
             if aligned is not frame:
                 warnings.warn("the data is not partitioned by cluster: it was shuffled once and "
                               "is held in worker memory; write a lake bucketed by cluster "
-                              "(merf_dask.lake.write_lake) to fit data larger than memory",
+                              "(merf_dask.io.lake.write_lake) to fit data larger than memory",
                               UserWarning, stacklevel=3)
                 aligned = client.persist(aligned)
             partitions = aligned.to_delayed()
@@ -486,8 +486,8 @@ class MERF(RegressorMixin, BaseEstimator):
     # ------------------------------------------------------------ artifacts
 
     def save(self, url, *, overwrite=False, storage_options=None, fingerprint=None, report=True):
-        """Write the fitted model as a model directory (see :mod:`merf_dask.artifacts`)."""
-        from .artifacts import save_model
+        """Write the fitted model as a model directory (see :mod:`merf_dask.io.artifacts`)."""
+        from .io.artifacts import save_model
         check_is_fitted(self, "fe_model_")
         save_model(self, url, overwrite=overwrite, storage_options=storage_options,
                    fingerprint=fingerprint, report=report)
@@ -530,7 +530,7 @@ class MERF(RegressorMixin, BaseEstimator):
     @classmethod
     def load(cls, url, *, storage_options=None):
         """Load a model directory, refusing files whose SHA-256 differs from the manifest."""
-        from .artifacts import load_model
+        from .io.artifacts import load_model
         return load_model(url, storage_options=storage_options)
 
     # ----------------------------------------------------- merf 1.0 names

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from merf_dask import MERF
-from merf_dask.lake import write_lake
+from merf_dask.io.lake import write_lake
 from merf_dask.simulate import simulate_frame
 
 FORMULA = "y ~ x1 + x2 + x3 + (1 | cluster)"

@@ -1,4 +1,4 @@
-"""``merf_dask.cluster``: configs, and ``connect`` against real scheduler and worker processes.
+"""``merf_dask.dask.cluster``: configs, and ``connect`` against real scheduler and worker processes.
 
 Fixtures
 --------
@@ -47,7 +47,7 @@ from distributed.comm.core import CommClosedError
 from distributed.security import Security
 
 from conftest import spawn_dask, stop_process_groups
-from merf_dask.cluster import ClusterSpec, SchedulerConfig, connect, load_config
+from merf_dask.dask.cluster import ClusterSpec, SchedulerConfig, connect, load_config
 
 STARTUP_TIMEOUT = 60  # seconds; two shared cores start three interpreters at once
 REFUSAL_TIMEOUT = "5s"
@@ -205,7 +205,7 @@ def test_connect_by_relative_scheduler_file(plain_cluster):
 
 def test_connect_without_config_uses_dask_scheduler_address(plain_cluster):
     # a fresh interpreter, because Dask reads DASK_* variables when it is imported
-    code = ("from merf_dask.cluster import connect\n"
+    code = ("from merf_dask.dask.cluster import connect\n"
             "with connect() as client:\n"
             "    print(len(client.scheduler_info()['workers']),"
             " client.submit(sum, [1, 2]).result())")

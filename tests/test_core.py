@@ -7,7 +7,7 @@ a time, exactly as merf 1.0 and the authors' R code compute it.
 import numpy as np
 import pytest
 
-from merf_dask._core import (cluster_statistics, random_effects_offset, random_effects_step,
+from merf_dask.core.statistics import (cluster_statistics, random_effects_offset, random_effects_step,
                              update_variance_components)
 
 

@@ -13,7 +13,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from sklearn.linear_model import LinearRegression
 
 from merf_dask import MERF
-from merf_dask.partitioning import check_cluster_partitions, ensure_cluster_partitions
+from merf_dask.dask.partitioning import check_cluster_partitions, ensure_cluster_partitions
 
 from conftest import simulate_lmm
 
@@ -110,7 +110,7 @@ def test_members_use_one_thread_on_workers_and_the_model_the_threads_asked_for(d
 @pytest.fixture(scope="module")
 def lake_rows(tmp_path_factory):
     """A simulated Parquet lake of 4 buckets, read lazily (every pass reads the files again)."""
-    from merf_dask.lake import read_lake, write_simulated_lake
+    from merf_dask.io.lake import read_lake, write_simulated_lake
     url = tmp_path_factory.mktemp("cache") / "lake"
     write_simulated_lake(url, n_rows=4000, n_clusters=80, seed=3, n_buckets=4)
     frame = read_lake(url, columns=["x1", "x2", "x3", "y", "cluster"], cluster_column="cluster")
@@ -121,9 +121,9 @@ def lake_rows(tmp_path_factory):
 def test_kept_and_streamed_partitions_give_the_same_fit(dask_client, lake_rows, honest):
     from sklearn.ensemble import RandomForestRegressor
 
-    from merf_dask.dask_em import DaskEMData
-    from merf_dask.em import run_em
-    from merf_dask.ensemble import plan_members
+    from merf_dask.dask.em import DaskEMData
+    from merf_dask.core.em import run_em
+    from merf_dask.core.ensemble import plan_members
 
     learner = RandomForestRegressor(n_estimators=8, min_samples_leaf=5, random_state=0)
     results = {}
@@ -151,12 +151,12 @@ def test_kept_and_streamed_partitions_give_the_same_fit(dask_client, lake_rows, 
     (100, [], False),
 ])
 def test_partitions_are_kept_in_worker_memory_only_when_they_fit(n_bytes, limits, kept):
-    from merf_dask.dask_em import fits_in_memory
+    from merf_dask.dask.em import fits_in_memory
     assert fits_in_memory(n_bytes, limits) is kept
 
 
 def test_small_data_is_kept_in_worker_memory_by_default(dask_client, lake_rows):
-    from merf_dask.dask_em import DaskEMData
+    from merf_dask.dask.em import DaskEMData
     data = DaskEMData(client=dask_client, partitions=lake_rows.to_delayed(),
                       x_columns=["x1", "x2", "x3"], z_columns=["one"], cluster_column="cluster",
                       y_column="y")
@@ -195,9 +195,9 @@ def test_the_m_step_holds_a_few_partitions_pieces_not_all(dask_client, tmp_path)
     """
     from sklearn.ensemble import RandomForestRegressor
 
-    from merf_dask.dask_em import DaskEMData
-    from merf_dask.ensemble import plan_members
-    from merf_dask.lake import read_lake, write_simulated_lake
+    from merf_dask.dask.em import DaskEMData
+    from merf_dask.core.ensemble import plan_members
+    from merf_dask.io.lake import read_lake, write_simulated_lake
 
     write_simulated_lake(tmp_path / "lake", n_rows=16_000, n_clusters=320, seed=3, n_buckets=16)
     frame = read_lake(tmp_path / "lake", columns=["x1", "x2", "x3", "y", "cluster"],

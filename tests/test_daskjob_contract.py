@@ -29,7 +29,7 @@ import yaml
 from distributed import Client
 
 from conftest import spawn_dask, stop_process_groups
-from merf_dask.lake import write_simulated_lake
+from merf_dask.io.lake import write_simulated_lake
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = ROOT / "cluster_configs" / "kubernetes" / "base" / "daskjob.yaml"

@@ -24,7 +24,7 @@ _overlay
     ``kubectl kustomize`` builds the prod overlay, which changes what it should, and its
     output passes the validators above (kustomize itself accepts a patch of a misspelt path).
 SLURM golden file
-    ``hpc/slurm.yaml``, loaded by ``merf_dask.cluster``, renders
+    ``hpc/slurm.yaml``, loaded by ``merf_dask.dask.cluster``, renders
     ``tests/golden/slurm_job_script.sh`` (scheduler address and interpreter normalised).
 """
 
@@ -49,7 +49,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from merf_dask.cluster import ClusterSpec, SchedulerConfig, load_config
+from merf_dask.dask.cluster import ClusterSpec, SchedulerConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster_configs"

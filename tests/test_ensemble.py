@@ -15,11 +15,11 @@ from sklearn.ensemble import (ExtraTreesRegressor, HistGradientBoostingRegressor
                               RandomForestRegressor)
 from sklearn.tree import DecisionTreeRegressor
 
-from merf_dask.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, FoldEnsemble,
+from merf_dask.core.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, FoldEnsemble,
                                 _bootstrap_counts, assemble_model, fit_members,
                                 honest_predictions, plan_members, predict_fixed_effects, row_keys,
                                 training_pieces)
-from merf_dask.partitioning import cluster_hashes
+from merf_dask.core.hashing import cluster_hashes
 
 
 # ------------------------------------------------------------------ helpers
@@ -428,7 +428,7 @@ def test_a_strided_cross_fit_predicts_each_row_with_n_folds_minus_one_other_memb
 
 @pytest.mark.parametrize("n_jobs", [2, 3])
 def test_an_e_step_on_threads_equals_one_on_a_single_thread(forest_fit, n_jobs):
-    from merf_dask.em import PartitionArrays, e_step
+    from merf_dask.core.em import PartitionArrays, e_step
     X, codes, y = forest_fit["X"], forest_fit["codes"], forest_fit["y"]
     part = PartitionArrays.from_arrays(X=X, Z=np.ones((len(y), 1)), y=y, codes=codes,
                                        cluster_ids=np.arange(codes.max() + 1))

@@ -48,7 +48,7 @@ from distributed import Client
 from conftest import spawn_dask, stop_process_groups
 from merf_dask import MERF
 from merf_dask.cli import checkpoint_path
-from merf_dask.lake import read_lake, write_simulated_lake
+from merf_dask.io.lake import read_lake, write_simulated_lake
 
 BIN = Path(sys.executable).parent
 MERF_DASK = BIN / "merf-dask"

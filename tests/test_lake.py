@@ -1,4 +1,4 @@
-"""Tests of merf_dask.lake on real files: a temporary directory and a real S3 server on loopback."""
+"""Tests of merf_dask.io.lake on real files: a temporary directory and a real S3 server on loopback."""
 
 from __future__ import annotations
 
@@ -14,16 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from merf_dask.lake import (
-    INCOMPLETE_MARKER,
-    atomic_directory,
+from merf_dask.io.filesystem import INCOMPLETE_MARKER, atomic_directory
+from merf_dask.io.lake import (
     bucket_of,
     read_lake,
     write_dataset,
     write_lake,
     write_simulated_lake,
 )
-from merf_dask.partitioning import split_clusters
+from merf_dask.dask.partitioning import split_clusters
 from merf_dask.simulate import simulate_frame
 
 N_BUCKETS = 6

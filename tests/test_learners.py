@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from merf_dask import MERF
-from merf_dask.ensemble import FoldEnsemble
+from merf_dask.core.ensemble import FoldEnsemble
 from merf_dask.learners import LEARNERS, make_learner
 from merf_dask.simulate import simulate_frame
 

@@ -25,8 +25,8 @@ from sklearn.tree import DecisionTreeRegressor
 from threadpoolctl import threadpool_limits
 
 from merf_dask import MERF
-from merf_dask.lake import read_lake, write_lake
-from merf_dask.partitioning import check_cluster_partitions
+from merf_dask.io.lake import read_lake, write_lake
+from merf_dask.dask.partitioning import check_cluster_partitions
 from merf_dask.simulate import simulate_frame
 
 FORMULA = "y ~ x1 + x2 + x3 + (1 | cluster)"

@@ -9,7 +9,7 @@ A model directory (local path or fsspec URL) holds::
                              GLL / sigma2 / D histories, package versions, a data fingerprint,
                              the model's size and the SHA-256 of every other file
 
-It is written through :func:`merf_dask.lake.atomic_directory` (all or nothing; an existing
+It is written through :func:`merf_dask.io.filesystem.atomic_directory` (all or nothing; an existing
 directory is replaced only with ``overwrite=True``). :func:`load_model` recomputes every hash and
 refuses a directory whose files were changed.
 
@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .report import render_report
-from .lake import atomic_directory, check_complete, open_filesystem
+from .filesystem import atomic_directory, check_complete, open_filesystem
 
 __all__ = ["save_model", "load_model", "read_manifest", "data_fingerprint", "MANIFEST", "LEARNER", "RANDOM_EFFECTS"]
 
@@ -119,7 +119,7 @@ def save_model(model, url, *, overwrite: bool = False, storage_options: dict | N
     fingerprint : dict, optional
         Description of the training data to record (see :func:`data_fingerprint`).
     report : bool, default=True
-        Also write the HTML report (:mod:`merf_dask.report`) when matplotlib is installed.
+        Also write the HTML report (:mod:`merf_dask.io.report`) when matplotlib is installed.
     """
     learner_bytes = io.BytesIO()
     joblib.dump(model.fe_model_, learner_bytes, compress=3)
@@ -177,9 +177,9 @@ def load_model(url, *, storage_options: dict | None = None):
     ValueError
         A file is missing or its content differs from the hash in the manifest.
     """
-    from .estimator import MERF
-    from .formula import FeatureEncoder, FormulaSpec
-    from .em import IterationRecord
+    from ..estimator import MERF
+    from ..formula import FeatureEncoder, FormulaSpec
+    from ..core.em import IterationRecord
 
     manifest = read_manifest(url, storage_options=storage_options)
     filesystem, root = open_filesystem(url, storage_options=storage_options)

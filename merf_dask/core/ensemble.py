@@ -42,7 +42,7 @@ which keeps the nodes they visit in the cache (:func:`_prediction_order`).
 Classes and functions
 ---------------------
 row_keys
-    Stable 64-bit keys of rows (:func:`merf_dask.partitioning.cluster_hashes` hashes clusters).
+    Stable 64-bit keys of rows (:func:`merf_dask.dask.partitioning.cluster_hashes` hashes clusters).
 MemberPlan, plan_members
     The members of every M-step of a fit: learner, residue class, seed.
 Piece, training_pieces

@@ -26,8 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .em import EMState, IterationRecord
-from .lake import open_filesystem
+from ..core.em import EMState, IterationRecord
+from .filesystem import open_filesystem
 
 __all__ = ["fit_key", "write_checkpoint", "read_checkpoint", "remove_checkpoint"]
 

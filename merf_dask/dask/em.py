@@ -1,6 +1,6 @@
 """MERF's EM over cluster-whole partitions on Dask workers, never all held at once.
 
-Each partition becomes a :class:`merf_dask.em.PartitionArrays` (numpy arrays in key order) on a
+Each partition becomes a :class:`merf_dask.core.em.PartitionArrays` (numpy arrays in key order) on a
 worker. When those arrays take at most ``CACHE_SHARE`` of the workers' memory limits together,
 they are made once and kept in worker memory; otherwise every pass makes them again from the
 partition's source (a lake's Parquet file, or a scattered pandas frame) inside the task that
@@ -14,21 +14,21 @@ loop after any iteration.
 One EM iteration is two passes over the partitions:
 
 1. M-step -- each partition cuts out the rows of each member's residue class with the working
-   response y - Z b (:func:`merf_dask.em.m_step_pieces`); the members of a class are fitted in a
+   response y - Z b (:func:`merf_dask.core.em.m_step_pieces`); the members of a class are fitted in a
    task that gathers that class's pieces (from one partition when the bucket count divides the
-   plan's stride, see :mod:`merf_dask.ensemble`); the fits go before the cutting of more
+   plan's stride, see :mod:`merf_dask.core.ensemble`); the fits go before the cutting of more
    partitions, and a partition's pieces are let go once its classes are cut out, so the
    workers hold a few partitions' pieces at a time, not the data;
 2. E-step -- each partition predicts its rows with the members that did not train on them and
-   runs the E-step (:func:`merf_dask.em.e_step`); a partition's task is sent only the members
-   that serve its residue classes (:meth:`merf_dask.ensemble.MemberPlan.members_serving`), so
+   runs the E-step (:func:`merf_dask.core.em.e_step`); a partition's task is sent only the members
+   that serve its residue classes (:meth:`merf_dask.core.ensemble.MemberPlan.members_serving`), so
    worker memory holds a few dozen members, not the model. b comes back to the driver, the
    partial sums are tree-reduced on the workers.
 
 Classes and functions
 ---------------------
 DaskEMData
-    The :class:`merf_dask.em.EMData` implementation over a list of partition sources.
+    The :class:`merf_dask.core.em.EMData` implementation over a list of partition sources.
 fits_in_memory
     Whether arrays of a given size are kept in worker memory.
 The rest are the small functions that run on the workers.
@@ -46,9 +46,9 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from ._core import EMSums
-from .em import PartitionArrays, align_random_effects, e_step, m_step_pieces
-from .ensemble import MemberPlan, assemble_model, fit_members
+from ..core.statistics import EMSums
+from ..core.em import PartitionArrays, align_random_effects, e_step, m_step_pieces
+from ..core.ensemble import MemberPlan, assemble_model, fit_members
 
 __all__ = ["DaskEMData", "fits_in_memory", "CACHE_SHARE"]
 

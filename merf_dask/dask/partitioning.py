@@ -4,8 +4,6 @@ The distributed E-step is local to a partition only when no cluster spans two pa
 
 Functions
 ---------
-cluster_hashes
-    The stable 64-bit hash of cluster ids that lake buckets and the M-step's folds both use.
 split_clusters
     The cluster ids found in more than one partition (a cheap per-partition ``unique`` pass).
 ensure_cluster_partitions
@@ -17,31 +15,9 @@ check_cluster_partitions
 from __future__ import annotations
 
 import dask
-import numpy as np
 import pandas as pd
 
-__all__ = ["cluster_hashes", "split_clusters", "ensure_cluster_partitions", "check_cluster_partitions"]
-
-
-def cluster_hashes(cluster_ids) -> np.ndarray:
-    """Stable 64-bit hash of each cluster id, the same in every process, machine and session.
-
-    Uses pandas' SipHash with a fixed key (``hash_pandas_object``), never Python's ``hash()``,
-    which is salted per process. Integer ids hash as int64 and everything else by its string, so
-    an id hashes the same whether it is int64, a Python int in an object array, a category or a
-    string of any string dtype.
-
-    Parameters
-    ----------
-    cluster_ids : array-like of shape (n,)
-
-    Returns
-    -------
-    ndarray of shape (n,), dtype uint64
-    """
-    ids = pd.Series(np.asarray(cluster_ids)).infer_objects()
-    ids = ids.astype(np.int64 if pd.api.types.is_integer_dtype(ids.dtype) else str)
-    return pd.util.hash_pandas_object(ids, index=False).to_numpy()
+__all__ = ["split_clusters", "ensure_cluster_partitions", "check_cluster_partitions"]
 
 
 def _unique_ids(part: pd.DataFrame, column: str) -> pd.Series:
@@ -77,7 +53,7 @@ def check_cluster_partitions(ddf, column: str) -> None:
         raise ValueError(
             f"{len(split)} clusters of column {column!r} span more than one partition "
             f"(for example {examples}); shuffle by {column!r} first "
-            f"(merf_dask.partitioning.ensure_cluster_partitions)")
+            f"(merf_dask.dask.partitioning.ensure_cluster_partitions)")
 
 
 def ensure_cluster_partitions(ddf, column: str, *, npartitions: int | None = None):

@@ -2,13 +2,13 @@
 
 The loop talks to its data through the :class:`EMData` protocol, so the same iteration runs on
 in-memory arrays (:class:`InMemoryEMData`, below) and on partitions streamed by Dask workers
-(:class:`merf_dask.dask_em.DaskEMData`):
+(:class:`merf_dask.dask.em.DaskEMData`):
 
 1. ``fit_fixed_effects(plan)`` -- the M-step for f: fit the members of a
-   :class:`~merf_dask.ensemble.MemberPlan` to the working response y - Z b;
+   :class:`~merf_dask.core.ensemble.MemberPlan` to the working response y - Z b;
 2. ``random_effects_step`` -- honest (out-of-bag or cross-fitted) predictions of f at the
    training rows, then the E-step for b from per-cluster sufficient statistics, returning the
-   partial sums (:class:`merf_dask._core.EMSums`);
+   partial sums (:class:`merf_dask.core.statistics.EMSums`);
 3. ``fixed_effects_model`` and ``random_effects`` -- the current f and the table of b_i and
    Var(b_i | y_i); ``set_random_effects`` restores b from a checkpoint.
 
@@ -44,11 +44,11 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
-from ._core import (EMSums, cluster_statistics, random_effects_offset, random_effects_step,
+from .statistics import (EMSums, cluster_statistics, random_effects_offset, random_effects_step,
                     update_variance_components)
 from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_predictions,
                        row_keys, training_pieces)
-from .partitioning import cluster_hashes
+from .hashing import cluster_hashes
 
 __all__ = ["PartitionArrays", "m_step_pieces", "e_step", "EMData", "InMemoryEMData",
            "align_random_effects",
@@ -73,7 +73,7 @@ class PartitionArrays:
     hashes : ndarray of shape (n_clusters,), uint64
         Stable hash of each cluster id.
     keys : ndarray of shape (n_rows,), uint64
-        Stable key of each row (:func:`merf_dask.ensemble.row_keys`).
+        Stable key of each row (:func:`merf_dask.core.ensemble.row_keys`).
     """
 
     X: np.ndarray
@@ -126,7 +126,7 @@ def m_step_pieces(part: PartitionArrays, b: np.ndarray, plan: MemberPlan) -> dic
     Returns
     -------
     dict
-        Residue class -> :class:`~merf_dask.ensemble.Piece`.
+        Residue class -> :class:`~merf_dask.core.ensemble.Piece`.
     """
     working_response = part.y - random_effects_offset(part.Z, b, part.codes)
     return training_pieces(plan, X=part.X, y=working_response, keys=part.keys,
@@ -346,7 +346,7 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
     ----------
     data : EMData
     plan : MemberPlan
-        The members of every M-step (:func:`~merf_dask.ensemble.plan_members`).
+        The members of every M-step (:func:`~merf_dask.core.ensemble.plan_members`).
     q : int
         Number of random-effect columns.
     max_iterations : int

@@ -25,24 +25,9 @@ read_lake
     Read a lake (or any Parquet dataset) into a Dask DataFrame with every cluster in one
     partition, after checking the footers: missing, empty, corrupt or mixed-schema input and unknown
     columns fail with a message naming the file or column.
-atomic_directory
-    Context manager that publishes a directory only when everything in it was written.
-check_complete
-    Raise when a directory carries the marker of an interrupted publish on an object store.
-open_filesystem
-    The fsspec filesystem and bare path of a URL.
 
-Atomicity
----------
-Everything is written into a hidden sibling ``.<name>.tmp-<uuid>`` and moved into place only after
-the last byte was written; any failure removes the sibling. On a local disk the move is a
-``rename``, which is atomic (replacing an existing directory takes two renames, so a reader may
-briefly find nothing there, but never a mix of old and new). Object stores have no rename: a marker
-file ``_INCOMPLETE`` is put in the destination, the old files are deleted, the new ones copied, and
-the marker is deleted last; a failed copy removes the destination. :func:`read_lake` refuses a
-directory holding the marker, so a publish killed half-way is detected rather than read. Tools that
-do not know the marker can still see a lake mid-copy, and two writers racing for one destination
-are not arbitrated.
+Publishing is atomic (:func:`merf_dask.io.filesystem.atomic_directory`): :func:`read_lake` refuses
+a directory holding the marker of an interrupted publish.
 """
 
 from __future__ import annotations
@@ -52,7 +37,6 @@ import math
 import os
 import posixpath
 import re
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -69,26 +53,22 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from merf_dask.partitioning import cluster_hashes, ensure_cluster_partitions
-from merf_dask.simulate import simulate_frame
+from ..core.hashing import cluster_hashes
+from ..dask.partitioning import ensure_cluster_partitions
+from ..simulate import simulate_frame
+from .filesystem import atomic_directory, check_complete, open_filesystem, url_of
 
 __all__ = [
     "BUCKET_COLUMN",
-    "INCOMPLETE_MARKER",
     "bucket_of",
     "write_lake",
     "write_simulated_lake",
     "write_dataset",
     "read_lake",
-    "atomic_directory",
-    "check_complete",
-    "open_filesystem",
 ]
 
 #: Hive partition key of the bucket directories (``bucket=K``); no data column may use this name.
 BUCKET_COLUMN = "bucket"
-#: File present in a destination on an object store while a publish is copying into it.
-INCOMPLETE_MARKER = "_INCOMPLETE"
 
 # Parquet key-value metadata recording the column a lake was bucketed by, so that a reader asking
 # for that column can trust the layout without checking it.
@@ -111,7 +91,7 @@ _FOOTER_READERS = 16
 def bucket_of(ids: pd.Series, n_buckets: int) -> np.ndarray:
     """Bucket of each cluster id, the same in every process, machine and session.
 
-    The bucket is the id's :func:`~merf_dask.partitioning.cluster_hashes` modulo ``n_buckets``:
+    The bucket is the id's :func:`~merf_dask.dask.partitioning.cluster_hashes` modulo ``n_buckets``:
     with a power-of-two bucket count, the M-step's member folds (residues of the same hash
     modulo a power of two) line up with buckets and no rows move.
 
@@ -130,92 +110,6 @@ def bucket_of(ids: pd.Series, n_buckets: int) -> np.ndarray:
     if n_buckets < 1:
         raise ValueError(f"n_buckets must be at least 1, got {n_buckets}")
     return (cluster_hashes(ids) % np.uint64(n_buckets)).astype(np.int64)
-
-
-def open_filesystem(url: str | os.PathLike, *, storage_options: dict | None = None
-                    ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem of ``url`` and the path within it, without a trailing slash.
-
-    Parameters
-    ----------
-    url : str or path-like
-        A local path or an fsspec URL such as ``s3://bucket/prefix``.
-    storage_options : dict, optional
-        Passed to the filesystem (credentials, ``client_kwargs={"endpoint_url": ...}``, ...).
-
-    Returns
-    -------
-    filesystem : fsspec.AbstractFileSystem
-    path : str
-    """
-    filesystem, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
-    return filesystem, path.rstrip("/") or path
-
-
-def check_complete(url: str | os.PathLike, *, storage_options: dict | None = None) -> None:
-    """Raise ``ValueError`` when ``url`` holds the marker of an interrupted publish.
-
-    Parameters
-    ----------
-    url : str or path-like
-        A directory written through :func:`atomic_directory`.
-    storage_options : dict, optional
-    """
-    filesystem, path = open_filesystem(url, storage_options=storage_options)
-    if filesystem.exists(f"{path}/{INCOMPLETE_MARKER}"):
-        raise ValueError(
-            f"{url} is incomplete: a write into it was interrupted (it holds "
-            f"{INCOMPLETE_MARKER}); write it again with overwrite=True / --overwrite")
-
-
-@contextlib.contextmanager
-def atomic_directory(url: str | os.PathLike, *, overwrite: bool = False,
-                     storage_options: dict | None = None) -> Iterator[str]:
-    """Write a directory in a hidden sibling and move it to ``url`` only if the block succeeds.
-
-    Parameters
-    ----------
-    url : str or path-like
-        Destination directory (local path or fsspec URL); it must have a parent.
-    overwrite : bool
-        Replace an existing destination. Locally the old directory stays in place until the new one
-        is complete; on an object store it is deleted when the copy starts (see the module notes).
-    storage_options : dict, optional
-
-    Yields
-    ------
-    str
-        The temporary directory to write into, a local path or a URL like ``url``.
-
-    Raises
-    ------
-    FileExistsError
-        ``url`` exists and ``overwrite`` is False.
-    OSError
-        The temporary directory cannot be created (read-only or missing parent, parent is a file,
-        permission denied); same subclass as the underlying error, naming ``url``.
-    """
-    filesystem, path = open_filesystem(url, storage_options=storage_options)
-    parent, name = posixpath.split(path)
-    if not parent or not name:
-        raise ValueError(f"cannot write {url}: a directory needs a parent directory or prefix")
-    if not overwrite and filesystem.exists(path):
-        raise FileExistsError(
-            f"{url} already exists; pass overwrite=True / --overwrite to replace it")
-    staging = posixpath.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        filesystem.makedirs(staging)
-    except OSError as error:
-        raise type(error)(f"cannot write {url}: creating {staging} failed: {error}") from error
-    try:
-        yield _url_of(filesystem, staging)
-        if isinstance(filesystem, LocalFileSystem):
-            _rename_into_place(filesystem, staging, path)
-        else:
-            _copy_into_place(filesystem, staging, path)
-    except BaseException as error:
-        _remove_after_failure(filesystem, staging, error)
-        raise
 
 
 def write_lake(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *, cluster_column: str,
@@ -507,59 +401,6 @@ def _renumber_clusters(ids: pd.Series, *, first: int) -> pd.Series:
     return pd.Series(labels[codes], index=ids.index)
 
 
-def _url_of(filesystem: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if isinstance(filesystem, LocalFileSystem) else filesystem.unstrip_protocol(path)
-
-
-def _rename_into_place(filesystem: LocalFileSystem, staging: str, destination: str) -> None:
-    # the old directory is only moved aside, so a failed rename can put it back
-    retired = None
-    if os.path.lexists(destination):
-        parent, name = posixpath.split(destination)
-        retired = posixpath.join(parent, f".{name}.old-{uuid.uuid4().hex}")
-        os.rename(destination, retired)
-    try:
-        os.rename(staging, destination)
-    except BaseException:
-        if retired is not None:
-            os.rename(retired, destination)
-        raise
-    if retired is not None:
-        filesystem.rm(retired, recursive=True)
-
-
-def _copy_into_place(filesystem: fsspec.AbstractFileSystem, staging: str, destination: str
-                     ) -> None:
-    marker = f"{destination}/{INCOMPLETE_MARKER}"
-    filesystem.touch(marker)  # a failure here leaves an existing destination untouched
-    try:
-        stale = [path for path in filesystem.find(destination) if path != marker]
-        if stale:
-            filesystem.rm(stale)
-        # workers wrote the staged files, so this process's listing cache may not know them
-        filesystem.invalidate_cache(staging)
-        sources = filesystem.find(staging)
-        filesystem.copy(sources, [destination + source[len(staging):] for source in sources])
-    except BaseException as error:
-        _remove_after_failure(filesystem, destination, error)
-        raise
-    filesystem.rm(marker)
-    filesystem.rm(staging, recursive=True)
-
-
-def _remove_after_failure(filesystem: fsspec.AbstractFileSystem, path: str,
-                          error: BaseException) -> None:
-    # the original error is what the caller needs; a failed clean-up is only noted on it
-    try:
-        if filesystem.exists(path):
-            filesystem.rm(path, recursive=True)
-    except Exception as cleanup_error:
-        error.add_note(f"could not remove {_url_of(filesystem, path)}: {cleanup_error}")
-
-
-# ---------------------------------------------------------------- reading
-
-
 def _data_files(filesystem: fsspec.AbstractFileSystem, root: str, *, url) -> list[str]:
     """Sorted data files of a dataset, skipping ``_``- and ``.``-prefixed names as pyarrow does."""
     filesystem.invalidate_cache(root)  # files may have been written by other processes
@@ -591,7 +432,7 @@ def _read_footers(filesystem: fsspec.AbstractFileSystem, files: list[str]
             return pq.read_metadata(path, filesystem=arrow_filesystem)
         except pa.ArrowInvalid as error:
             raise ValueError(
-                f"{_url_of(filesystem, path)} is not a valid Parquet file: {error}") from error
+                f"{url_of(filesystem, path)} is not a valid Parquet file: {error}") from error
 
     with ThreadPoolExecutor(max_workers=min(_FOOTER_READERS, len(files))) as pool:
         return list(pool.map(read_footer, files))
@@ -610,8 +451,8 @@ def _common_schema(filesystem: fsspec.AbstractFileSystem, files: list[str],
         difference = _schema_difference(types, reference_types)
         if difference:
             raise ValueError(
-                f"{_url_of(filesystem, path)} does not match the schema of "
-                f"{_url_of(filesystem, files[0])}: {difference}")
+                f"{url_of(filesystem, path)} does not match the schema of "
+                f"{url_of(filesystem, files[0])}: {difference}")
     return reference
 
 
