@@ -46,7 +46,7 @@ from distributed import Client
 from distributed.comm.core import CommClosedError
 from distributed.security import Security
 
-from conftest import spawn_dask, stop_process_groups
+from helpers import spawn_dask, stop_process_groups
 from merf_dask.dask.cluster import ClusterSpec, SchedulerConfig, connect, load_config
 
 STARTUP_TIMEOUT = 60  # seconds; two shared cores start three interpreters at once

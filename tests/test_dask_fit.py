@@ -15,7 +15,7 @@ from sklearn.linear_model import LinearRegression
 from merf_dask import MERF
 from merf_dask.dask.partitioning import check_cluster_partitions, ensure_cluster_partitions
 
-from conftest import simulate_lmm
+from helpers import simulate_lmm
 
 LINEAR = dict(max_iterations=15, tol=0)
 

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from distributed import Client
 
-from conftest import spawn_dask, stop_process_groups
+from helpers import spawn_dask, stop_process_groups
 from merf_dask.io.lake import write_simulated_lake
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ import pandas as pd
 import pytest
 from distributed import Client
 
-from conftest import spawn_dask, stop_process_groups
+from helpers import spawn_dask, stop_process_groups
 from merf_dask import MERF
 from merf_dask.cli import checkpoint_path
 from merf_dask.io.lake import read_lake, write_simulated_lake

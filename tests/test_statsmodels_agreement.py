@@ -10,7 +10,7 @@ from sklearn.linear_model import LinearRegression
 
 from merf_dask import MERF
 
-from conftest import simulate_lmm
+from helpers import simulate_lmm
 
 
 @pytest.fixture(scope="module")
