@@ -73,7 +73,7 @@ def learner_cost(name: str, part: PartitionArrays) -> dict:
     """Seconds of one M-step's member fits and of the honest predictions of every row."""
     plan = plan_members(one_thread(make_learner(name, random_state=0)), honest=True,
                         n_rows=len(part.y), n_folds=2, member_rows="auto", seed=0)
-    residue_of_row = part.residues(plan.stride)
+    residue_of_row = part.residues(plan)
     pieces = training_pieces(plan, X=part.X, y=part.y, keys=part.keys,
                              residue_of_row=residue_of_row)
     with StolenCPU() as stolen:

@@ -5,12 +5,14 @@ algorithm of Hajjem, Bellavance & Larocque (2014), with honest predictions of f 
 forest's out-of-bag predictions, as the authors' own code does, or cross-fitted predictions for
 any other learner (:mod:`merf_dask.core.ensemble`).
 
-Where the fit runs is decided by the data (as in dask-ml and LightGBM's Dask estimators):
+Where the fit runs is decided by the input and the ``client`` parameter, never by ambient state
+(as in dask-ml and LightGBM's Dask estimators):
 
-* numpy / pandas input and no Dask client: in this process (:class:`em.InMemoryEMData`);
-* Dask collections, or any input while a ``distributed`` client is active or given: on the
-  cluster (:class:`dask_em.DaskEMData`), with every cluster's rows in one partition, streamed
-  from the source on every pass.
+* numpy / pandas input: in this process (:class:`~merf_dask.core.em.InMemoryEMData`), even while
+  a ``distributed`` client is active, unless ``client=`` is given;
+* Dask collections, or any input with ``client=``: on the cluster
+  (:class:`~merf_dask.dask.em.DaskEMData`; the active client when none is given), with every
+  cluster's rows in one partition, streamed from the source on every pass.
 
 Both paths run the same loop (:func:`em.run_em`) on the same numerical core (:mod:`._core`,
 :mod:`.ensemble`), and give the same model for the same seed.
@@ -40,6 +42,7 @@ from .core import validation as check
 from .core.statistics import random_effects_offset
 from .io.checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
 from .core.em import InMemoryEMData, logger, run_em
+from .core.state import ModelState
 from .core.ensemble import is_bagged_forest, plan_members, predict_fixed_effects
 from .learners import default_learner, is_linear_model
 
@@ -88,6 +91,9 @@ class MERF(RegressorMixin, BaseEstimator):
     tol : float, default=1e-3
         Stop when the relative change of the generalised log-likelihood (GLL) falls below
         ``tol``; 0 runs all ``max_iterations``.
+    gll_early_stop_threshold : float, default=None
+        merf 1.0's name of ``tol``, accepted so that merf 1.0 code runs unchanged; when given it
+        is the stopping threshold (``tol`` must then keep its default).
     oob : "auto" or bool, default="auto"
         Use honest predictions of f at the training rows inside EM: out-of-bag predictions for a
         bagged forest, cross-fitted predictions (``n_folds`` members on disjoint folds of
@@ -116,8 +122,8 @@ class MERF(RegressorMixin, BaseEstimator):
         data size), the fit resumes after its iteration and ends with the same model; it is
         removed when the fit ends.
     client : distributed.Client, default=None
-        Client of the cluster to fit on. None uses the active client if there is one and runs in
-        this process otherwise.
+        Client of the cluster to fit on, for any input. None fits numpy / pandas input in this
+        process and Dask collections on the active client.
 
     Attributes
     ----------
@@ -143,6 +149,12 @@ class MERF(RegressorMixin, BaseEstimator):
         Whether honest (out-of-bag or cross-fitted) predictions were used inside EM.
     resumed_from_ : int
         The checkpointed iteration the fit resumed after (0 when it started afresh).
+    honest_kind_ : str
+        How f was predicted at the training rows inside EM: "out-of-bag", "cross-fitted",
+        "in-sample", or "partly in-sample" (honest members did not reach every row; the fit
+        warns).
+    state_ : merf_dask.core.state.ModelState
+        Everything above as one object (what :meth:`save` writes and :meth:`load` reads).
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Names of the features (formula columns, or X's DataFrame columns).
@@ -164,6 +176,7 @@ class MERF(RegressorMixin, BaseEstimator):
         "formula": [str, None],
         "max_iterations": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
+        "gll_early_stop_threshold": [Interval(Real, 0, None, closed="left"), None],
         "oob": [StrOptions({"auto"}), "boolean"],
         "n_folds": [Interval(Integral, 2, None, closed="left")],
         "member_rows": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
@@ -173,12 +186,13 @@ class MERF(RegressorMixin, BaseEstimator):
     }
 
     def __init__(self, fixed_effects_model=None, *, formula=None, max_iterations=20, tol=1e-3,
-                 oob="auto", n_folds=2, member_rows="auto", random_state=None, checkpoint=None,
-                 client=None):
+                 gll_early_stop_threshold=None, oob="auto", n_folds=2, member_rows="auto",
+                 random_state=None, checkpoint=None, client=None):
         self.fixed_effects_model = fixed_effects_model
         self.formula = formula
         self.max_iterations = max_iterations
         self.tol = tol
+        self.gll_early_stop_threshold = gll_early_stop_threshold
         self.oob = oob
         self.n_folds = n_folds
         self.member_rows = member_rows
@@ -222,6 +236,7 @@ class MERF(RegressorMixin, BaseEstimator):
         self : MERF
         """
         self._validate_params()
+        tol = self._tol()
         learner = self._learner()
         honest = self._honest(learner)
         if self.formula is not None:
@@ -229,32 +244,50 @@ class MERF(RegressorMixin, BaseEstimator):
         else:
             data, validation = self._array_training_data(X, Z, clusters, y, X_val, Z_val,
                                                          clusters_val, y_val)
-        client = self.client or _active_client()
-        if data["distributed"] or client is not None:
-            em_data = self._distributed_em_data(data, client)
+        if data["distributed"] or self.client is not None:
+            em_data, n_partitions = self._distributed_em_data(data, self.client or
+                                                              _active_client())
         else:
             em_data = InMemoryEMData(X=data["X"], Z=data["Z"], codes=data["codes"], y=data["y"],
                                      cluster_ids=data["cluster_ids"],
                                      # a forest's trees are fitted on threads here; any
                                      # other learner parallelises itself, one member at a time
                                      n_jobs=learner.n_jobs if is_bagged_forest(learner) else None)
-            self.n_partitions_ = 1
+            n_partitions = 1
         seed, start, on_state = self._checkpointing(em_data)
         plan = plan_members(learner, honest=honest, n_rows=em_data.n_rows,
-                            n_folds=self.n_folds, member_rows=self.member_rows, seed=seed)
+                            n_folds=self.n_folds, member_rows=self.member_rows, seed=seed,
+                            cluster_hashes=em_data.cluster_hashes)
         result = run_em(em_data, plan=plan,
-                        q=len(self.z_names_), max_iterations=self.max_iterations, tol=self.tol,
+                        q=len(data["z_names"]), max_iterations=self.max_iterations, tol=tol,
                         validation_mse=validation, start=start, on_state=on_state)
         if self.checkpoint is not None:
             remove_checkpoint(self.checkpoint)
-        self._store_result(result, honest)
+        self._set_state(ModelState(
+            fe_model=result.fe_model, cluster_ids=pd.Index(result.cluster_ids, name="cluster"),
+            b=result.b, b_cov=result.b_cov, D=result.D, sigma2=result.sigma2,
+            history=result.history, n_rows=result.n_rows, converged=result.converged,
+            honest=self._honest_kind(plan, result), feature_names=data["x_names"],
+            z_names=data["z_names"], x_named=data["x_named"], z_named=data["z_named"],
+            formula_spec=data.get("formula_spec"), encoder=data.get("encoder"),
+            n_partitions=n_partitions, resumed_from=start.iteration if start else 0))
+        self._warn_about(result, tol)
         return self
+
+    def _tol(self) -> float:
+        """The stopping threshold: ``tol``, or merf 1.0's ``gll_early_stop_threshold``."""
+        if self.gll_early_stop_threshold is None:
+            return self.tol
+        if self.tol != 1e-3:
+            raise ValueError(f"gll_early_stop_threshold={self.gll_early_stop_threshold} and "
+                             f"tol={self.tol} are the same setting (merf 1.0's name and "
+                             "this one); give only one")
+        return self.gll_early_stop_threshold
 
     def _checkpointing(self, em_data):
         """The fit's seed, the state to resume from (or None) and the checkpoint writer (or
         None); a resumed fit takes its seed from the checkpoint, so that ``random_state=None``
         resumes the same fit too."""
-        self.resumed_from_ = 0
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         if self.checkpoint is None:
             return seed, None, None
@@ -265,7 +298,6 @@ class MERF(RegressorMixin, BaseEstimator):
         start = None
         if found is not None:
             start, seed = found
-            self.resumed_from_ = start.iteration
             logger.warning("resumed from the checkpoint %s after iteration %d", self.checkpoint,
                            start.iteration)
         return seed, start, functools.partial(write_checkpoint, self.checkpoint, key=key,
@@ -291,23 +323,19 @@ class MERF(RegressorMixin, BaseEstimator):
                 raise ValueError("X, Z, clusters and y must all be Dask collections or none")
             return self._dask_array_training_data(X, Z, clusters, y), self._validation_mse(
                 X_val, Z_val, clusters_val, y_val)
-        data, x_names, z_names = _in_memory_data(X, Z, clusters, y)
-        self.n_features_in_ = len(x_names)
-        self.feature_names_in_ = np.asarray(x_names, dtype=object)
-        self.z_names_ = z_names
-        return data, self._validation_mse(X_val, Z_val, clusters_val, y_val)
+        return _in_memory_data(X, Z, clusters, y), self._validation_mse(
+            X_val, Z_val, clusters_val, y_val)
 
     def _dask_array_training_data(self, X, Z, clusters, y):
         import dask.dataframe as dd
         x_names = [str(c) for c in X.columns]
         z_names = [str(c) for c in Z.columns] if hasattr(Z, "columns") else ["Z0"]
-        self.n_features_in_ = len(x_names)
-        self.feature_names_in_ = np.asarray(x_names, dtype=object)
-        self.z_names_ = z_names
         z_columns = [f"Z[{name}]" for name in z_names]
         frame = dd.map_partitions(_combine_columns, X, Z, clusters, y, x_names=x_names,
                                   z_columns=z_columns, align_dataframes=False)
-        return dict(distributed=True, frame=frame, x_columns=x_names, z_columns=z_columns)
+        return dict(distributed=True, frame=frame, x_columns=x_names, z_columns=z_columns,
+                    x_names=x_names, z_names=z_names, x_named=True,
+                    z_named=hasattr(Z, "columns"))
 
     def _formula_training_data(self, data, Z, clusters, y, data_val):
         from .formula import FeatureEncoder, design_matrices, parse_formula
@@ -316,23 +344,24 @@ class MERF(RegressorMixin, BaseEstimator):
                              "come from the formula")
         data = _as_frame(data)
         spec = parse_formula(self.formula, columns=[str(c) for c in data.columns])
-        self.formula_spec_ = spec
-        self.encoder_ = FeatureEncoder().fit(data[list(spec.fixed)])
-        self.n_features_in_ = len(spec.fixed)
-        self.feature_names_in_ = np.asarray(spec.fixed, dtype=object)
-        self.z_names_ = list(spec.z_names)
+        encoder = FeatureEncoder().fit(data[list(spec.fixed)])
+        described = dict(formula_spec=spec, encoder=encoder, x_names=list(spec.fixed),
+                         z_names=list(spec.z_names), x_named=False, z_named=False)
         validation = None
         if data_val is not None:
-            X_v, Z_v, g_v, y_v = design_matrices(_as_frame(data_val), spec, self.encoder_)
+            X_v, Z_v, g_v, y_v = design_matrices(_as_frame(data_val), spec, encoder)
             validation = self._validation_mse(X_v, Z_v, g_v, y_v)
         if _is_dask(data):
             z_columns = [f"Z[{name}]" for name in spec.z_names]
             x_columns = list(spec.fixed)
-            frame = data.map_partitions(_formula_partition, spec=spec, encoder=self.encoder_,
+            frame = data.map_partitions(_formula_partition, spec=spec, encoder=encoder,
                                         x_columns=x_columns, z_columns=z_columns)
             return dict(distributed=True, frame=frame, x_columns=x_columns,
-                        z_columns=z_columns), validation
-        return _in_memory_data(*design_matrices(data, spec, self.encoder_))[0], validation
+                        z_columns=z_columns, **described), validation
+        X_, Z_, groups, y_ = design_matrices(data, spec, encoder)
+        return {**_in_memory_data(X_, Z_, groups, y_, x_names=spec.fixed, z_names=spec.z_names,
+                                  cluster_name=f"grouping column {spec.group!r}"),
+                **described}, validation
 
     def _validation_mse(self, X_val, Z_val, clusters_val, y_val):
         given = [v is not None for v in (X_val, Z_val, clusters_val, y_val)]
@@ -357,8 +386,8 @@ class MERF(RegressorMixin, BaseEstimator):
         from .dask.em import DaskEMData
         from .dask.partitioning import ensure_cluster_partitions
         if client is None:
-            raise ValueError("a distributed fit needs a dask.distributed Client: create one "
-                             "(Client()) or pass client=")
+            raise ValueError("a fit on Dask collections needs a dask.distributed Client: "
+                             "create one (Client()) or pass client=")
         if data["distributed"]:
             frame, x_columns, z_columns = data["frame"], data["x_columns"], data["z_columns"]
             aligned = ensure_cluster_partitions(frame, _CLUSTER)
@@ -377,31 +406,69 @@ class MERF(RegressorMixin, BaseEstimator):
                 n_partitions=2 * max(1, len(client.scheduler_info()["workers"]))))
         em_data = DaskEMData(client=client, partitions=partitions, x_columns=x_columns,
                              z_columns=z_columns, cluster_column=_CLUSTER, y_column=_RESPONSE)
-        self.n_partitions_ = len(partitions)
-        return em_data
+        return em_data, len(partitions)
 
-    def _store_result(self, result, honest):
-        self.fe_model_ = result.fe_model
-        ids = result.cluster_ids
-        self.b_ = pd.DataFrame(result.b, index=ids, columns=self.z_names_)
+    def _set_state(self, state: ModelState) -> "MERF":
+        """Make ``state`` this model's fitted state: the one place the fitted attributes are set
+        (by fit and by load)."""
+        self.state_ = state
+        self.fe_model_ = state.fe_model
+        self.b_ = pd.DataFrame(state.b, index=state.cluster_ids, columns=state.z_names)
         self.b_.index.name = "cluster"
-        self.b_cov_ = result.b_cov
-        self.D_ = result.D
-        self.sigma2_ = result.sigma2
-        self.history_ = result.history
-        self.gll_history_ = [r.gll for r in result.history]
-        self.sigma2_history_ = [r.sigma2 for r in result.history]
-        self.D_history_ = [r.D for r in result.history]
-        self.val_loss_history_ = [r.val_mse for r in result.history if r.val_mse is not None]
-        self.n_iter_ = len(result.history)
-        self.n_rows_ = result.n_rows
-        self.converged_ = result.converged
-        self.oob_ = honest
-        if self.tol > 0 and not result.converged:
+        self.b_cov_ = state.b_cov
+        self.D_ = state.D
+        self.sigma2_ = state.sigma2
+        self.history_ = state.history
+        self.gll_history_ = [r.gll for r in state.history]
+        self.sigma2_history_ = [r.sigma2 for r in state.history]
+        self.D_history_ = [r.D for r in state.history]
+        self.val_loss_history_ = [r.val_mse for r in state.history if r.val_mse is not None]
+        self.n_iter_ = len(state.history)
+        self.n_rows_ = state.n_rows
+        self.converged_ = state.converged
+        self.honest_kind_ = state.honest
+        self.oob_ = state.honest != "in-sample"
+        self.n_features_in_ = len(state.feature_names)
+        self.feature_names_in_ = np.asarray(state.feature_names, dtype=object)
+        self.z_names_ = list(state.z_names)
+        self.n_partitions_ = state.n_partitions
+        self.resumed_from_ = state.resumed_from
+        if state.formula_spec is not None:
+            self.formula_spec_, self.encoder_ = state.formula_spec, state.encoder
+        return self
+
+    @staticmethod
+    def _honest_kind(plan, result) -> str:
+        if not plan.n_honest:
+            return "in-sample"
+        if result.n_in_sample:
+            return "partly in-sample"
+        return "out-of-bag" if plan.trees else "cross-fitted"
+
+    def _warn_about(self, result, tol: float) -> None:
+        """The warnings a finished fit owes its user: no convergence, rows predicted in-sample
+        although honest predictions were asked for, and a boundary or unidentified D."""
+        if tol > 0 and not result.converged:
             warnings.warn(f"MERF did not converge in {self.max_iterations} iterations "
                           f"(relative GLL change {result.history[-1].relative_change:.2e} > "
-                          f"tol={self.tol}); increase max_iterations", ConvergenceWarning,
+                          f"tol={tol}); increase max_iterations", ConvergenceWarning,
                           stacklevel=3)
+        if result.n_in_sample:
+            warnings.warn(f"{result.n_in_sample} of {result.n_rows} training rows had no member "
+                          "that did not train on them, so their f inside EM was predicted "
+                          "in-sample (sigma2 is biased low); use more clusters or trees",
+                          UserWarning, stacklevel=3)
+        gram_eigenvalues, gram_vectors = np.linalg.eigh(result.design_gram)
+        if gram_eigenvalues[0] <= 1e-10 * max(gram_eigenvalues[-1], np.finfo(float).tiny):
+            direction = gram_vectors[:, 0]
+            columns = [name for name, weight in zip(self.z_names_, direction)
+                       if abs(weight) > 1e-6]
+            warnings.warn("boundary (singular) fit: the random-effects design has no variation "
+                          f"in the direction of columns {columns} (all zero or collinear), so "
+                          "the data cannot inform D there and D_ keeps its starting value in "
+                          "that direction; drop one of those columns", SingularFitWarning,
+                          stacklevel=3)
+            return
         eigenvalues = np.linalg.eigvalsh(self.D_)
         if eigenvalues[0] <= _SINGULAR_TOLERANCE * self.sigma2_:
             warnings.warn("boundary (singular) fit: the random-effects covariance D is nearly "
@@ -440,19 +507,35 @@ class MERF(RegressorMixin, BaseEstimator):
             return dd.map_partitions(_predict_partition, X, Z, clusters, model=_shipped(self),
                                      return_std=return_std, align_dataframes=False,
                                      meta=_prediction_meta(return_std))
-        X, _ = check.check_matrix(X, name="X")
-        Z, _ = check.check_matrix(Z, name="Z")
-        ids = check.check_clusters(clusters)
-        check.check_same_length(X=X, Z=Z, clusters=ids)
-        return self._predict_arrays(X, Z, ids, return_std=return_std)
+        return self._predict_arrays(X, Z, clusters, return_std=return_std)
 
-    def _predict_arrays(self, X, Z, ids, *, return_std=False):
+    def _predict_arrays(self, X, Z, clusters, *, return_std=False):
+        """Predictions of checked input: the one path every kind of input takes (arrays, frames,
+        formula designs, Dask partitions), so every input obeys the same rules: no missing or
+        infinite values, no missing cluster id, column names as in fit, any number of rows."""
+        if Z is None or clusters is None:
+            raise ValueError("predict(X, Z, clusters) needs Z and clusters "
+                             "(or fit with formula= and pass one DataFrame)")
+        state = self.state_
+        names = dict(x=None, z=None) if state.formula_spec is None else dict(
+            x=state.feature_names, z=state.z_names)
+        X, x_names = check.check_matrix(X, name="X", allow_empty=True, columns=names["x"])
+        Z, z_names = check.check_matrix(Z, name="Z", allow_empty=True, columns=names["z"])
+        ids = check.check_clusters(clusters, allow_empty=True)
+        check.check_same_length(X=X, Z=Z, clusters=ids)
+        if state.x_named:
+            check.check_feature_names(x_names, state.feature_names, name="X")
+        if state.z_named:
+            check.check_feature_names(z_names, state.z_names, name="Z")
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, the model was fitted with "
                              f"{self.n_features_in_}")
         if Z.shape[1] != self.D_.shape[0]:
             raise ValueError(f"Z has {Z.shape[1]} columns, the model was fitted with "
                              f"{self.D_.shape[0]}")
+        if not len(X):
+            empty = np.empty(0)
+            return (empty, empty.copy()) if return_std else empty
         codes = self.b_.index.get_indexer(ids)
         # threads, not processes: Dask workers are daemons and cannot start joblib's process pool
         with joblib.parallel_config(backend="threading"):
@@ -477,25 +560,36 @@ class MERF(RegressorMixin, BaseEstimator):
 
     def score(self, X, Z=None, clusters=None, y=None):
         """R^2 of ``predict`` (with ``formula``: ``score(data)``, the response from the frame)."""
+        check_is_fitted(self, "fe_model_")
         if self.formula is not None:
             from .formula import design_matrices
             X_, Z_, groups, y_ = design_matrices(_as_frame(X), self.formula_spec_, self.encoder_)
-            return r2_score(y_, self._predict_arrays(X_, Z_, groups))
+            return r2_score(check.check_vector(y_, name=self.formula_spec_.response),
+                            self._predict_arrays(X_, Z_, groups))
         return r2_score(check.check_vector(y, name="y"), self.predict(X, Z, clusters))
 
     # ------------------------------------------------------------ artifacts
 
     def save(self, url, *, overwrite=False, storage_options=None, fingerprint=None, report=True):
-        """Write the fitted model as a model directory (see :mod:`merf_dask.io.artifacts`)."""
+        """Write the fitted model as a model directory (see :mod:`merf_dask.io.artifacts`).
+
+        Parameters
+        ----------
+        url : str or path-like
+            Local path or fsspec URL of the directory.
+        overwrite : bool, default=False
+            Replace an existing directory (otherwise ``FileExistsError``).
+        storage_options : dict, optional
+        fingerprint : dict, optional
+            Description of the training data to record.
+        report : bool, default=True
+            Also write the HTML report (when matplotlib is installed).
+        """
         from .io.artifacts import save_model
         check_is_fitted(self, "fe_model_")
-        save_model(self, url, overwrite=overwrite, storage_options=storage_options,
-                   fingerprint=fingerprint, report=report)
-
-    def _honest_kind(self) -> str:
-        if not self.oob_:
-            return "in-sample"
-        return "out-of-bag" if is_bagged_forest(self.fe_model_) else "cross-fitted"
+        save_model(self.state_, self.get_params(deep=False), url, overwrite=overwrite,
+                   storage_options=storage_options, fingerprint=fingerprint,
+                   summary=self.summary() if report else None)
 
     def summary(self) -> str:
         """A text summary like statsmodels' ``summary()``: data, convergence, variance components
@@ -509,9 +603,9 @@ class MERF(RegressorMixin, BaseEstimator):
             f"  rows:           {self.n_rows_}",
             f"  clusters:       {len(self.b_)}",
             f"  iterations:     {self.n_iter_} ({'converged' if self.converged_ else 'not converged'},"
-            f" tol={self.tol})",
+            f" tol={self._tol()})",
             f"  final GLL:      {self.gll_history_[-1]:.6g}",
-            f"  honest f in EM: {self._honest_kind()}",
+            f"  honest f in EM: {self.honest_kind_}",
             f"  learner:        {type(self.fe_model_).__name__}",
             "",
             "Random effects            Variance    Std.Dev.  Corr",
@@ -529,9 +623,17 @@ class MERF(RegressorMixin, BaseEstimator):
 
     @classmethod
     def load(cls, url, *, storage_options=None):
-        """Load a model directory, refusing files whose SHA-256 differs from the manifest."""
+        """Load a model directory, refusing one of another format version or whose manifest or
+        files differ from the digests saved with them.
+
+        The loaded model has the saved model's parameters (``get_params()``, the unfitted
+        learner included) and fitted state, and ``manifest_``, the directory's manifest.
+        """
         from .io.artifacts import load_model
-        return load_model(url, storage_options=storage_options)
+        params, state, manifest = load_model(url, storage_options=storage_options)
+        model = cls(**params)._set_state(state)
+        model.manifest_ = manifest
+        return model
 
     # ----------------------------------------------------- merf 1.0 names
 
@@ -566,17 +668,22 @@ class MERF(RegressorMixin, BaseEstimator):
         return self.val_loss_history_
 
 
-def _in_memory_data(X, Z, clusters, y):
-    """Checked arrays of an in-memory fit, with the column names of X and Z."""
-    X, x_names = check.check_matrix(X, name="X")
-    Z, z_names = check.check_matrix(Z, name="Z")
-    ids = check.check_clusters(clusters)
+def _in_memory_data(X, Z, clusters, y, *, x_names=None, z_names=None,
+                    cluster_name="clusters") -> dict:
+    """Checked arrays of an in-memory fit, with the column names of X and Z (``x_names``,
+    ``z_names`` and ``cluster_name`` name a formula design's columns in error messages)."""
+    X, x_frame_names = check.check_matrix(X, name="X", columns=x_names)
+    Z, z_frame_names = check.check_matrix(Z, name="Z", columns=z_names,
+                                          largest=check.LARGEST_VALUE)
+    ids = check.check_clusters(clusters, name=cluster_name)
     y = check.check_vector(y, name="y")
     check.check_same_length(X=X, Z=Z, clusters=ids, y=y)
     codes, cluster_ids = pd.factorize(ids, sort=False)
-    data = dict(distributed=False, X=X, Z=Z, y=y, codes=codes.astype(np.int64),
-                cluster_ids=pd.Index(cluster_ids))
-    return data, x_names, z_names
+    return dict(distributed=False, X=X, Z=Z, y=y, codes=codes.astype(np.int64),
+                cluster_ids=pd.Index(cluster_ids),
+                x_names=x_frame_names or [f"X{i}" for i in range(X.shape[1])],
+                z_names=z_frame_names or [f"Z{i}" for i in range(Z.shape[1])],
+                x_named=x_frame_names is not None, z_named=z_frame_names is not None)
 
 
 def _as_frame(data):
@@ -612,17 +719,32 @@ def _em_frame(X, Z, clusters, y, *, x_columns, z_columns) -> pd.DataFrame:
     return frame
 
 
+def _checked_em_frame(X, Z, clusters, y, *, x_columns, z_columns, x_names=None, z_names=None,
+                      cluster_name="clusters") -> pd.DataFrame:
+    """:func:`_em_frame` of one partition, checked by the rules of an in-memory fit (an empty
+    partition passes: a filtered frame or an empty file has them)."""
+    if len(X):
+        data = _in_memory_data(X, Z, clusters, y, x_names=x_names, z_names=z_names,
+                               cluster_name=cluster_name)
+        X, Z, y = data["X"], data["Z"], data["y"]
+    return _em_frame(np.asarray(X, dtype=float).reshape(len(X), len(x_columns)),
+                     np.asarray(Z, dtype=float).reshape(len(X), len(z_columns)), clusters,
+                     y, x_columns=x_columns, z_columns=z_columns)
+
+
 def _combine_columns(X, Z, clusters, y, *, x_names, z_columns) -> pd.DataFrame:
-    """One partition of the distributed fit's frame from four Dask collections (on the workers)."""
-    return _em_frame(X.to_numpy(dtype=float), np.asarray(Z, dtype=float).reshape(len(X), -1),
-                     clusters, y, x_columns=x_names, z_columns=z_columns)
+    """One partition of the distributed fit's frame from four Dask collections (on the
+    workers)."""
+    return _checked_em_frame(X, Z, clusters, y, x_columns=x_names, z_columns=z_columns)
 
 
 def _formula_partition(part, *, spec, encoder, x_columns, z_columns) -> pd.DataFrame:
     """One partition of the distributed fit's frame from a formula (on the workers)."""
     from .formula import design_matrices
-    return _em_frame(*design_matrices(part, spec, encoder), x_columns=x_columns,
-                     z_columns=z_columns)
+    X, Z, groups, y = design_matrices(part, spec, encoder)
+    return _checked_em_frame(X, Z, groups, y, x_columns=x_columns, z_columns=z_columns,
+                             x_names=spec.fixed, z_names=spec.z_names,
+                             cluster_name=f"grouping column {spec.group!r}")
 
 
 def _prediction_meta(return_std):
@@ -640,9 +762,7 @@ def _as_prediction_frame(result, index, return_std):
 
 
 def _predict_partition(X, Z, clusters, *, model, return_std):
-    Z = Z.to_frame() if isinstance(Z, pd.Series) else Z
-    result = model._predict_arrays(X.to_numpy(dtype=float), Z.to_numpy(dtype=float),
-                                   check.check_clusters(clusters), return_std=return_std)
+    result = model._predict_arrays(X, Z, clusters, return_std=return_std)
     return _as_prediction_frame(result, X.index, return_std)
 
 
@@ -652,7 +772,8 @@ def _predict_formula_partition(part, *, model, return_std):
 
 
 def _shipped(model):
-    """The model as a future broadcast to the workers when a client is active, so a lazy
-    prediction graph carries a reference instead of the pickled forest in every task."""
+    """The model as a future broadcast to the workers when a client is active (predicting Dask
+    input), so a lazy prediction graph carries a reference instead of the pickled forest in
+    every task."""
     client = model.client or _active_client()
     return model if client is None else client.scatter(model, broadcast=True, hash=False)

@@ -288,7 +288,7 @@ def test_honest_predictions_equal_a_naive_per_row_loop(forest_fit):
         honest = [predictions[m][i] for m in serving if in_bag[m][i] == 0]
         every = [predictions[m][i] for m in predictions]
         expected[i] = np.mean(honest) if honest else np.mean(every)
-    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
+    got, _ = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
     # the exclusion matters: no row is predicted by the plain average of every tree
     every = np.mean(list(predictions.values()), axis=0)
@@ -300,9 +300,9 @@ def test_honest_predictions_do_not_depend_on_the_order_of_the_rows(forest_fit):
     result comes back in the caller's order, bit for bit, whatever order the rows came in."""
     plan, fitted, X = forest_fit["plan"], forest_fit["fitted"], forest_fit["X"]
     keys, residue_of_row = forest_fit["keys"], forest_fit["residue_of_row"]
-    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
+    got, _ = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
     shuffle = np.random.default_rng(3).permutation(len(X))
-    shuffled = honest_predictions(plan, fitted, X=X[shuffle], keys=keys[shuffle],
+    shuffled, _ = honest_predictions(plan, fitted, X=X[shuffle], keys=keys[shuffle],
                                   residue_of_row=residue_of_row[shuffle])
     assert not np.array_equal(got[shuffle], got)
     np.testing.assert_array_equal(shuffled, got[shuffle])
@@ -379,7 +379,7 @@ def test_cross_fit_never_predicts_a_row_with_its_own_fold():
     # each member predicts the mean of exactly its residue class
     for member, estimator in fitted:
         assert estimator.predict(X[:1])[0] == pytest.approx(fold_mean[plan.residues[member]])
-    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=fold)
+    got, _ = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=fold)
     expected = np.array([np.mean([fold_mean[r] for r in range(n_folds) if r != f])
                          for f in fold])
     np.testing.assert_allclose(got, expected, rtol=1e-12)
@@ -400,7 +400,7 @@ def test_in_sample_member_predicts_in_sample():
     assert len(fitted) == 1
     model = assemble_model(plan, fitted, X.shape[1])
     assert model is fitted[0][1] and isinstance(model, RandomForestRegressor)
-    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
+    got, _ = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=residue_of_row)
     np.testing.assert_allclose(got, model.predict(X), rtol=1e-12)
 
 
@@ -417,7 +417,7 @@ def test_a_strided_cross_fit_predicts_each_row_with_n_folds_minus_one_other_memb
     keys = row_keys(hashes, codes, np.column_stack([X, y]))
     fitted = fit_plan(plan, X=X, y=y, keys=keys, residue_of_row=fold)
     member_mean = {m: est.predict(X[:1])[0] for m, est in fitted}
-    got = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=fold)
+    got, _ = honest_predictions(plan, fitted, X=X, keys=keys, residue_of_row=fold)
     for residue in range(plan.stride):
         serving = plan.honest_members(residue)
         assert len(serving) == n_folds - 1

@@ -34,6 +34,7 @@ run_em
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -109,9 +110,9 @@ class PartitionArrays:
         """Bytes of the row arrays."""
         return sum(a.nbytes for a in (self.X, self.Z, self.y, self.codes, self.keys))
 
-    def residues(self, stride: int) -> np.ndarray:
-        """Residue class of every row's cluster hash modulo ``stride``."""
-        return (self.hashes % np.uint64(stride))[self.codes]
+    def residues(self, plan: MemberPlan) -> np.ndarray:
+        """Residue class of every row's cluster in ``plan`` (:meth:`MemberPlan.residue_of`)."""
+        return plan.residue_of(self.hashes)[self.codes]
 
 
 def m_step_pieces(part: PartitionArrays, b: np.ndarray, plan: MemberPlan) -> dict[int, Piece]:
@@ -130,7 +131,7 @@ def m_step_pieces(part: PartitionArrays, b: np.ndarray, plan: MemberPlan) -> dic
     """
     working_response = part.y - random_effects_offset(part.Z, b, part.codes)
     return training_pieces(plan, X=part.X, y=working_response, keys=part.keys,
-                           residue_of_row=part.residues(plan.stride))
+                           residue_of_row=part.residues(plan))
 
 
 def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: float,
@@ -154,16 +155,19 @@ def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: flo
     b_cov : ndarray of shape (n_clusters, q, q)
     sums : EMSums
     """
-    residue_of_row = part.residues(plan.stride)
+    residue_of_row = part.residues(plan)
     bounds = np.linspace(0, len(part.y), joblib.effective_n_jobs(n_jobs) + 1).astype(int)
     blocks = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
-    f_hat = np.concatenate(joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
+    predicted = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
         joblib.delayed(honest_predictions)(plan, fitted, X=part.X[rows], keys=part.keys[rows],
                                            residue_of_row=residue_of_row[rows])
-        for rows in blocks))
+        for rows in blocks)
+    f_hat = np.concatenate([values for values, _ in predicted])
     stats = cluster_statistics(part.codes, part.Z, part.y - f_hat,
                                n_clusters=len(part.cluster_ids))
-    return random_effects_step(stats, sigma2=sigma2, D=D)
+    b, b_cov, sums = random_effects_step(stats, sigma2=sigma2, D=D)
+    n_in_sample = sum(count for _, count in predicted) if plan.n_honest else 0
+    return b, b_cov, dataclasses.replace(sums, n_in_sample=float(n_in_sample))
 
 
 class EMData(Protocol):
@@ -171,6 +175,7 @@ class EMData(Protocol):
 
     n_rows: int
     n_clusters: int
+    cluster_hashes: np.ndarray  # of every training cluster, shape (n_clusters,)
 
     def fit_fixed_effects(self, plan: MemberPlan) -> None: ...
 
@@ -211,6 +216,7 @@ class InMemoryEMData:
         self.part = PartitionArrays.from_arrays(X=X, Z=Z, y=y, codes=codes,
                                                 cluster_ids=cluster_ids)
         self.n_rows, self.n_clusters = len(y), len(cluster_ids)
+        self.cluster_hashes = self.part.hashes
         self.n_jobs = n_jobs
         self.b = np.zeros((len(cluster_ids), Z.shape[1]))
         self.b_cov = np.zeros((len(cluster_ids), Z.shape[1], Z.shape[1]))
@@ -303,7 +309,11 @@ class EMState:
 
 @dataclass
 class EMResult:
-    """Everything the loop learned."""
+    """Everything the loop learned.
+
+    ``design_gram`` is Z'Z over all rows (shape (q, q)); ``n_in_sample`` counts the rows that got
+    an in-sample prediction of f in the last iteration although the plan is honest.
+    """
 
     fe_model: BaseEstimator
     sigma2: float
@@ -314,6 +324,8 @@ class EMResult:
     n_rows: int
     converged: bool
     history: list[IterationRecord] = field(default_factory=list)
+    design_gram: np.ndarray | None = None
+    n_in_sample: int = 0
 
 
 def _relative_change(previous: float, current: float) -> float:
@@ -382,6 +394,11 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
         m_step_done = time.perf_counter()
         sums = data.random_effects_step(sigma2=sigma2, D=D)
         sigma2, D, gll = map(_canonical, update_variance_components(sums))
+        if not sigma2 > 0:  # zero or NaN: nothing is left to split into variance components
+            raise ValueError(
+                f"the residual variance became {sigma2} in EM iteration {iteration}: the fixed "
+                "effects reproduce y exactly (a constant y, or a learner that interpolates its "
+                "training rows with oob=False); there is no variance to decompose")
         e_step_done = time.perf_counter()
         val_mse = None
         if validation_mse is not None:
@@ -406,4 +423,5 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
     cluster_ids, b, b_cov = data.random_effects()
     return EMResult(fe_model=data.fixed_effects_model(), sigma2=sigma2, D=D,
                     cluster_ids=cluster_ids, b=b, b_cov=b_cov, n_rows=data.n_rows,
-                    converged=converged, history=history)
+                    converged=converged, history=history, design_gram=sums.design_gram,
+                    n_in_sample=int(sums.n_in_sample))

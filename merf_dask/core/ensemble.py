@@ -68,6 +68,7 @@ from sklearn.ensemble._forest import BaseForest
 from sklearn.tree import DecisionTreeRegressor
 
 __all__ = ["row_keys", "MemberPlan", "plan_members", "TREE_MEMBER_ROWS", "FOLD_MEMBER_ROWS",
+           "DEALT_CLUSTERS_PER_CLASS",
            "Piece", "training_pieces", "fit_members", "honest_predictions", "assemble_model",
            "FoldEnsemble", "is_bagged_forest", "predict_fixed_effects"]
 
@@ -78,6 +79,9 @@ _POISSON_CDF = np.cumsum([math.exp(-1) / math.factorial(k) for k in range(21)])
 TREE_MEMBER_ROWS = 100_000
 #: ... and per member of a cross-fit (bounds the memory of its fit task: a few copies of its rows)
 FOLD_MEMBER_ROWS = 1_000_000
+#: Below this many clusters per residue class, classes are dealt rather than hashed
+#: (:func:`plan_members`): with a handful of clusters, hash residues often leave a class empty.
+DEALT_CLUSTERS_PER_CLASS = 64
 _TREE_PARAMS = ("criterion", "max_depth", "min_samples_split", "min_samples_leaf",
                 "min_weight_fraction_leaf", "max_features", "max_leaf_nodes",
                 "min_impurity_decrease", "ccp_alpha", "monotonic_cst")
@@ -150,6 +154,10 @@ class MemberPlan:
     seeds : ndarray of shape (n_members,), uint32
     n_honest : int
         How many members an honest prediction averages per row (see :meth:`honest_members`).
+    class_table : (ndarray of shape (n_clusters,), ndarray of shape (n_clusters,)) or None
+        Sorted cluster hashes and the residue class dealt to each, when the fit has too few
+        clusters for hash residues to fill every class (see :func:`plan_members`); None: the
+        class of a cluster is its hash modulo ``stride``.
     """
 
     learner: BaseEstimator
@@ -158,10 +166,30 @@ class MemberPlan:
     residues: np.ndarray
     seeds: np.ndarray
     n_honest: int
+    class_table: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_members(self) -> int:
         return len(self.seeds)
+
+    def residue_of(self, hashes: np.ndarray) -> np.ndarray:
+        """The residue class of clusters with these hashes: the hash modulo ``stride``, or the
+        class dealt to the cluster in ``class_table`` when the fit has few clusters per class.
+
+        Parameters
+        ----------
+        hashes : ndarray of shape (n_clusters,), uint64
+            Hashes of training clusters (:func:`merf_dask.core.hashing.cluster_hashes`).
+
+        Returns
+        -------
+        ndarray of shape (n_clusters,), int64
+        """
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        if self.class_table is None:
+            return (hashes % np.uint64(self.stride)).astype(np.int64)
+        table_hashes, table_classes = self.class_table
+        return table_classes[np.searchsorted(table_hashes, hashes)]
 
     @property
     def feature_dtype(self):
@@ -234,7 +262,8 @@ def _power_of_two_at_least(value: float) -> int:
 
 
 def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: int,
-                 member_rows: int | str, seed: int) -> MemberPlan:
+                 member_rows: int | str, seed: int,
+                 cluster_hashes: np.ndarray | None = None) -> MemberPlan:
     """Decide the members of every M-step of a fit.
 
     The same members (seeds, bootstraps, residue classes) serve every iteration, as a forest with
@@ -257,30 +286,68 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
         members of a cross-fit.
     seed : int
         The fit's seed; it seeds every member.
+    cluster_hashes : ndarray of shape (n_clusters,), uint64, optional
+        Hashes of every training cluster. With them, the stride never exceeds the number of
+        clusters, and when there are fewer than ``DEALT_CLUSTERS_PER_CLASS`` clusters per class
+        the classes are dealt like cards (clusters in the order of their hash mixed with the
+        seed, class = position modulo stride), so that every class holds clusters and a
+        cross-fit stays honest; otherwise hash residues fill every class by the law of large
+        numbers and keep each class within one lake bucket.
 
     Returns
     -------
     MemberPlan
+
+    Raises
+    ------
+    ValueError
+        A cross-fit with fewer clusters than ``n_folds``.
     """
     trees = honest and is_bagged_forest(learner)
     if member_rows == "auto":
         member_rows = TREE_MEMBER_ROWS if trees else FOLD_MEMBER_ROWS
     stride = _power_of_two_at_least(n_rows / member_rows)
+    if honest and not trees:
+        stride = max(stride, n_folds)
+    if not honest:
+        stride = 1
+    n_clusters = None if cluster_hashes is None else len(np.unique(cluster_hashes))
+    if n_clusters is not None:
+        if honest and not trees and n_clusters < n_folds:
+            raise ValueError(
+                f"a cross-fit with n_folds={n_folds} needs at least {n_folds} clusters, got "
+                f"{n_clusters}; lower n_folds, use a bagged forest (out-of-bag predictions), or "
+                "set oob=False (in-sample predictions, which bias sigma2 low)")
+        stride = min(stride, max(1, n_clusters))  # a class without clusters grows no member
     if trees:
         # at least one tree per residue class, so that every cluster trains the forest
         n_members = max(learner.n_estimators, stride)
         # as many trees as the classic out-of-bag prediction of n_estimators trees averages
         n_honest = math.ceil(learner.n_estimators * math.exp(-1))
     elif honest:
-        stride = max(stride, n_folds)
         n_members, n_honest = stride, n_folds - 1
     else:
-        stride, n_members, n_honest = 1, 1, 0
+        n_members, n_honest = 1, 0
+    class_table = None
+    if n_clusters is not None and 1 < stride and n_clusters < DEALT_CLUSTERS_PER_CLASS * stride:
+        class_table = _dealt_classes(np.asarray(cluster_hashes, dtype=np.uint64), stride, seed)
     rng = np.random.default_rng(seed)
     residues = rng.permutation(stride)[np.arange(n_members) % stride]
     seeds = rng.integers(0, np.iinfo(np.uint32).max, n_members, dtype=np.uint32)
     return MemberPlan(learner=learner, trees=trees, stride=stride, residues=residues, seeds=seeds,
-                      n_honest=n_honest)
+                      n_honest=n_honest, class_table=class_table)
+
+
+def _dealt_classes(hashes: np.ndarray, stride: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ``hashes`` and the class dealt to each: clusters in the order of their hash mixed
+    with the seed, class = position modulo ``stride`` (every class gets ``n // stride`` or one
+    more clusters; the deal depends on the set of clusters and the seed only)."""
+    hashes = np.unique(hashes)
+    with np.errstate(over="ignore"):
+        shuffled = _mix(hashes ^ (np.uint64(seed) * _GOLDEN))
+    classes = np.empty(len(hashes), dtype=np.int64)
+    classes[np.argsort(shuffled, kind="stable")] = np.arange(len(hashes)) % stride
+    return hashes, classes
 
 
 @dataclass(frozen=True)
@@ -349,6 +416,7 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
     Returns
     -------
     list of (member index, fitted member)
+        A tree whose Poisson bootstrap drew no row (possible on a handful of rows) is left out.
     """
     keys = np.concatenate([p.keys for p in pieces])
     order = np.argsort(keys, kind="stable")
@@ -360,11 +428,25 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
         if plan.trees:
             counts = _bootstrap_counts(keys, int(plan.seeds[member]))
             rows = np.flatnonzero(counts)
+            if not len(rows):  # a tree whose bootstrap drew no row (tiny data) is not grown
+                continue
             estimator = _member(plan, member).fit(X[rows], y[rows], sample_weight=counts[rows])
         else:
-            estimator = _member(plan, member).fit(X, y)
+            estimator = _fit_fold_member(plan, member, X, y)
         fitted.append((int(member), estimator))
     return fitted
+
+
+def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray):
+    """Fit one member of a cross-fit (or the one in-sample member), saying which rows it had
+    when the learner refuses them (LightGBM needs at least 2 rows, for instance)."""
+    try:
+        return _member(plan, member).fit(X, y)
+    except ValueError as error:
+        raise ValueError(
+            f"{type(plan.learner).__name__} could not be fitted on the {len(y)} rows of one "
+            f"member's fold ({error}); with this little data use more rows per cluster or "
+            "fewer folds (n_folds), a bagged forest, or oob=False") from None
 
 
 def _predict(member: BaseEstimator, X: np.ndarray, trees: bool) -> np.ndarray:
@@ -420,7 +502,9 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
 
     Returns
     -------
-    ndarray of shape (n_rows,)
+    predictions : ndarray of shape (n_rows,)
+    n_in_sample : int
+        Rows that no honest member served, predicted in-sample (all rows of an in-sample plan).
     """
     X = np.asarray(X, dtype=plan.feature_dtype)
     order = _prediction_order(plan, fitted, X, residue_of_row)
@@ -450,7 +534,7 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
         n_honest[unserved] = 1
     predictions = np.empty(len(X))
     predictions[order] = honest_total / n_honest
-    return predictions
+    return predictions, len(unserved)
 
 
 def predict_fixed_effects(model: BaseEstimator, X: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ random_effects_offset
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -118,6 +118,10 @@ class EMSums:
         Sum of b_i b_i'.
     conditional_cov : ndarray of shape (q, q)
         Sum of Var(b_i | y_i).
+    design_gram : ndarray of shape (q, q)
+        Z'Z over all rows: a direction it does not see is one the data cannot inform D in.
+    n_in_sample : float, default=0
+        Rows whose prediction of f was in-sample because no honest member served them.
     """
 
     n_rows: float
@@ -126,16 +130,12 @@ class EMSums:
     residual_correction: float
     bbt: np.ndarray
     conditional_cov: np.ndarray
+    design_gram: np.ndarray
+    n_in_sample: float = 0.0
 
     def __add__(self, other: "EMSums") -> "EMSums":
-        return EMSums(
-            n_rows=self.n_rows + other.n_rows,
-            n_clusters=self.n_clusters + other.n_clusters,
-            residual_ss=self.residual_ss + other.residual_ss,
-            residual_correction=self.residual_correction + other.residual_correction,
-            bbt=self.bbt + other.bbt,
-            conditional_cov=self.conditional_cov + other.conditional_cov,
-        )
+        return EMSums(**{field.name: getattr(self, field.name) + getattr(other, field.name)
+                         for field in fields(self)})
 
 
 def random_effects_step(stats: ClusterStatistics, *, sigma2: float, D: np.ndarray
@@ -176,6 +176,7 @@ def random_effects_step(stats: ClusterStatistics, *, sigma2: float, D: np.ndarra
         residual_correction=float(np.einsum("kpq,kqp->", b_cov, stats.ztz)),
         bbt=b.T @ b,
         conditional_cov=b_cov.sum(axis=0),
+        design_gram=stats.ztz.sum(axis=0),
     )
     return b, b_cov, sums
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["check_matrix", "check_vector", "check_clusters", "check_same_length"]
+__all__ = ["check_matrix", "check_vector", "check_clusters", "check_same_length",
+           "check_feature_names", "LARGEST_VALUE"]
 
 
 def _first_bad_column(values: np.ndarray, names: list[str]) -> str:
@@ -30,7 +31,17 @@ def _first_bad_column(values: np.ndarray, names: list[str]) -> str:
     return names[bad]
 
 
-def check_matrix(data, *, name: str) -> tuple[np.ndarray, list[str]]:
+#: The largest magnitude accepted in y and Z: EM sums their squares over every row, which
+#: overflow float64 (about 1.8e308) once values pass about 1e150.
+LARGEST_VALUE = 1e150
+
+#: Cluster id types that fit, save and load all support (pandas' ``infer_dtype`` names).
+_ID_KINDS = {"integer", "string", "floating", "boolean", "datetime64", "datetime", "date",
+             "timedelta64", "timedelta"}
+
+
+def check_matrix(data, *, name: str, allow_empty: bool = False, largest: float | None = None,
+                 columns: list[str] | None = None) -> tuple[np.ndarray, list[str] | None]:
     """Return ``data`` as a finite float64 array of shape (n_samples, n_columns) and its column names.
 
     Parameters
@@ -39,12 +50,18 @@ def check_matrix(data, *, name: str) -> tuple[np.ndarray, list[str]]:
         A 1-d input is one column.
     name : str
         Argument name used in error messages (``"X"``, ``"Z"``).
+    allow_empty : bool, default=False
+        Accept 0 rows (prediction of an empty frame or partition).
+    largest : float, optional
+        Refuse values whose magnitude exceeds this (see ``LARGEST_VALUE``).
+    columns : list of str, optional
+        Names of an array's columns for error messages (a formula's design).
 
     Returns
     -------
     values : ndarray of shape (n_samples, n_columns)
-    columns : list of str
-        DataFrame column names, or ``name0, name1, ...``.
+    columns : list of str or None
+        The DataFrame's column names; None for an array without names.
     """
     if isinstance(data, pd.Series):
         data = data.to_frame()
@@ -65,21 +82,27 @@ def check_matrix(data, *, name: str) -> tuple[np.ndarray, list[str]]:
             values = values[:, None]
         if values.ndim != 2:
             raise ValueError(f"{name} must be 2-dimensional, got shape {values.shape}")
-        columns = [f"{name}{i}" for i in range(values.shape[1])]
-    if values.shape[0] == 0:
+    names = columns or [f"{name}{i}" for i in range(values.shape[1])]
+    if values.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (0 rows)")
     if values.shape[1] == 0:
         raise ValueError(f"{name} has no columns")
     if not np.isfinite(values).all():
         raise ValueError(f"{name} contains NaN or infinite values in column "
-                         f"{_first_bad_column(values, columns)!r}")
-    return values, columns
+                         f"{_first_bad_column(values, names)!r}")
+    if largest is not None and values.size and np.abs(values).max() > largest:
+        bad = np.flatnonzero((np.abs(values) > largest).any(axis=0))[0]
+        raise ValueError(f"{name} column {names[bad]!r} has values up to "
+                         f"{np.abs(values[:, bad]).max():.3g}; EM sums their squares, which "
+                         f"overflow above about {largest:.0e}: rescale it")
+    return values, (columns if isinstance(data, pd.DataFrame) else None)
 
 
-def check_vector(data, *, name: str) -> np.ndarray:
+def check_vector(data, *, name: str, largest: float | None = LARGEST_VALUE) -> np.ndarray:
     """Return ``data`` as a finite float64 array of shape (n_samples,).
 
-    A one-column DataFrame is accepted (merf 1.0 failed on ``df[["y"]]``, its issue #59).
+    A one-column DataFrame is accepted (merf 1.0 failed on ``df[["y"]]``, its issue #59); values
+    beyond ``largest`` in magnitude are refused (see ``LARGEST_VALUE``).
     """
     if isinstance(data, pd.DataFrame):
         if data.shape[1] != 1:
@@ -99,11 +122,19 @@ def check_vector(data, *, name: str) -> np.ndarray:
     if len(bad):
         raise ValueError(f"{name} contains {len(bad)} NaN or infinite values "
                          f"(first at row {bad[0]})")
+    if largest is not None and np.abs(values).max() > largest:
+        raise ValueError(f"{name} has values up to {np.abs(values).max():.3g}; EM sums their "
+                         f"squares, which overflow above about {largest:.0e}: rescale {name}")
     return values
 
 
-def check_clusters(data, *, name: str = "clusters") -> pd.Series:
-    """Cluster ids of any hashable type (int, str, ...) as a pandas Series with a fresh index."""
+def check_clusters(data, *, name: str = "clusters", allow_empty: bool = False) -> pd.Series:
+    """Cluster ids as a pandas Series with a fresh index.
+
+    Ids are integers, strings, floats, booleans or dates, all of one kind: those are what a
+    model directory stores and reads back as the same ids. Mixed kinds (``1`` and ``"1"``) and
+    containers (tuples) are refused here rather than at save or predict time.
+    """
     if isinstance(data, pd.DataFrame):
         if data.shape[1] != 1:
             raise ValueError(f"{name} must have one column, got {data.shape[1]}")
@@ -113,11 +144,21 @@ def check_clusters(data, *, name: str = "clusters") -> pd.Series:
     except ValueError as error:  # e.g. a 2-d array
         raise ValueError(f"{name} must be 1-dimensional: {error}") from None
     if len(ids) == 0:
+        if allow_empty:
+            return ids
         raise ValueError(f"{name} is empty (0 rows)")
     missing = ids.isna().to_numpy()
     if missing.any():
         raise ValueError(f"{name} has {int(missing.sum())} missing ids (first at row "
                          f"{int(np.flatnonzero(missing)[0])})")
+    kind = pd.api.types.infer_dtype(ids, skipna=False)
+    if kind == "categorical":
+        kind = pd.api.types.infer_dtype(ids.cat.categories, skipna=False)
+    if kind not in _ID_KINDS:
+        kinds = sorted({type(v).__name__ for v in ids.iloc[:1000]})
+        raise TypeError(f"{name} must all be integers, or all strings (or floats, booleans, "
+                        f"dates); got {kind} ids (types {', '.join(kinds)}, first "
+                        f"{ids.iloc[0]!r}): convert them to one type, e.g. .astype(str)")
     return ids
 
 
@@ -127,3 +168,20 @@ def check_same_length(**arrays) -> None:
     if len(set(lengths.values())) > 1:
         described = ", ".join(f"{name} has {n}" for name, n in lengths.items())
         raise ValueError(f"inconsistent numbers of rows: {described}")
+
+
+def check_feature_names(given: list[str] | None, fitted: list[str], *, name: str) -> None:
+    """Raise ``ValueError`` when a DataFrame's columns differ from those seen in fit.
+
+    Like scikit-learn, names must match in number, spelling and order: a reordered frame would
+    otherwise be predicted silently with its columns swapped. Arrays (``given`` None) pass.
+    """
+    if given is None or list(given) == list(fitted):
+        return
+    missing = [c for c in fitted if c not in given]
+    unexpected = [c for c in given if c not in fitted]
+    if missing or unexpected:
+        raise ValueError(f"{name}'s columns differ from those seen in fit: missing {missing}, "
+                         f"unexpected {unexpected} (fit saw {list(fitted)})")
+    raise ValueError(f"{name}'s columns are in another order than in fit: got {list(given)}, "
+                     f"fit saw {list(fitted)}; select them in that order (X[{list(fitted)}])")

@@ -160,6 +160,7 @@ class DaskEMData:
             logger.debug("keeping the partitions in worker memory (%.0f MB)", n_bytes / 1e6)
             self.sources = client.compute(self.sources)
         self.n_clusters = sum(len(ids) for ids in self.cluster_ids)
+        self.cluster_hashes = np.concatenate(self.hashes)
         self.n_features = len(x_columns)
         q = len(z_columns)
         self.b = [np.zeros((len(ids), q)) for ids in self.cluster_ids]
@@ -207,7 +208,7 @@ class DaskEMData:
 
     def _residues(self, plan) -> list[np.ndarray]:
         """The residue classes of each partition's clusters."""
-        return [np.unique(hashes % np.uint64(plan.stride)) for hashes in self.hashes]
+        return [np.unique(plan.residue_of(hashes)) for hashes in self.hashes]
 
     def _serving_chunks(self, residues: np.ndarray) -> list:
         """The member chunks that a partition holding ``residues`` classes predicts with."""

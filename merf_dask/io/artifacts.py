@@ -2,16 +2,21 @@
 
 A model directory (local path or fsspec URL) holds::
 
-    learner.joblib           the fitted fixed-effects learner
+    learner.joblib           the fitted fixed-effects learner and the unfitted one (the
+                             ``fixed_effects_model`` parameter)
     random_effects.parquet   cluster id, one column per random effect, and the entries of
                              Var(b_i | y_i) (``var[name]`` and ``cov[name1,name2]``)
-    manifest.json            formula, parameters, input schema and encoder, variance components,
-                             GLL / sigma2 / D histories, package versions, a data fingerprint,
-                             the model's size and the SHA-256 of every other file
+    manifest.json            format version, every parameter, input schema and encoder, variance
+                             components, GLL / sigma2 / D histories, package versions, a data
+                             fingerprint, the model's size, the SHA-256 of every other file and
+                             its own SHA-256 (``manifest_sha256``, over the rest of the manifest)
 
 It is written through :func:`merf_dask.io.filesystem.atomic_directory` (all or nothing; an existing
-directory is replaced only with ``overwrite=True``). :func:`load_model` recomputes every hash and
-refuses a directory whose files were changed.
+directory is replaced only with ``overwrite=True``). The module works on a
+:class:`~merf_dask.core.state.ModelState` and the estimator's parameters, never on the estimator.
+:func:`load_model` checks the format version and every digest, the manifest's own included, and
+refuses a directory whose files were changed. The digests catch corruption and careless edits,
+not an attacker who can rewrite the digests too.
 
 Functions
 ---------
@@ -34,13 +39,19 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from .report import render_report
+from ..core.em import IterationRecord
+from ..core.state import ModelState
+from ..formula import FeatureEncoder, FormulaSpec
 from .filesystem import atomic_directory, check_complete, open_filesystem
+from .report import render_report
 
 __all__ = ["save_model", "load_model", "read_manifest", "data_fingerprint", "MANIFEST", "LEARNER", "RANDOM_EFFECTS"]
 
 MANIFEST, LEARNER, RANDOM_EFFECTS = "manifest.json", "learner.joblib", "random_effects.parquet"
-FORMAT_VERSION = 1
+#: Version 2: the manifest carries its own digest, the unfitted learner and every parameter.
+FORMAT_VERSION = 2
+#: The manifest's key holding the SHA-256 of the rest of the manifest.
+MANIFEST_DIGEST = "manifest_sha256"
 _PACKAGES = ("merf-dask", "numpy", "pandas", "scikit-learn", "dask", "distributed", "pyarrow")
 _CLUSTER_COLUMN = "cluster"
 
@@ -55,15 +66,15 @@ def _versions() -> dict:
     return versions
 
 
-def _random_effects_frame(model) -> pd.DataFrame:
-    names = list(model.z_names_)
-    frame = pd.DataFrame({_CLUSTER_COLUMN: model.b_.index.to_numpy()})
+def _random_effects_frame(state) -> pd.DataFrame:
+    names = list(state.z_names)
+    frame = pd.DataFrame({_CLUSTER_COLUMN: np.asarray(state.cluster_ids)})
     for j, name in enumerate(names):
-        frame[name] = model.b_.iloc[:, j].to_numpy()
+        frame[name] = state.b[:, j]
     for j, name in enumerate(names):
-        frame[f"var[{name}]"] = model.b_cov_[:, j, j]
+        frame[f"var[{name}]"] = state.b_cov[:, j, j]
         for k in range(j + 1, len(names)):
-            frame[f"cov[{name},{names[k]}]"] = model.b_cov_[:, j, k]
+            frame[f"cov[{name},{names[k]}]"] = state.b_cov[:, j, k]
     return frame
 
 
@@ -77,40 +88,66 @@ def _conditional_covariances(frame: pd.DataFrame, names: list[str]) -> np.ndarra
     return b_cov
 
 
-def _parameters(model) -> dict:
-    params = model.get_params(deep=False)
-    learner = model.fe_model_
-    return {
-        "formula": params["formula"],
-        "max_iterations": params["max_iterations"],
-        "tol": params["tol"],
-        "oob": params["oob"],
-        "n_folds": params["n_folds"],
-        "member_rows": params["member_rows"],
-        "random_state": params["random_state"] if isinstance(params["random_state"], int) else None,
-        "learner": type(learner).__module__ + "." + type(learner).__qualname__,
-        "learner_params": {k: v for k, v in learner.get_params(deep=False).items()
-                           if isinstance(v, (int, float, str, bool, type(None)))},
-    }
+def _json_random_state(value):
+    """A ``random_state`` parameter as JSON: an int or None as is, a RandomState by its state."""
+    if isinstance(value, np.random.RandomState):
+        state = value.get_state(legacy=False)
+        return {"RandomState": {**state, "state": {"key": state["state"]["key"].tolist(),
+                                                   "pos": state["state"]["pos"]}}}
+    return None if value is None else int(value)
 
 
-def _schema(model) -> dict:
-    schema = {"features": list(model.feature_names_in_), "random_effects": list(model.z_names_)}
-    if model.formula is not None:
-        spec = model.formula_spec_
+def _random_state_from_json(value):
+    if isinstance(value, dict):
+        state = value["RandomState"]
+        generator = np.random.RandomState()
+        generator.set_state({**state, "state": {"key": np.asarray(state["state"]["key"],
+                                                                   dtype=np.uint32),
+                                                "pos": state["state"]["pos"]}})
+        return generator
+    return value
+
+
+def _parameters(params: dict) -> dict:
+    """The estimator's parameters as JSON (the learner is stored in the learner file, a client
+    never travels)."""
+    values = {name: value for name, value in params.items()
+              if name not in ("fixed_effects_model", "client")}
+    values["random_state"] = _json_random_state(values["random_state"])
+    if values.get("checkpoint") is not None:
+        values["checkpoint"] = str(values["checkpoint"])
+    return values
+
+
+def _schema(state) -> dict:
+    schema = {"features": list(state.feature_names), "random_effects": list(state.z_names),
+              "x_named": bool(state.x_named), "z_named": bool(state.z_named)}
+    if state.formula_spec is not None:
+        spec = state.formula_spec
         schema.update(response=spec.response, group=spec.group, slopes=list(spec.random),
-                      random_intercept=spec.random_intercept, encoder=model.encoder_.to_dict())
+                      random_intercept=spec.random_intercept, encoder=state.encoder.to_dict())
     return schema
 
 
-def save_model(model, url, *, overwrite: bool = False, storage_options: dict | None = None,
-               fingerprint: dict | None = None, report: bool = True) -> None:
+def _manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's content without its own digest (keys sorted)."""
+    content = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def save_model(state, params: dict, url, *, overwrite: bool = False,
+               storage_options: dict | None = None, fingerprint: dict | None = None,
+               summary: str | None = None) -> None:
     """Write a fitted model as a model directory (atomically).
 
     Parameters
     ----------
-    model : MERF
-        A fitted model.
+    state : merf_dask.core.state.ModelState
+        The fitted model.
+    params : dict
+        The estimator's ``get_params(deep=False)``; ``fixed_effects_model`` (the unfitted
+        learner) is stored with the fitted one, so a loaded model's ``get_params()`` is the
+        saved model's.
     url : str or path-like
         Destination directory, local or fsspec URL.
     overwrite : bool, default=False
@@ -118,35 +155,44 @@ def save_model(model, url, *, overwrite: bool = False, storage_options: dict | N
     storage_options : dict, optional
     fingerprint : dict, optional
         Description of the training data to record (see :func:`data_fingerprint`).
-    report : bool, default=True
-        Also write the HTML report (:mod:`merf_dask.io.report`) when matplotlib is installed.
+    summary : str, optional
+        The model's text summary; with it, the HTML report (:mod:`merf_dask.io.report`) is
+        written too when matplotlib is installed.
     """
     learner_bytes = io.BytesIO()
-    joblib.dump(model.fe_model_, learner_bytes, compress=3)
+    joblib.dump({"fitted": state.fe_model, "unfitted": params["fixed_effects_model"]},
+                learner_bytes, compress=3)
     effects_bytes = io.BytesIO()
-    _random_effects_frame(model).to_parquet(effects_bytes, index=False)
+    _random_effects_frame(state).to_parquet(effects_bytes, index=False)
     files = {LEARNER: learner_bytes.getvalue(), RANDOM_EFFECTS: effects_bytes.getvalue()}
     model_size = sum(len(content) for content in files.values())  # the report is not the model
-    if report:
-        files.update(render_report(model, summary=model.summary()) or {})
+    if summary is not None:
+        files.update(render_report(state, summary=summary) or {})
+    learner = state.fe_model
     manifest = {
         "format_version": FORMAT_VERSION,
-        "parameters": _parameters(model),
-        "schema": _schema(model),
-        "n_rows": int(model.n_rows_),
-        "n_clusters": int(len(model.b_)),
-        "sigma2": model.sigma2_,
-        "D": model.D_.tolist(),
-        "n_iter": model.n_iter_,
-        "converged": bool(model.converged_),
-        "oob": bool(model.oob_),
-        "history": [r.to_json() for r in model.history_],
+        "parameters": _parameters(params),
+        "learner": type(learner).__module__ + "." + type(learner).__qualname__,
+        "learner_params": {k: v for k, v in learner.get_params(deep=False).items()
+                           if isinstance(v, (int, float, str, bool, type(None)))},
+        "schema": _schema(state),
+        "n_rows": int(state.n_rows),
+        "n_clusters": int(len(state.cluster_ids)),
+        "sigma2": state.sigma2,
+        "D": np.asarray(state.D).tolist(),
+        "converged": bool(state.converged),
+        "honest": state.honest,
+        "n_partitions": int(state.n_partitions),
+        "resumed_from": int(state.resumed_from),
+        "history": [r.to_json() for r in state.history],
         "data_fingerprint": fingerprint,
         "model_size_bytes": model_size,
         "versions": _versions(),
         "sha256": {name: hashlib.sha256(content).hexdigest() for name, content in files.items()},
     }
-    files[MANIFEST] = json.dumps(manifest, indent=2, default=float).encode()
+    manifest = json.loads(json.dumps(manifest, default=float))  # the values a reader will see
+    manifest[MANIFEST_DIGEST] = _manifest_digest(manifest)
+    files[MANIFEST] = json.dumps(manifest, indent=2).encode()
     with atomic_directory(url, overwrite=overwrite, storage_options=storage_options) as staging:
         filesystem, root = open_filesystem(staging, storage_options=storage_options)
         for name, content in files.items():
@@ -155,77 +201,92 @@ def save_model(model, url, *, overwrite: bool = False, storage_options: dict | N
 
 
 def read_manifest(url, *, storage_options: dict | None = None) -> dict:
-    """The manifest of a model directory, with a clear error when there is none."""
+    """The manifest of a model directory, checked: its format version and its own digest.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``url`` has no manifest.
+    ValueError
+        The manifest is not JSON, was written in another format version, or was changed after
+        the model was saved.
+    """
     filesystem, root = open_filesystem(url, storage_options=storage_options)
     if not filesystem.exists(f"{root}/{MANIFEST}"):
         raise FileNotFoundError(f"{url} is not a model directory: it has no {MANIFEST}")
     check_complete(url, storage_options=storage_options)
     with filesystem.open(f"{root}/{MANIFEST}", "rb") as handle:
         try:
-            return json.load(handle)
+            manifest = json.load(handle)
         except json.JSONDecodeError as error:
             raise ValueError(f"{url}/{MANIFEST} is not valid JSON: {error}") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{url} is a model directory of format version {version}; this merf-dask "
+            f"({_versions()['merf-dask']}) reads format version {FORMAT_VERSION}: fit the model "
+            "again with this version and save it")
+    if manifest.get(MANIFEST_DIGEST) != _manifest_digest(manifest):
+        raise ValueError(f"{url}/{MANIFEST} was modified after the model was saved (its "
+                         f"{MANIFEST_DIGEST} does not match its content); refusing to load it")
+    return manifest
 
 
 def load_model(url, *, storage_options: dict | None = None):
     """Load a model directory written by :func:`save_model`, checking every file's SHA-256.
+
+    Returns
+    -------
+    params : dict
+        The estimator's parameters, as ``get_params(deep=False)`` gave them at save time.
+    state : merf_dask.core.state.ModelState
+    manifest : dict
 
     Raises
     ------
     FileNotFoundError
         ``url`` is not a model directory.
     ValueError
-        A file is missing or its content differs from the hash in the manifest.
+        The manifest or a file is missing, of another format version, or differs from the
+        hashes in the manifest.
     """
-    from ..estimator import MERF
-    from ..formula import FeatureEncoder, FormulaSpec
-    from ..core.em import IterationRecord
-
     manifest = read_manifest(url, storage_options=storage_options)
     filesystem, root = open_filesystem(url, storage_options=storage_options)
+    hashes = manifest.get("sha256") or {}
     contents = {}
-    for name, expected in manifest["sha256"].items():
+    for name in (LEARNER, RANDOM_EFFECTS, *hashes):
+        if name not in hashes:
+            raise ValueError(f"{url}/{MANIFEST} lists no SHA-256 for {name}; refusing to load it")
         path = f"{root}/{name}"
         if not filesystem.exists(path):
             raise ValueError(f"model directory {url} is missing {name}")
         contents[name] = filesystem.cat_file(path)
-        if hashlib.sha256(contents[name]).hexdigest() != expected:
+        if hashlib.sha256(contents[name]).hexdigest() != hashes[name]:
             raise ValueError(f"{url}/{name} was modified after the model was saved "
                              "(SHA-256 differs from the manifest); refusing to load it")
-    params = manifest["parameters"]
+    learner = joblib.load(io.BytesIO(contents[LEARNER]))
+    params = {**manifest["parameters"], "fixed_effects_model": learner["unfitted"]}
+    params["random_state"] = _random_state_from_json(params["random_state"])
     schema = manifest["schema"]
-    model = MERF(formula=params["formula"], max_iterations=params["max_iterations"],
-                 tol=params["tol"], oob=params["oob"], n_folds=params["n_folds"],
-                 member_rows=params["member_rows"],
-                 random_state=params["random_state"])
-    model.fe_model_ = joblib.load(io.BytesIO(contents[LEARNER]))
     effects = pd.read_parquet(io.BytesIO(contents[RANDOM_EFFECTS]))
     names = schema["random_effects"]
-    model.z_names_ = names
-    model.b_ = pd.DataFrame(effects[names].to_numpy(), columns=names,
-                            index=pd.Index(effects[_CLUSTER_COLUMN], name="cluster"))
-    model.b_cov_ = _conditional_covariances(effects, names)
-    model.sigma2_ = float(manifest["sigma2"])
-    model.D_ = np.asarray(manifest["D"], dtype=float)
-    model.history_ = [IterationRecord.from_json(r) for r in manifest["history"]]
-    model.gll_history_ = [r.gll for r in model.history_]
-    model.sigma2_history_ = [r.sigma2 for r in model.history_]
-    model.D_history_ = [r.D for r in model.history_]
-    model.val_loss_history_ = [r.val_mse for r in model.history_ if r.val_mse is not None]
-    model.n_rows_ = manifest["n_rows"]
-    model.n_iter_ = manifest["n_iter"]
-    model.converged_ = manifest["converged"]
-    model.oob_ = manifest["oob"]
-    model.feature_names_in_ = np.asarray(schema["features"], dtype=object)
-    model.n_features_in_ = len(schema["features"])
+    formula_spec = encoder = None
     if params["formula"] is not None:
-        model.formula_spec_ = FormulaSpec(
+        formula_spec = FormulaSpec(
             text=params["formula"], response=schema["response"], fixed=tuple(schema["features"]),
             random=tuple(schema["slopes"]), random_intercept=schema["random_intercept"],
             group=schema["group"])
-        model.encoder_ = FeatureEncoder.from_dict(schema["encoder"])
-    model.manifest_ = manifest
-    return model
+        encoder = FeatureEncoder.from_dict(schema["encoder"])
+    state = ModelState(
+        fe_model=learner["fitted"], cluster_ids=pd.Index(effects[_CLUSTER_COLUMN], name="cluster"),
+        b=effects[names].to_numpy(), b_cov=_conditional_covariances(effects, names),
+        D=np.asarray(manifest["D"], dtype=float), sigma2=float(manifest["sigma2"]),
+        history=[IterationRecord.from_json(r) for r in manifest["history"]],
+        n_rows=manifest["n_rows"], converged=manifest["converged"], honest=manifest["honest"],
+        feature_names=list(schema["features"]), z_names=list(names),
+        x_named=schema["x_named"], z_named=schema["z_named"], formula_spec=formula_spec, encoder=encoder,
+        n_partitions=manifest["n_partitions"], resumed_from=manifest["resumed_from"])
+    return params, state, manifest
 
 
 def data_fingerprint(url, *, storage_options: dict | None = None) -> dict:

@@ -29,52 +29,52 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _convergence_figure(plt, model):
-    iterations = [r.iteration for r in model.history_]
-    D_diag = np.array([np.diag(r.D) for r in model.history_])
+def _convergence_figure(plt, state):
+    iterations = [r.iteration for r in state.history]
+    D_diag = np.array([np.diag(r.D) for r in state.history])
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    axes[0].plot(iterations, model.gll_history_, marker="o")
+    axes[0].plot(iterations, [r.gll for r in state.history], marker="o")
     axes[0].set(title="generalised log-likelihood", xlabel="EM iteration")
-    axes[1].plot(iterations, model.sigma2_history_, marker="o")
+    axes[1].plot(iterations, [r.sigma2 for r in state.history], marker="o")
     axes[1].set(title="sigma$^2$", xlabel="EM iteration")
-    for j, name in enumerate(model.z_names_):
+    for j, name in enumerate(state.z_names):
         axes[2].plot(iterations, D_diag[:, j], marker="o", label=f"Var({name})")
     axes[2].set(title="diag(D)", xlabel="EM iteration")
     axes[2].legend()
     return figure
 
 
-def _caterpillar_figure(plt, model):
-    q = len(model.z_names_)
-    order = np.argsort(model.b_.iloc[:, 0].to_numpy())
+def _caterpillar_figure(plt, state):
+    q = len(state.z_names)
+    order = np.argsort(state.b[:, 0])
     shown = order[np.linspace(0, len(order) - 1, min(len(order), _CATERPILLAR_CLUSTERS)).astype(int)]
     figure, axes = plt.subplots(1, q, figsize=(4.5 * q, 0.12 * len(shown) + 1.5), squeeze=False)
-    for j, name in enumerate(model.z_names_):
-        b = model.b_.iloc[shown, j].to_numpy()
-        half_width = 1.96 * np.sqrt(model.b_cov_[shown, j, j])
+    for j, name in enumerate(state.z_names):
+        b = state.b[shown, j]
+        half_width = 1.96 * np.sqrt(state.b_cov[shown, j, j])
         axes[0, j].errorbar(b, np.arange(len(shown)), xerr=half_width, fmt="o", markersize=3)
         axes[0, j].axvline(0, color="grey", linewidth=0.8)
         axes[0, j].set(title=f"b: {name} (95% intervals)", yticks=[])
     return figure
 
 
-def _importance_figure(plt, model):
-    importances = getattr(model.fe_model_, "feature_importances_", None)
+def _importance_figure(plt, state):
+    importances = getattr(state.fe_model, "feature_importances_", None)
     if importances is None:
         return None
     order = np.argsort(importances)
     figure, axis = plt.subplots(figsize=(6, 0.35 * len(order) + 1))
-    axis.barh(np.asarray(model.feature_names_in_)[order], np.asarray(importances)[order])
+    axis.barh(np.asarray(state.feature_names)[order], np.asarray(importances)[order])
     axis.set(title="feature importances of the fixed-effects learner")
     return figure
 
 
-def render_report(model, *, summary: str) -> dict[str, bytes] | None:
+def render_report(state, *, summary: str) -> dict[str, bytes] | None:
     """Render the report of a fitted model.
 
     Parameters
     ----------
-    model : MERF
+    state : merf_dask.core.state.ModelState
         A fitted model.
     summary : str
         The text summary shown at the top (``merf-dask show``'s output).
@@ -91,9 +91,9 @@ def render_report(model, *, summary: str) -> dict[str, bytes] | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figures = {"convergence.png": _convergence_figure(plt, model),
-               "random_effects.png": _caterpillar_figure(plt, model),
-               "importances.png": _importance_figure(plt, model)}
+    figures = {"convergence.png": _convergence_figure(plt, state),
+               "random_effects.png": _caterpillar_figure(plt, state),
+               "importances.png": _importance_figure(plt, state)}
     files = {}
     for name, figure in figures.items():
         if figure is not None:

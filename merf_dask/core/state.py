@@ -1,0 +1,71 @@
+"""What a fitted model knows, as one object: written by ``MERF.fit``, read and written by
+:mod:`merf_dask.io.artifacts`, and turned into the estimator's fitted attributes in one place
+(``MERF._set_state``).
+
+Classes
+-------
+ModelState
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+
+from .em import IterationRecord
+
+__all__ = ["ModelState", "HONEST_KINDS"]
+
+#: How f was predicted at the training rows inside EM.
+HONEST_KINDS = ("out-of-bag", "cross-fitted", "in-sample", "partly in-sample")
+
+
+@dataclass
+class ModelState:
+    """A fitted MERF.
+
+    Attributes
+    ----------
+    fe_model : estimator
+        The fitted fixed-effects learner.
+    cluster_ids : pandas.Index of length n_clusters
+    b : ndarray of shape (n_clusters, q)
+    b_cov : ndarray of shape (n_clusters, q, q)
+    D : ndarray of shape (q, q)
+    sigma2 : float
+    history : list of IterationRecord
+    n_rows : int
+    converged : bool
+    honest : str
+        One of ``HONEST_KINDS``.
+    feature_names : list of str
+    z_names : list of str
+    x_named, z_named : bool
+        X (Z) was a DataFrame at fit, whose column names prediction checks.
+    formula_spec : merf_dask.formula.FormulaSpec or None
+    encoder : merf_dask.formula.FeatureEncoder or None
+    n_partitions : int
+    resumed_from : int
+    """
+
+    fe_model: BaseEstimator
+    cluster_ids: pd.Index
+    b: np.ndarray
+    b_cov: np.ndarray
+    D: np.ndarray
+    sigma2: float
+    history: list[IterationRecord]
+    n_rows: int
+    converged: bool
+    honest: str
+    feature_names: list[str]
+    z_names: list[str]
+    x_named: bool = False
+    z_named: bool = False
+    formula_spec: object | None = None
+    encoder: object | None = None
+    n_partitions: int = 1
+    resumed_from: int = 0
