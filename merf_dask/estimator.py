@@ -332,7 +332,8 @@ class MERF(RegressorMixin, BaseEstimator):
         z_names = [str(c) for c in Z.columns] if hasattr(Z, "columns") else ["Z0"]
         z_columns = [f"Z[{name}]" for name in z_names]
         frame = dd.map_partitions(_combine_columns, X, Z, clusters, y, x_names=x_names,
-                                  z_columns=z_columns, align_dataframes=False)
+                                  z_columns=z_columns, align_dataframes=False,
+                                  meta=_em_frame_meta(x_names, z_columns, clusters.dtype))
         return dict(distributed=True, frame=frame, x_columns=x_names, z_columns=z_columns,
                     x_names=x_names, z_names=z_names, x_named=True,
                     z_named=hasattr(Z, "columns"))
@@ -355,7 +356,9 @@ class MERF(RegressorMixin, BaseEstimator):
             z_columns = [f"Z[{name}]" for name in spec.z_names]
             x_columns = list(spec.fixed)
             frame = data.map_partitions(_formula_partition, spec=spec, encoder=encoder,
-                                        x_columns=x_columns, z_columns=z_columns)
+                                        x_columns=x_columns, z_columns=z_columns,
+                                        meta=_em_frame_meta(x_columns, z_columns,
+                                                            data[spec.group].dtype))
             return dict(distributed=True, frame=frame, x_columns=x_columns,
                         z_columns=z_columns, **described), validation
         X_, Z_, groups, y_ = design_matrices(data, spec, encoder)
@@ -717,6 +720,14 @@ def _em_frame(X, Z, clusters, y, *, x_columns, z_columns) -> pd.DataFrame:
     frame[_CLUSTER] = np.asarray(clusters)
     frame[_RESPONSE] = np.asarray(y, dtype=float).reshape(-1)
     return frame
+
+
+def _em_frame_meta(x_columns, z_columns, cluster_dtype) -> pd.DataFrame:
+    """The empty frame that tells Dask the columns and types of :func:`_em_frame` (inferring
+    them would run the checks on Dask's made-up rows)."""
+    return _em_frame(np.empty((0, len(x_columns))), np.empty((0, len(z_columns))),
+                     pd.Series([], dtype=cluster_dtype), np.empty(0), x_columns=x_columns,
+                     z_columns=z_columns)
 
 
 def _checked_em_frame(X, Z, clusters, y, *, x_columns, z_columns, x_names=None, z_names=None,
