@@ -394,10 +394,11 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
         m_step_done = time.perf_counter()
         sums = data.random_effects_step(sigma2=sigma2, D=D)
         sigma2, D, gll = map(_canonical, update_variance_components(sums))
-        if not sigma2 > 0:  # zero or NaN: nothing is left to split into variance components
+        # residuals of exactly zero (or a zero or NaN variance): nothing is left to decompose
+        if not (sums.residual_ss > 0 and sigma2 > 0):
             raise ValueError(
-                f"the residual variance became {sigma2} in EM iteration {iteration}: the fixed "
-                "effects reproduce y exactly (a constant y, or a learner that interpolates its "
+                f"the residuals y - f(X) - Z b are all zero in EM iteration {iteration}: the "
+                "fixed effects reproduce y exactly (a constant y, or a learner that interpolates its "
                 "training rows with oob=False); there is no variance to decompose")
         e_step_done = time.perf_counter()
         val_mse = None
