@@ -10,4 +10,5 @@ hashing      stable hashes of cluster ids (lake buckets and the M-step's residue
 statistics   per-cluster sufficient statistics, the E-step and the variance-component updates
 ensemble     the M-step's members and their honest (out-of-bag, cross-fitted) predictions
 em           the EM loop over any :class:`~merf_dask.core.em.EMData`, and the in-memory data
+state        the fitted model as one object (what fit writes and the artifacts save and load)
 """
