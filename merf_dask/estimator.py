@@ -149,6 +149,12 @@ class MERF(RegressorMixin, BaseEstimator):
         Whether honest (out-of-bag or cross-fitted) predictions were used inside EM.
     resumed_from_ : int
         The checkpointed iteration the fit resumed after (0 when it started afresh).
+    n_rows_ : int
+        Training rows.
+    n_partitions_ : int
+        Partitions the fit ran on (1 in-process).
+    formula_spec_, encoder_ : FormulaSpec, FeatureEncoder
+        The parsed formula and the fitted encoder of its features (formula fits only).
     honest_kind_ : str
         How f was predicted at the training rows inside EM: "out-of-bag", "cross-fitted",
         "in-sample", or "partly in-sample" (honest members did not reach every row; the fit
