@@ -85,7 +85,8 @@ class MERF(RegressorMixin, BaseEstimator):
         (:func:`merf_dask.learners.default_learner`). It is cloned, never modified or shared.
     formula : str, default=None
         lme4 formula such as ``"y ~ x1 + x2 + (1 + t | g)"``; then ``fit(data)`` and
-        ``predict(data)`` take one DataFrame. See :mod:`merf_dask.formula`.
+        ``predict(data)`` take one DataFrame, and the fit sets ``formula_spec_`` (the parsed
+        formula) and ``encoder_`` (its features' encoder). See :mod:`merf_dask.formula`.
     max_iterations : int, default=20
         Maximum number of EM iterations.
     tol : float, default=1e-3
@@ -153,8 +154,6 @@ class MERF(RegressorMixin, BaseEstimator):
         Training rows.
     n_partitions_ : int
         Partitions the fit ran on (1 in-process).
-    formula_spec_, encoder_ : FormulaSpec, FeatureEncoder
-        The parsed formula and the fitted encoder of its features (formula fits only).
     honest_kind_ : str
         How f was predicted at the training rows inside EM: "out-of-bag", "cross-fitted",
         "in-sample", or "partly in-sample" (honest members did not reach every row; the fit
