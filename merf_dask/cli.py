@@ -1,4 +1,4 @@
-"""The ``merf-dask`` command line (also ``dask merf`` through the ``dask_cli`` entry point).
+"""The ``merf-dask`` command line, also ``dask merf`` (the ``dask_cli`` entry point ``merf``).
 
 Commands
 --------
@@ -9,12 +9,24 @@ evaluate   MSE and R^2 on a labelled lake, for rows of known and of new clusters
 show       the summary of a model directory
 demo       simulate, fit on an embedded LocalCluster, predict, evaluate and show
 
+The click group is named ``merf``, the name ``dask`` gives the subcommand; the console script
+still calls itself ``merf-dask``. Both print warnings and errors the same way.
+
 Every expected failure (bad formula, unknown column, missing or corrupt lake, existing output,
 ...) ends with one line ``merf-dask: error: ...`` on stderr and exit status 1, never a traceback.
+A bad job spec (``fit --job``) is a usage error: one such line naming the file, the key and the
+value, and exit status 2, before anything is written or any cluster is started. Its values go
+through the click types of the flags they stand for (booleans only as YAML booleans), so a value
+the flag would refuse is refused.
+
+A fit shows its EM iterations on stderr: a tqdm bar when stderr is a terminal and tqdm (the
+optional extra ``progress``) is installed, one line per iteration otherwise, nothing with
+``--quiet``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -26,13 +38,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from .core.em import IterationRecord
 from .learners import LEARNERS, make_learner
 
 __all__ = ["cli", "main"]
 
-_EXPECTED_ERRORS = (ValueError, OSError, KeyError, ImportError)
-_JOB_KEYS = {"lake", "formula", "output", "scheduler", "cluster_config", "n_workers",
-             "memory_limit", "max_iterations", "learner", "overwrite", "quiet", "seed"}
+_EXPECTED_ERRORS = (ValueError, TypeError, OSError, KeyError, ImportError)
+
+
+def _echo_error(message: str) -> None:
+    """``merf-dask: error: MESSAGE`` on stderr, the one line every failure ends with."""
+    click.echo(f"merf-dask: error: {message}", err=True)
 
 
 class _CleanErrors(click.Group):
@@ -42,28 +58,104 @@ class _CleanErrors(click.Group):
         try:
             return super().invoke(ctx)
         except _EXPECTED_ERRORS as error:
-            message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            click.echo(f"merf-dask: error: {message}", err=True)
+            _echo_error(str(error).strip().splitlines()[0] if str(error).strip() else repr(error))
             ctx.exit(1)
 
 
-@click.group(cls=_CleanErrors)
-@click.version_option(package_name="merf-dask")
+class _UsageError(click.UsageError):
+    """A usage error (exit status 2) told in one line like the other errors, without click's
+    usage text."""
+
+    def show(self, file=None) -> None:
+        _echo_error(self.format_message())
+
+
+@click.group(name="merf", cls=_CleanErrors)
+@click.version_option(package_name="merf-dask", prog_name="merf-dask")
 def cli():
     """Mixed Effects Random Forests on Parquet lakes and Dask clusters."""
+    # here rather than in main(), which ``dask merf`` does not run
+    warnings.showwarning = _show_warning
+    # Workers of an embedded cluster inherit this process's stderr; their log of a failed task
+    # (with its traceback) would bury the one-line error. Set the variable to see it again.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
-def _log_iterations(quiet: bool) -> None:
-    # the cluster's own INFO/WARNING chatter would drown the one line per EM iteration
+class _ProgressBar(logging.Handler):
+    """A logging handler that draws the EM iterations logged on ``merf_dask`` as a tqdm bar.
+
+    The EM loop logs every iteration as ``logger.info("%s", record)`` with an
+    :class:`~merf_dask.core.em.IterationRecord`; the bar advances to its iteration and shows its
+    GLL and sigma2. Any other record (a resumed checkpoint, ...) is written above the bar.
+
+    Parameters
+    ----------
+    total : int
+        The fit's ``max_iterations`` (a fit that converges leaves the bar short of it).
+
+    Raises
+    ------
+    ImportError
+        When tqdm, the optional extra ``progress``, is not installed.
+    """
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+        self.bar = tqdm(total=total, desc="EM", file=sys.stderr, dynamic_ncols=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        iteration = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if not isinstance(iteration, IterationRecord):
+            self.bar.write(self.format(record), file=sys.stderr)
+            return
+        self.bar.set_postfix(GLL=f"{iteration.gll:.6g}", sigma2=f"{iteration.sigma2:.4g}",
+                             refresh=False)
+        # to the iteration rather than by one: a resumed fit starts after its checkpoint
+        self.bar.update(iteration.iteration - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+        super().close()
+
+
+def _above_progress_bar():
+    """A context in which writing to stderr does not break a progress bar drawn there."""
+    tqdm = sys.modules.get("tqdm")  # no bar can be drawn before tqdm is imported
+    return tqdm.tqdm.external_write_mode(file=sys.stderr) if tqdm else contextlib.nullcontext()
+
+
+def _iteration_handler(total: int) -> logging.Handler:
+    """A progress bar of ``total`` iterations on a terminal, else one line per EM iteration."""
+    if sys.stderr.isatty():
+        with contextlib.suppress(ImportError):  # without tqdm, the lines
+            return _ProgressBar(total)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+@contextlib.contextmanager
+def _iteration_log(*, quiet: bool, max_iterations: int):
+    """Show on stderr the EM iterations of the fit run in this context, unless ``quiet``."""
+    # the cluster's own INFO/WARNING chatter would drown the iterations
     logging.getLogger("distributed").setLevel(logging.ERROR)
     logger = logging.getLogger("merf_dask")
     logger.handlers.clear()
-    if not quiet:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    if quiet:
+        yield
+        return
+    handler = _iteration_handler(max_iterations)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:  # closes the bar before an error or the summary is printed below it
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def _refuse_existing(path: str, overwrite: bool) -> None:
@@ -103,7 +195,6 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     from .formula import parse_formula
     from .io.lake import read_lake
 
-    _log_iterations(quiet)
     frame = read_lake(lake)
     spec = parse_formula(formula, columns=list(frame.columns))
     frame = read_lake(lake, columns=list(spec.columns), cluster_column=spec.group)
@@ -121,7 +212,8 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     client_log.addFilter(quiet_once_lost)
     lost = False
     try:
-        model.fit(frame)
+        with _iteration_log(quiet=quiet, max_iterations=max_iterations):
+            model.fit(frame)
     except Exception as error:
         lost = _scheduler_lost(client, error)
         if not lost:
@@ -154,6 +246,65 @@ def simulate(rows, clusters, output, seed, overwrite):
     click.echo(f"wrote {rows} rows in {clusters} clusters to {output}")
 
 
+def _job_options(ctx: click.Context, job: str) -> dict:
+    """The values of the job spec ``job``, each converted as its flag converts its value.
+
+    The keys are the names of the command's parameters (``n_workers`` for ``--n-workers``),
+    taken with their types from ``ctx.command.params``. A flag (``--overwrite``) takes a YAML
+    boolean only (the string ``"false"`` would be true). Any other parameter takes a scalar,
+    converted from its text as the command line's value is, so that ``2.5`` is no integer
+    here either. The whole file is checked, also keys that flags override.
+
+    Parameters
+    ----------
+    ctx : click.Context
+        The context of the command the job spec stands for.
+    job : str
+        Path of the YAML file.
+
+    Returns
+    -------
+    dict
+        Parameter name -> converted value, for the keys the file has.
+
+    Raises
+    ------
+    click.UsageError
+        One line naming ``job`` and the problem: YAML that does not parse or is not a mapping,
+        an unknown key, or a value its flag refuses (with the key and the value).
+    """
+    try:
+        spec = yaml.safe_load(Path(job).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
+        raise _UsageError(f"job spec {job}: invalid YAML: {problem}{where}") from None
+    spec = {} if spec is None else spec  # an empty file
+    if not isinstance(spec, dict):
+        raise _UsageError(f"job spec {job}: expected a mapping of keys to values, got {spec!r}")
+    params = {param.name: param for param in ctx.command.params if param.name != "job"}
+    unknown = sorted(map(str, set(spec) - set(params)))
+    if unknown:
+        raise _UsageError(f"job spec {job}: unknown keys {', '.join(unknown)} "
+                          f"(allowed: {', '.join(sorted(params))})")
+    options = {}
+    for name, value in spec.items():
+        param = params[name]
+        try:
+            if isinstance(param.type, click.types.BoolParamType):
+                if not isinstance(value, bool):
+                    raise click.BadParameter(f"{value!r} is not a YAML boolean (true or false)")
+            elif value is None or isinstance(value, (bool, list, dict)):
+                raise click.BadParameter(f"{value!r} is not a valid {param.type.name}")
+            else:
+                value = str(value)
+            options[name] = param.process_value(ctx, value)
+        except click.BadParameter as error:
+            raise _UsageError(f"job spec {job}: {name}: {error.message.rstrip('.')}") from None
+    return options
+
+
 @cli.command()
 @click.argument("lake", required=False)
 @click.option("--formula", help='lme4 formula, e.g. "y ~ x1 + x2 + (1 + t | g)".')
@@ -168,7 +319,7 @@ def simulate(rows, clusters, output, seed, overwrite):
               show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
-@click.option("--quiet", is_flag=True, help="No per-iteration lines and no summary.")
+@click.option("--quiet", is_flag=True, help="No progress (bar or lines) and no summary.")
 @click.option("--job", type=click.Path(exists=True, dir_okay=False),
               help="YAML job spec whose keys stand for the flags (flags win).")
 @click.pass_context
@@ -179,17 +330,12 @@ def fit(ctx, job, **options):
     Kubernetes DaskJob sets it); otherwise an embedded LocalCluster sized to the machine runs.
     """
     if job:
-        spec = yaml.safe_load(Path(job).read_text()) or {}
-        unknown = set(spec) - _JOB_KEYS
-        if not isinstance(spec, dict) or unknown:
-            raise ValueError(f"job spec {job} has unknown keys {sorted(unknown)}; "
-                             f"allowed: {sorted(_JOB_KEYS)}")
-        for name, value in spec.items():
-            if ctx.get_parameter_source(name) in (None, click.core.ParameterSource.DEFAULT):
+        for name, value in _job_options(ctx, job).items():
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT:
                 options[name] = value
     missing = [name for name in ("lake", "formula", "output") if not options.get(name)]
     if missing:
-        raise click.UsageError(f"missing {', '.join(missing)} (give them as flags or in --job)")
+        raise _UsageError(f"missing {', '.join(missing)} (give them as flags or in --job)")
     from .dask.cluster import connect
     scheduler, cluster_config = options.pop("scheduler"), options.pop("cluster_config")
     n_workers, memory_limit = options.pop("n_workers"), options.pop("memory_limit")
@@ -329,14 +475,10 @@ def demo(output, rows, clusters):
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line, like the errors: no source file and line for a user to decode."""
     text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
-    click.echo(f"merf-dask: warning: {text}", err=True)
+    with _above_progress_bar():  # "did not converge" comes while the bar is still drawn
+        click.echo(f"merf-dask: warning: {text}", err=True)
 
 
 def main() -> None:
     """Console-script entry point."""
-    warnings.showwarning = _show_warning
-    # Workers of an embedded cluster inherit this process's stderr; their log of a failed task
-    # (with its traceback) would bury the one-line error. Set the variable to see it again.
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     cli(prog_name="merf-dask")

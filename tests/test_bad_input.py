@@ -266,3 +266,50 @@ def test_merf_constructor_names(frame):
     assert model.trained_b.shape == (40, 2)
     with pytest.raises(ValueError, match="give only one"):
         MERF(small_forest(), gll_early_stop_threshold=0.1, tol=0.01).fit(X, Z, clusters, y)
+
+
+# ---------------------------------------------------------------- the same rules from the CLI
+
+def _merf_dask(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", "from merf_dask.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_fit_names_a_missing_cluster_id_and_writes_nothing(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    data = simulate_lmm(n_clusters=20, seed=5)
+    data.loc[7, "g"] = None
+    (tmp_path / "lake").mkdir()
+    pq.write_table(pa.Table.from_pandas(data, preserve_index=False),
+                   tmp_path / "lake" / "part-0.parquet")
+    result = _merf_dask("fit", str(tmp_path / "lake"), "--formula", "y ~ x1 + (1 | g)",
+                        "--output", str(tmp_path / "model"), "--n-workers", "1",
+                        "--max-iterations", "2")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("merf-dask: error:") and "'g'" in last and "missing ids" in last
+    assert not (tmp_path / "model").exists()
+
+
+def test_cli_evaluate_and_predict_a_lake_with_an_empty_file(frame, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    model = MERF(small_forest(), formula=FORMULA, max_iterations=2, random_state=0).fit(frame)
+    model.save(tmp_path / "model")
+    (tmp_path / "lake").mkdir()
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    pq.write_table(table, tmp_path / "lake" / "a.parquet")
+    pq.write_table(table.slice(0, 0), tmp_path / "lake" / "b.parquet")
+    evaluated = _merf_dask("evaluate", str(tmp_path / "lake"), "--model", str(tmp_path / "model"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "known clusters" in evaluated.stdout
+    predicted = _merf_dask("predict", str(tmp_path / "lake"), "--model", str(tmp_path / "model"),
+                           "--output", str(tmp_path / "predictions"))
+    assert predicted.returncode == 0, predicted.stderr
+    written = pd.read_parquet(tmp_path / "predictions")
+    np.testing.assert_allclose(np.sort(written["prediction"].to_numpy()),
+                               np.sort(model.predict(frame)))
