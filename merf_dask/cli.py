@@ -52,7 +52,8 @@ def _echo_error(message: str) -> None:
 
 
 class _CleanErrors(click.Group):
-    """A click group that turns expected exceptions into one line on stderr."""
+    """A click group that turns expected exceptions, and bad flags of its commands, into one
+    line on stderr."""
 
     def invoke(self, ctx):
         try:
@@ -60,6 +61,9 @@ class _CleanErrors(click.Group):
         except _EXPECTED_ERRORS as error:
             _echo_error(str(error).strip().splitlines()[0] if str(error).strip() else repr(error))
             ctx.exit(1)
+        except click.UsageError as error:  # a bad flag of a command: one line too, exit 2
+            _echo_error(error.format_message())
+            ctx.exit(2)
 
 
 class _UsageError(click.UsageError):

@@ -131,3 +131,17 @@ def test_the_example_spec_is_valid(tmp_path):
     assert result.returncode == 1, result.stderr
     assert result.stderr.splitlines() == [
         "merf-dask: error: import of distributed halted; None in sys.modules"], result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["fit", "lake", "--n-workers", "0"], "Invalid value for '--n-workers': 0 is not in the range"),
+    (["fit", "lake", "--learner", "forest"], "Invalid value for '--learner'"),
+    (["predict", "lake", "--output", "out"], "Missing option '--model'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_bad_flags_are_one_line_as_in_job_specs(tmp_path, args, fragment):
+    result = merf_dask(*args, cwd=tmp_path, cluster=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.splitlines()[0]], result.stderr
+    assert result.stderr.startswith("merf-dask: error: ") and fragment in result.stderr
+    assert not list(tmp_path.iterdir())
