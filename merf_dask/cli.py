@@ -66,14 +66,6 @@ class _CleanErrors(click.Group):
             ctx.exit(2)
 
 
-class _UsageError(click.UsageError):
-    """A usage error (exit status 2) told in one line like the other errors, without click's
-    usage text."""
-
-    def show(self, file=None) -> None:
-        _echo_error(self.format_message())
-
-
 @click.group(name="merf", cls=_CleanErrors)
 @click.version_option(package_name="merf-dask", prog_name="merf-dask")
 def cli():
@@ -283,14 +275,15 @@ def _job_options(ctx: click.Context, job: str) -> dict:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(error, "problem", None) or str(error).strip().splitlines()[0]
-        raise _UsageError(f"job spec {job}: invalid YAML: {problem}{where}") from None
+        raise click.UsageError(f"job spec {job}: invalid YAML: {problem}{where}") from None
     spec = {} if spec is None else spec  # an empty file
     if not isinstance(spec, dict):
-        raise _UsageError(f"job spec {job}: expected a mapping of keys to values, got {spec!r}")
+        raise click.UsageError(f"job spec {job}: expected a mapping of keys to values, "
+                               f"got {spec!r}")
     params = {param.name: param for param in ctx.command.params if param.name != "job"}
     unknown = sorted(map(str, set(spec) - set(params)))
     if unknown:
-        raise _UsageError(f"job spec {job}: unknown keys {', '.join(unknown)} "
+        raise click.UsageError(f"job spec {job}: unknown keys {', '.join(unknown)} "
                           f"(allowed: {', '.join(sorted(params))})")
     options = {}
     for name, value in spec.items():
@@ -305,7 +298,7 @@ def _job_options(ctx: click.Context, job: str) -> dict:
                 value = str(value)
             options[name] = param.process_value(ctx, value)
         except click.BadParameter as error:
-            raise _UsageError(f"job spec {job}: {name}: {error.message.rstrip('.')}") from None
+            raise click.UsageError(f"job spec {job}: {name}: {error.message.rstrip('.')}") from None
     return options
 
 
@@ -339,7 +332,7 @@ def fit(ctx, job, **options):
                 options[name] = value
     missing = [name for name in ("lake", "formula", "output") if not options.get(name)]
     if missing:
-        raise _UsageError(f"missing {', '.join(missing)} (give them as flags or in --job)")
+        raise click.UsageError(f"missing {', '.join(missing)} (give them as flags or in --job)")
     from .dask.cluster import connect
     scheduler, cluster_config = options.pop("scheduler"), options.pop("cluster_config")
     n_workers, memory_limit = options.pop("n_workers"), options.pop("memory_limit")

@@ -515,9 +515,9 @@ class MERF(RegressorMixin, BaseEstimator):
             return dd.map_partitions(_predict_partition, X, Z, clusters, model=_shipped(self),
                                      return_std=return_std, align_dataframes=False,
                                      meta=_prediction_meta(return_std))
-        return self._predict_arrays(X, Z, clusters, return_std=return_std)
+        return self._predict_rows(X, Z, clusters, return_std=return_std)
 
-    def _predict_arrays(self, X, Z, clusters, *, return_std=False):
+    def _predict_rows(self, X, Z, clusters, *, return_std=False):
         """Predictions of checked input: the one path every kind of input takes (arrays, frames,
         formula designs, Dask partitions), so every input obeys the same rules: no missing or
         infinite values, no missing cluster id, column names as in fit, any number of rows."""
@@ -564,7 +564,7 @@ class MERF(RegressorMixin, BaseEstimator):
                                        return_std=return_std, meta=_prediction_meta(return_std))
         X, Z, groups, _ = design_matrices(_as_frame(data), self.formula_spec_, self.encoder_,
                                           require_response=False)
-        return self._predict_arrays(X, Z, groups, return_std=return_std)
+        return self._predict_rows(X, Z, groups, return_std=return_std)
 
     def score(self, X, Z=None, clusters=None, y=None):
         """R^2 of ``predict`` (with ``formula``: ``score(data)``, the response from the frame)."""
@@ -573,7 +573,7 @@ class MERF(RegressorMixin, BaseEstimator):
             from .formula import design_matrices
             X_, Z_, groups, y_ = design_matrices(_as_frame(X), self.formula_spec_, self.encoder_)
             return r2_score(check.check_vector(y_, name=self.formula_spec_.response),
-                            self._predict_arrays(X_, Z_, groups))
+                            self._predict_rows(X_, Z_, groups))
         return r2_score(check.check_vector(y, name="y"), self.predict(X, Z, clusters))
 
     # ------------------------------------------------------------ artifacts
@@ -676,16 +676,22 @@ class MERF(RegressorMixin, BaseEstimator):
         return self.val_loss_history_
 
 
-def _in_memory_data(X, Z, clusters, y, *, x_names=None, z_names=None,
-                    cluster_name="clusters") -> dict:
-    """Checked arrays of an in-memory fit, with the column names of X and Z (``x_names``,
-    ``z_names`` and ``cluster_name`` name a formula design's columns in error messages)."""
+def _checked_design(X, Z, clusters, y, *, x_names=None, z_names=None, cluster_name="clusters"):
+    """X, Z, cluster ids and y checked by the rules of every fit (``x_names``, ``z_names`` and
+    ``cluster_name`` name a formula design's columns in error messages), with the DataFrame
+    column names of X and Z (None for arrays)."""
     X, x_frame_names = check.check_matrix(X, name="X", columns=x_names)
     Z, z_frame_names = check.check_matrix(Z, name="Z", columns=z_names,
                                           largest=check.LARGEST_VALUE)
     ids = check.check_clusters(clusters, name=cluster_name)
     y = check.check_vector(y, name="y")
     check.check_same_length(X=X, Z=Z, clusters=ids, y=y)
+    return X, Z, ids, y, x_frame_names, z_frame_names
+
+
+def _in_memory_data(X, Z, clusters, y, **names) -> dict:
+    """The checked data of an in-memory fit (``names`` as for :func:`_checked_design`)."""
+    X, Z, ids, y, x_frame_names, z_frame_names = _checked_design(X, Z, clusters, y, **names)
     codes, cluster_ids = pd.factorize(ids, sort=False)
     return dict(distributed=False, X=X, Z=Z, y=y, codes=codes.astype(np.int64),
                 cluster_ids=pd.Index(cluster_ids),
@@ -739,10 +745,9 @@ def _checked_em_frame(X, Z, clusters, y, *, x_columns, z_columns, x_names=None, 
                       cluster_name="clusters") -> pd.DataFrame:
     """:func:`_em_frame` of one partition, checked by the rules of an in-memory fit (an empty
     partition passes: a filtered frame or an empty file has them)."""
-    if len(X):
-        data = _in_memory_data(X, Z, clusters, y, x_names=x_names, z_names=z_names,
-                               cluster_name=cluster_name)
-        X, Z, y = data["X"], data["Z"], data["y"]
+    if len(X):  # checked as an in-memory fit's data, without its factorization
+        X, Z, clusters, y, _, _ = _checked_design(X, Z, clusters, y, x_names=x_names,
+                                                  z_names=z_names, cluster_name=cluster_name)
     return _em_frame(np.asarray(X, dtype=float).reshape(len(X), len(x_columns)),
                      np.asarray(Z, dtype=float).reshape(len(X), len(z_columns)), clusters,
                      y, x_columns=x_columns, z_columns=z_columns)
@@ -778,7 +783,7 @@ def _as_prediction_frame(result, index, return_std):
 
 
 def _predict_partition(X, Z, clusters, *, model, return_std):
-    result = model._predict_arrays(X, Z, clusters, return_std=return_std)
+    result = model._predict_rows(X, Z, clusters, return_std=return_std)
     return _as_prediction_frame(result, X.index, return_std)
 
 

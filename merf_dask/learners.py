@@ -1,7 +1,7 @@
 """Fixed-effects learners: the default forest and the named learners of the CLI.
 
-Any scikit-learn regressor can be the fixed-effects learner; :mod:`merf_dask.core.ensemble` makes its
-predictions inside EM honest (out-of-bag for bagged forests, cross-fitted otherwise).
+Any scikit-learn regressor can be the fixed-effects learner; :mod:`merf_dask.core.ensemble` makes
+its predictions inside EM honest (out-of-bag for bagged forests, cross-fitted otherwise).
 
 Functions
 ---------

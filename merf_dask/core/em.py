@@ -12,8 +12,8 @@ in-memory arrays (:class:`InMemoryEMData`, below) and on partitions streamed by 
 3. ``fixed_effects_model`` and ``random_effects`` -- the current f and the table of b_i and
    Var(b_i | y_i); ``set_random_effects`` restores b from a checkpoint.
 
-The driver combines the sums into sigma2, D and the GLL (:func:`_core.update_variance_components`),
-logs one line per iteration, stops on the relative change of the GLL, and hands an
+The driver combines the sums into sigma2, D and the GLL
+(:func:`~merf_dask.core.statistics.update_variance_components`), logs one line per iteration, stops on the relative change of the GLL, and hands an
 :class:`EMState` to a checkpoint writer after every iteration that does not stop the loop.
 
 Classes and functions
@@ -398,8 +398,8 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
         if not (sums.residual_ss > 0 and sigma2 > 0):
             raise ValueError(
                 f"the residuals y - f(X) - Z b are all zero in EM iteration {iteration}: the "
-                "fixed effects reproduce y exactly (a constant y, or a learner that interpolates its "
-                "training rows with oob=False); there is no variance to decompose")
+                "fixed effects reproduce y exactly (a constant y, or a learner that interpolates "
+                "its training rows with oob=False); there is no variance to decompose")
         e_step_done = time.perf_counter()
         val_mse = None
         if validation_mse is not None:

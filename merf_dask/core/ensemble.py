@@ -42,7 +42,7 @@ which keeps the nodes they visit in the cache (:func:`_prediction_order`).
 Classes and functions
 ---------------------
 row_keys
-    Stable 64-bit keys of rows (:func:`merf_dask.dask.partitioning.cluster_hashes` hashes clusters).
+    Stable 64-bit keys of rows (:func:`merf_dask.core.hashing.cluster_hashes` hashes clusters).
 MemberPlan, plan_members
     The members of every M-step of a fit: learner, residue class, seed.
 Piece, training_pieces
@@ -311,7 +311,9 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
         stride = max(stride, n_folds)
     if not honest:
         stride = 1
-    n_clusters = None if cluster_hashes is None else len(np.unique(cluster_hashes))
+    hashes = None if cluster_hashes is None else np.unique(np.asarray(cluster_hashes,
+                                                                      dtype=np.uint64))
+    n_clusters = None if hashes is None else len(hashes)
     if n_clusters is not None:
         if honest and not trees and n_clusters < n_folds:
             raise ValueError(
@@ -330,7 +332,7 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
         n_members, n_honest = 1, 0
     class_table = None
     if n_clusters is not None and 1 < stride and n_clusters < DEALT_CLUSTERS_PER_CLASS * stride:
-        class_table = _dealt_classes(np.asarray(cluster_hashes, dtype=np.uint64), stride, seed)
+        class_table = _dealt_classes(hashes, stride, seed)
     rng = np.random.default_rng(seed)
     residues = rng.permutation(stride)[np.arange(n_members) % stride]
     seeds = rng.integers(0, np.iinfo(np.uint32).max, n_members, dtype=np.uint32)
@@ -339,10 +341,9 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
 
 
 def _dealt_classes(hashes: np.ndarray, stride: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted ``hashes`` and the class dealt to each: clusters in the order of their hash mixed
-    with the seed, class = position modulo ``stride`` (every class gets ``n // stride`` or one
-    more clusters; the deal depends on the set of clusters and the seed only)."""
-    hashes = np.unique(hashes)
+    """Sorted unique ``hashes`` and the class dealt to each: clusters in the order of their hash
+    mixed with the seed, class = position modulo ``stride`` (every class gets ``n // stride`` or
+    one more clusters; the deal depends on the set of clusters and the seed only)."""
     with np.errstate(over="ignore"):
         shuffled = _mix(hashes ^ (np.uint64(seed) * _GOLDEN))
     classes = np.empty(len(hashes), dtype=np.int64)

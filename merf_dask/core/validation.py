@@ -40,6 +40,16 @@ _ID_KINDS = {"integer", "string", "floating", "boolean", "datetime64", "datetime
              "timedelta64", "timedelta"}
 
 
+def _refuse_overflow(values: np.ndarray, largest: float | None, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` when a value exceeds ``largest`` in magnitude."""
+    if largest is None or not values.size:
+        return
+    biggest = float(np.abs(values).max())
+    if biggest > largest:
+        raise ValueError(f"{what} has values up to {biggest:.3g}; EM sums their squares, which "
+                         f"overflow above about {largest:.0e}: rescale {what}")
+
+
 def check_matrix(data, *, name: str, allow_empty: bool = False, largest: float | None = None,
                  columns: list[str] | None = None) -> tuple[np.ndarray, list[str] | None]:
     """Return ``data`` as a finite float64 array of shape (n_samples, n_columns) and its column names.
@@ -65,8 +75,9 @@ def check_matrix(data, *, name: str, allow_empty: bool = False, largest: float |
     """
     if isinstance(data, pd.Series):
         data = data.to_frame()
+    frame_columns = None
     if isinstance(data, pd.DataFrame):
-        columns = [str(c) for c in data.columns]
+        frame_columns = [str(c) for c in data.columns]
         non_numeric = [str(c) for c, dtype in data.dtypes.items()
                        if not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))]
         if non_numeric:
@@ -82,7 +93,7 @@ def check_matrix(data, *, name: str, allow_empty: bool = False, largest: float |
             values = values[:, None]
         if values.ndim != 2:
             raise ValueError(f"{name} must be 2-dimensional, got shape {values.shape}")
-    names = columns or [f"{name}{i}" for i in range(values.shape[1])]
+    names = frame_columns or columns or [f"{name}{i}" for i in range(values.shape[1])]
     if values.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (0 rows)")
     if values.shape[1] == 0:
@@ -90,12 +101,9 @@ def check_matrix(data, *, name: str, allow_empty: bool = False, largest: float |
     if not np.isfinite(values).all():
         raise ValueError(f"{name} contains NaN or infinite values in column "
                          f"{_first_bad_column(values, names)!r}")
-    if largest is not None and values.size and np.abs(values).max() > largest:
-        bad = np.flatnonzero((np.abs(values) > largest).any(axis=0))[0]
-        raise ValueError(f"{name} column {names[bad]!r} has values up to "
-                         f"{np.abs(values[:, bad]).max():.3g}; EM sums their squares, which "
-                         f"overflow above about {largest:.0e}: rescale it")
-    return values, (columns if isinstance(data, pd.DataFrame) else None)
+    for j, column in enumerate(names if largest is not None else ()):
+        _refuse_overflow(values[:, j], largest, f"{name} column {column!r}")
+    return values, frame_columns
 
 
 def check_vector(data, *, name: str, largest: float | None = LARGEST_VALUE) -> np.ndarray:
@@ -122,9 +130,7 @@ def check_vector(data, *, name: str, largest: float | None = LARGEST_VALUE) -> n
     if len(bad):
         raise ValueError(f"{name} contains {len(bad)} NaN or infinite values "
                          f"(first at row {bad[0]})")
-    if largest is not None and np.abs(values).max() > largest:
-        raise ValueError(f"{name} has values up to {np.abs(values).max():.3g}; EM sums their "
-                         f"squares, which overflow above about {largest:.0e}: rescale {name}")
+    _refuse_overflow(values, largest, name)
     return values
 
 

@@ -14,8 +14,8 @@ loop after any iteration.
 One EM iteration is two passes over the partitions:
 
 1. M-step -- each partition cuts out the rows of each member's residue class with the working
-   response y - Z b (:func:`merf_dask.core.em.m_step_pieces`); the members of a class are fitted in a
-   task that gathers that class's pieces (from one partition when the bucket count divides the
+   response y - Z b (:func:`merf_dask.core.em.m_step_pieces`); the members of a class are fitted
+   in a task that gathers that class's pieces (from one partition when the bucket count divides the
    plan's stride, see :mod:`merf_dask.core.ensemble`); the fits go before the cutting of more
    partitions, and a partition's pieces are let go once its classes are cut out, so the
    workers hold a few partitions' pieces at a time, not the data;

@@ -284,7 +284,8 @@ def load_model(url, *, storage_options: dict | None = None):
         history=[IterationRecord.from_json(r) for r in manifest["history"]],
         n_rows=manifest["n_rows"], converged=manifest["converged"], honest=manifest["honest"],
         feature_names=list(schema["features"]), z_names=list(names),
-        x_named=schema["x_named"], z_named=schema["z_named"], formula_spec=formula_spec, encoder=encoder,
+        x_named=schema["x_named"], z_named=schema["z_named"], formula_spec=formula_spec,
+        encoder=encoder,
         n_partitions=manifest["n_partitions"], resumed_from=manifest["resumed_from"])
     return params, state, manifest
 

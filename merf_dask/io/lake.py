@@ -91,7 +91,7 @@ _FOOTER_READERS = 16
 def bucket_of(ids: pd.Series, n_buckets: int) -> np.ndarray:
     """Bucket of each cluster id, the same in every process, machine and session.
 
-    The bucket is the id's :func:`~merf_dask.dask.partitioning.cluster_hashes` modulo ``n_buckets``:
+    The bucket is the id's :func:`~merf_dask.core.hashing.cluster_hashes` modulo ``n_buckets``:
     with a power-of-two bucket count, the M-step's member folds (residues of the same hash
     modulo a power of two) line up with buckets and no rows move.
 
