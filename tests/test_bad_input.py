@@ -313,3 +313,10 @@ def test_cli_evaluate_and_predict_a_lake_with_an_empty_file(frame, tmp_path):
     written = pd.read_parquet(tmp_path / "predictions")
     np.testing.assert_allclose(np.sort(written["prediction"].to_numpy()),
                                np.sort(model.predict(frame)))
+
+
+def test_the_manifest_keeps_the_keys_its_readers_use(saved):
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["n_iter"] == len(manifest["history"]) == 2
+    assert manifest["oob"] is True and manifest["honest"] in {"out-of-bag", "partly in-sample"}
+    assert manifest["converged"] is False and manifest["model_size_bytes"] > 0
