@@ -745,9 +745,10 @@ def _checked_em_frame(X, Z, clusters, y, *, x_columns, z_columns, x_names=None, 
                       cluster_name="clusters") -> pd.DataFrame:
     """:func:`_em_frame` of one partition, checked by the rules of an in-memory fit (an empty
     partition passes: a filtered frame or an empty file has them)."""
-    if len(X):  # checked as an in-memory fit's data, without its factorization
-        X, Z, clusters, y, _, _ = _checked_design(X, Z, clusters, y, x_names=x_names,
-                                                  z_names=z_names, cluster_name=cluster_name)
+    if len(X):  # checked as an in-memory fit's data, without its factorization; the ids go on
+        # as given (the checked Series would cost a round trip through Arrow strings)
+        X, Z, _, y, _, _ = _checked_design(X, Z, clusters, y, x_names=x_names, z_names=z_names,
+                                           cluster_name=cluster_name)
     return _em_frame(np.asarray(X, dtype=float).reshape(len(X), len(x_columns)),
                      np.asarray(Z, dtype=float).reshape(len(X), len(z_columns)), clusters,
                      y, x_columns=x_columns, z_columns=z_columns)
