@@ -19,6 +19,10 @@ value, and exit status 2, before anything is written or any cluster is started. 
 through the click types of the flags they stand for (booleans only as YAML booleans), so a value
 the flag would refuse is refused.
 
+``predict``, ``evaluate`` and ``show`` refuse a model directory whose learner could run code when
+it is loaded (a pickle, or types merf-dask does not trust) unless given ``--trust-model``, and,
+while a signing key is set (:mod:`merf_dask.io.signing`), one that is unsigned or mis-signed.
+
 A fit shows its EM iterations on stderr: a tqdm bar when stderr is a terminal and tqdm (the
 optional extra ``progress``) is installed, one line per iteration otherwise, nothing with
 ``--quiet``.
@@ -44,6 +48,13 @@ from .learners import LEARNERS, make_learner
 __all__ = ["cli", "main"]
 
 _EXPECTED_ERRORS = (ValueError, TypeError, OSError, KeyError, ImportError)
+
+
+_trust_model = click.option(
+    "--trust-model", is_flag=True,
+    help="Also load a learner stored as a pickle or with types merf-dask does not trust. Such a "
+         "file can run arbitrary code when it is loaded: only for model directories you or your "
+         "pipeline wrote.")
 
 
 def _echo_error(message: str) -> None:
@@ -334,9 +345,11 @@ def fit(ctx, job, **options):
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (give them as flags or in --job)")
     from .dask.cluster import connect
+    from .io.signing import signing_key
     scheduler, cluster_config = options.pop("scheduler"), options.pop("cluster_config")
     n_workers, memory_limit = options.pop("n_workers"), options.pop("memory_limit")
     _refuse_existing(options["output"], options["overwrite"])  # before starting a cluster
+    signing_key()  # an unusable signing key fails now, not when the fitted model is saved
     with connect({"address": scheduler} if scheduler else cluster_config, n_workers=n_workers,
                  memory_limit=memory_limit) as client:
         _fit(client=client, **options)
@@ -359,13 +372,14 @@ def _with_predictions(part: pd.DataFrame, *, model, intervals: bool) -> pd.DataF
 @click.option("--intervals", is_flag=True, help="Add prediction_std (for intervals).")
 @click.option("--scheduler", help="Address of a running scheduler.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def predict(lake, model_dir, output, intervals, scheduler, overwrite):
+@_trust_model
+def predict(lake, model_dir, output, intervals, scheduler, overwrite, trust_model):
     """Add a prediction column to every row of LAKE and write it to OUTPUT."""
     from .dask.cluster import connect
     from .estimator import MERF
     from .io.lake import read_lake, write_dataset
     _refuse_existing(output, overwrite)
-    model = MERF.load(model_dir)
+    model = MERF.load(model_dir, trusted=trust_model)
     with connect({"address": scheduler} if scheduler else None) as client:
         model_future = client.scatter(model, broadcast=True, hash=False)
         frame = read_lake(lake)
@@ -412,21 +426,23 @@ def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
 @click.argument("lake")
 @click.option("--model", "model_dir", required=True, help="Model directory.")
 @click.option("--scheduler", help="Address of a running scheduler.")
-def evaluate(lake, model_dir, scheduler):
+@_trust_model
+def evaluate(lake, model_dir, scheduler, trust_model):
     """MSE and R^2 on a labelled LAKE, for rows of known and of new clusters."""
     from .dask.cluster import connect
     from .estimator import MERF
-    model = MERF.load(model_dir)
+    model = MERF.load(model_dir, trusted=trust_model)
     with connect({"address": scheduler} if scheduler else None) as client:
         click.echo(evaluate_lake(lake, model, client).to_string(float_format=lambda v: f"{v:.4f}"))
 
 
 @cli.command()
 @click.argument("model_dir")
-def show(model_dir):
+@_trust_model
+def show(model_dir, trust_model):
     """Print the summary of a model directory."""
     from .estimator import MERF
-    model = MERF.load(model_dir)
+    model = MERF.load(model_dir, trusted=trust_model)
     click.echo(model.summary())
     manifest = model.manifest_
     click.echo(f"\nmodel size: {manifest['model_size_bytes'] / 1e6:.1f} MB; "

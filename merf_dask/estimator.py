@@ -630,15 +630,34 @@ class MERF(RegressorMixin, BaseEstimator):
         return "\n".join(lines)
 
     @classmethod
-    def load(cls, url, *, storage_options=None):
-        """Load a model directory, refusing one of another format version or whose manifest or
-        files differ from the digests saved with them.
+    def load(cls, url, *, storage_options=None, trusted=False):
+        """Load a model directory, refusing one of another format version, whose manifest or
+        files differ from the digests saved with them, or, while a signing key is set, that is
+        unsigned or mis-signed (:mod:`merf_dask.io.signing`).
 
         The loaded model has the saved model's parameters (``get_params()``, the unfitted
         learner included) and fitted state, and ``manifest_``, the directory's manifest.
+
+        Parameters
+        ----------
+        url : str or path-like
+            Local path or fsspec URL of the directory.
+        storage_options : dict, optional
+        trusted : bool, default=False
+            Also load a learner that can run code when it is loaded: one saved as a pickle
+            (a learner of types merf-dask does not trust, see :mod:`merf_dask.io.learner_file`)
+            or holding types outside :data:`merf_dask.io.learner_file.TRUSTED_TYPES`. Such a
+            file can run arbitrary code: pass True only for model directories you or your
+            pipeline wrote. The digests and the signature are checked either way.
+
+        Raises
+        ------
+        merf_dask.io.learner_file.UntrustedModelError
+            The learner could run code and ``trusted`` is False (a ``ValueError``).
         """
         from .io.artifacts import load_model
-        params, state, manifest = load_model(url, storage_options=storage_options)
+        params, state, manifest = load_model(url, storage_options=storage_options,
+                                             trusted=trusted)
         model = cls(**params)._set_state(state)
         model.manifest_ = manifest
         return model

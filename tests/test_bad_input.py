@@ -131,12 +131,12 @@ def test_an_edited_manifest_is_refused(saved, edit):
 
 def test_a_missing_hash_entry_is_named(saved):
     def drop_learner_hash(manifest):
-        del manifest["sha256"]["learner.joblib"]
+        del manifest["sha256"]["learner.skops"]
         content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
         manifest["manifest_sha256"] = hashlib.sha256(
             json.dumps(content, sort_keys=True).encode()).hexdigest()
     _edit_manifest(saved, drop_learner_hash)
-    with pytest.raises(ValueError, match="lists no SHA-256 for learner.joblib"):
+    with pytest.raises(ValueError, match="lists no SHA-256 for learner.skops"):
         MERF.load(saved)
 
 

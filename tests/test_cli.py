@@ -53,7 +53,7 @@ def model_dir(lake):
 
 def test_fit_writes_a_loadable_model_and_report(model_dir):
     files = {p.name for p in model_dir.iterdir()}
-    assert {"manifest.json", "learner.joblib", "random_effects.parquet", "report.html",
+    assert {"manifest.json", "learner.skops", "random_effects.parquet", "report.html",
             "convergence.png"} <= files
     model = MERF.load(model_dir)
     assert len(model.b_) == 60 and model.sigma2_ > 0

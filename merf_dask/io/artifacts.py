@@ -2,21 +2,28 @@
 
 A model directory (local path or fsspec URL) holds::
 
-    learner.joblib           the fitted fixed-effects learner and the unfitted one (the
-                             ``fixed_effects_model`` parameter)
+    learner.skops            the fitted fixed-effects learner and the unfitted one (the
+                             ``fixed_effects_model`` parameter), as data: skops for
+                             scikit-learn, LightGBM's text model for LightGBM
+                             (:mod:`merf_dask.io.learner_file`); ``learner.joblib``, a pickle,
+                             instead for a learner of types merf-dask does not trust
     random_effects.parquet   cluster id, one column per random effect, and the entries of
                              Var(b_i | y_i) (``var[name]`` and ``cov[name1,name2]``)
     manifest.json            format version, every parameter, input schema and encoder, variance
                              components, GLL / sigma2 / D histories, package versions, a data
                              fingerprint, the model's size, the SHA-256 of every other file and
                              its own SHA-256 (``manifest_sha256``, over the rest of the manifest)
+    signature                with a signing key set: an HMAC-SHA256 of the manifest
+                             (:mod:`merf_dask.io.signing`)
 
 It is written through :func:`merf_dask.io.filesystem.atomic_directory` (all or nothing; an existing
 directory is replaced only with ``overwrite=True``). The module works on a
 :class:`~merf_dask.core.state.ModelState` and the estimator's parameters, never on the estimator.
 :func:`load_model` checks the format version and every digest, the manifest's own included, and
 refuses a directory whose files were changed. The digests catch corruption and careless edits,
-not an attacker who can rewrite the digests too.
+not an attacker who can rewrite the digests too; that attacker cannot run code through a loaded
+model, as a pickle is loaded only with ``trusted=True``, and with a signing key set cannot
+change the directory at all (the signature is checked before any other file is read).
 
 Functions
 ---------
@@ -35,21 +42,25 @@ import json
 import platform
 from importlib import metadata
 
-import joblib
 import numpy as np
 import pandas as pd
 
 from ..core.em import IterationRecord
 from ..core.state import ModelState
 from ..formula import FeatureEncoder, FormulaSpec
+from . import signing
 from .filesystem import atomic_directory, check_complete, open_filesystem
+from .learner_file import PICKLE_FILE, SKOPS_FILE, dump_learner, load_learner
 from .report import render_report
 
-__all__ = ["save_model", "load_model", "read_manifest", "data_fingerprint", "MANIFEST", "LEARNER", "RANDOM_EFFECTS"]
+__all__ = ["save_model", "load_model", "read_manifest", "data_fingerprint", "MANIFEST",
+           "RANDOM_EFFECTS"]
 
-MANIFEST, LEARNER, RANDOM_EFFECTS = "manifest.json", "learner.joblib", "random_effects.parquet"
+MANIFEST, RANDOM_EFFECTS = "manifest.json", "random_effects.parquet"
 #: Version 2: the manifest carries its own digest, the unfitted learner and every parameter.
-FORMAT_VERSION = 2
+#: Version 3: the learner file is data (``learner.skops``) unless its types are not trusted,
+#: named by the manifest's ``learner_file``; an optional signature.
+FORMAT_VERSION = 3
 #: The manifest's key holding the SHA-256 of the rest of the manifest.
 MANIFEST_DIGEST = "manifest_sha256"
 _PACKAGES = ("merf-dask", "numpy", "pandas", "scikit-learn", "dask", "distributed", "pyarrow")
@@ -158,19 +169,35 @@ def save_model(state, params: dict, url, *, overwrite: bool = False,
     summary : str, optional
         The model's text summary; with it, the HTML report (:mod:`merf_dask.io.report`) is
         written too when matplotlib is installed.
+
+    Raises
+    ------
+    ValueError
+        The signing key in the environment is unusable (:func:`merf_dask.io.signing.signing_key`).
+
+    Warns
+    -----
+    UserWarning
+        The learner holds types merf-dask does not trust, so it is pickled
+        (:func:`merf_dask.io.learner_file.dump_learner`).
+
+    Notes
+    -----
+    With a signing key set, the directory is signed (a ``signature`` file).
     """
-    learner_bytes = io.BytesIO()
-    joblib.dump({"fitted": state.fe_model, "unfitted": params["fixed_effects_model"]},
-                learner_bytes, compress=3)
+    key = signing.signing_key()  # before any work: a bad key fails at once
+    learner_file, learner_bytes = dump_learner(
+        {"fitted": state.fe_model, "unfitted": params["fixed_effects_model"]})
     effects_bytes = io.BytesIO()
     _random_effects_frame(state).to_parquet(effects_bytes, index=False)
-    files = {LEARNER: learner_bytes.getvalue(), RANDOM_EFFECTS: effects_bytes.getvalue()}
+    files = {learner_file: learner_bytes, RANDOM_EFFECTS: effects_bytes.getvalue()}
     model_size = sum(len(content) for content in files.values())  # the report is not the model
     if summary is not None:
         files.update(render_report(state, summary=summary) or {})
     learner = state.fe_model
     manifest = {
         "format_version": FORMAT_VERSION,
+        "learner_file": learner_file,
         "parameters": _parameters(params),
         "learner": type(learner).__module__ + "." + type(learner).__qualname__,
         "learner_params": {k: v for k, v in learner.get_params(deep=False).items()
@@ -195,6 +222,8 @@ def save_model(state, params: dict, url, *, overwrite: bool = False,
     manifest = json.loads(json.dumps(manifest, default=float))  # the values a reader will see
     manifest[MANIFEST_DIGEST] = _manifest_digest(manifest)
     files[MANIFEST] = json.dumps(manifest, indent=2).encode()
+    if key is not None:  # over the manifest's bytes, which hold every other file's SHA-256
+        files[signing.SIGNATURE] = signing.sign(files[MANIFEST], key=key)
     with atomic_directory(url, overwrite=overwrite, storage_options=storage_options) as staging:
         filesystem, root = open_filesystem(staging, storage_options=storage_options)
         for name, content in files.items():
@@ -203,39 +232,62 @@ def save_model(state, params: dict, url, *, overwrite: bool = False,
 
 
 def read_manifest(url, *, storage_options: dict | None = None) -> dict:
-    """The manifest of a model directory, checked: its format version and its own digest.
+    """The manifest of a model directory, checked: its format version, its signature while a
+    signing key is set (:mod:`merf_dask.io.signing`) and its own digest.
 
     Raises
     ------
     FileNotFoundError
         ``url`` has no manifest.
     ValueError
-        The manifest is not JSON, was written in another format version, or was changed after
-        the model was saved.
+        The manifest is not JSON, was written in another format version (the message names it
+        and says to fit the model again), or was changed after the model was saved.
+    merf_dask.io.signing.SignatureError
+        A signing key is set and the directory is unsigned or its signature does not match.
     """
     filesystem, root = open_filesystem(url, storage_options=storage_options)
     if not filesystem.exists(f"{root}/{MANIFEST}"):
         raise FileNotFoundError(f"{url} is not a model directory: it has no {MANIFEST}")
     check_complete(url, storage_options=storage_options)
-    with filesystem.open(f"{root}/{MANIFEST}", "rb") as handle:
-        try:
-            manifest = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{url}/{MANIFEST} is not valid JSON: {error}") from None
+    raw = filesystem.cat_file(f"{root}/{MANIFEST}")  # the bytes the signature is over
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{url}/{MANIFEST} is not valid JSON: {error}") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
+        # format 2 and older hold the learner as a pickle, which this version never reads
+        # unasked; their layout is not this version's either, so they are fitted again
+        pickled = " (its learner a pickle, which runs code when loaded)" \
+            if version in (1, 2) else ""
         raise ValueError(
-            f"{url} is a model directory of format version {version}; this merf-dask "
+            f"{url} is a model directory of format version {version}{pickled}; this merf-dask "
             f"({_versions()['merf-dask']}) reads format version {FORMAT_VERSION}: fit the model "
             "again with this version and save it")
+    key = signing.signing_key()
+    if key is not None:
+        signature = f"{root}/{signing.SIGNATURE}"
+        signing.verify(raw, filesystem.cat_file(signature) if filesystem.exists(signature)
+                       else None, key=key, source=str(url))
     if manifest.get(MANIFEST_DIGEST) != _manifest_digest(manifest):
         raise ValueError(f"{url}/{MANIFEST} was modified after the model was saved (its "
                          f"{MANIFEST_DIGEST} does not match its content); refusing to load it")
     return manifest
 
 
-def load_model(url, *, storage_options: dict | None = None):
+def load_model(url, *, storage_options: dict | None = None, trusted: bool = False):
     """Load a model directory written by :func:`save_model`, checking every file's SHA-256.
+
+    Parameters
+    ----------
+    url : str or path-like
+    storage_options : dict, optional
+    trusted : bool, default=False
+        Also load a learner file that can run code when it is loaded: a pickle
+        (``learner.joblib``, written for learners of types merf-dask does not trust) or a
+        skops file with types outside :data:`merf_dask.io.learner_file.TRUSTED_TYPES`.
+        Only for model directories you or your pipeline wrote. It does not skip the digests or
+        the signature.
 
     Returns
     -------
@@ -251,12 +303,20 @@ def load_model(url, *, storage_options: dict | None = None):
     ValueError
         The manifest or a file is missing, of another format version, or differs from the
         hashes in the manifest.
+    merf_dask.io.learner_file.UntrustedModelError
+        Without ``trusted``: the learner file could run code (a ``ValueError`` too).
+    merf_dask.io.signing.SignatureError
+        A signing key is set and the directory is unsigned or mis-signed (a ``ValueError``).
     """
     manifest = read_manifest(url, storage_options=storage_options)
     filesystem, root = open_filesystem(url, storage_options=storage_options)
+    learner_file = manifest.get("learner_file")
+    if learner_file not in (SKOPS_FILE, PICKLE_FILE):
+        raise ValueError(f"{url}/{MANIFEST} names no learner file ({learner_file!r}); refusing "
+                         "to load it")
     hashes = manifest.get("sha256") or {}
     contents = {}
-    for name in (LEARNER, RANDOM_EFFECTS, *hashes):
+    for name in (learner_file, RANDOM_EFFECTS, *hashes):
         if name not in hashes:
             raise ValueError(f"{url}/{MANIFEST} lists no SHA-256 for {name}; refusing to load it")
         path = f"{root}/{name}"
@@ -266,7 +326,8 @@ def load_model(url, *, storage_options: dict | None = None):
         if hashlib.sha256(contents[name]).hexdigest() != hashes[name]:
             raise ValueError(f"{url}/{name} was modified after the model was saved "
                              "(SHA-256 differs from the manifest); refusing to load it")
-    learner = joblib.load(io.BytesIO(contents[LEARNER]))
+    learner = load_learner(learner_file, contents[learner_file], trusted=trusted,
+                           source=f"{url}/{learner_file}")
     params = {**manifest["parameters"], "fixed_effects_model": learner["unfitted"]}
     params["random_state"] = _random_state_from_json(params["random_state"])
     schema = manifest["schema"]
