@@ -59,8 +59,8 @@ def training_rows(n_rows: int) -> PartitionArrays:
     frame = simulate_frame(n_rows=n_rows, n_clusters=n_rows // 100, seed=0)
     codes, cluster_ids = pd.factorize(frame["cluster"])
     return PartitionArrays.from_arrays(
-        X=frame[["x1", "x2", "x3"]].to_numpy(), Z=np.ones((n_rows, 1)),
-        y=frame["y"].to_numpy(), codes=codes.astype(np.int64), cluster_ids=cluster_ids)
+        X=frame[["x1", "x2", "x3"]].to_numpy(), Z=[np.ones((n_rows, 1))],
+        y=frame["y"].to_numpy(), codes=[codes.astype(np.int64)], levels=[cluster_ids])
 
 
 def one_thread(learner):

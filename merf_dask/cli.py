@@ -204,7 +204,7 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
 
     frame = read_lake(lake)
     spec = parse_formula(formula, columns=list(frame.columns))
-    frame = read_lake(lake, columns=list(spec.columns), cluster_column=spec.group)
+    frame = read_lake(lake, columns=list(spec.columns), cluster_column=_partition_column(spec))
     checkpoint = checkpoint_path(output)
     model = MERF(make_learner(learner, random_state=seed), formula=formula,
                  max_iterations=max_iterations, random_state=seed, checkpoint=checkpoint,
@@ -392,13 +392,31 @@ def predict(lake, model_dir, output, intervals, scheduler, overwrite, trust_mode
     click.echo(f"predictions written to {output}")
 
 
+def _partition_column(spec) -> str:
+    """The column a lake is partitioned by: the first grouping factor's (its first column for
+    an interaction such as a:b, whose levels lie inside that column's)."""
+    return spec.terms[0].factor[0]
+
+
+def _row_kinds(part: pd.DataFrame, model) -> list[tuple[str, np.ndarray]]:
+    """The rows of ``part`` by how many of their levels the model knows: known / new clusters
+    with one grouping factor; all, some or no levels known with several."""
+    groups = model.design_.transform(part, require_response=False).groups
+    known = np.column_stack([e.levels.get_indexer(g) >= 0
+                             for e, g in zip(model.state_.effects, groups)])
+    if known.shape[1] == 1:
+        return [("known clusters", known[:, 0]), ("new clusters", ~known[:, 0])]
+    every, some = known.all(axis=1), known.any(axis=1)
+    return [("all levels known", every), ("some levels known", some & ~every),
+            ("no level known", ~some)]
+
+
 def _squared_errors(part: pd.DataFrame, *, model) -> pd.DataFrame:
     spec = model.formula_spec_
-    known = model.b_.index.get_indexer(part[spec.group]) >= 0
     y = part[spec.response].to_numpy(dtype=float)
     error = y - model.predict(part)
     rows = []
-    for name, mask in (("known clusters", known), ("new clusters", ~known)):
+    for name, mask in _row_kinds(part, model):
         rows.append({"rows": name, "n": int(mask.sum()), "sse": float(np.sum(error[mask] ** 2)),
                      "sum_y": float(y[mask].sum()), "sum_y2": float(np.sum(y[mask] ** 2))})
     return pd.DataFrame(rows)
@@ -408,7 +426,7 @@ def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
     """MSE and R^2 of ``model`` on a labelled lake, by known / new cluster and overall."""
     from .io.lake import read_lake
     frame = read_lake(lake, columns=list(model.formula_spec_.columns),
-                      cluster_column=model.formula_spec_.group)
+                      cluster_column=_partition_column(model.formula_spec_))
     meta = pd.DataFrame({"rows": pd.Series(dtype=object), "n": pd.Series(dtype="int64"),
                          "sse": pd.Series(dtype=float), "sum_y": pd.Series(dtype=float),
                          "sum_y2": pd.Series(dtype=float)})

@@ -32,6 +32,7 @@ import joblib
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.dummy import DummyRegressor
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import r2_score
 from sklearn.utils import check_random_state
@@ -39,7 +40,8 @@ from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted
 
 from .core import validation as check
-from .core.statistics import random_effects_offset
+from .core.random_effects import RandomFactor, random_effects_offset, variance_components
+from .io.report import format_variance_components
 from .io.checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
 from .core.em import InMemoryEMData, logger, run_em
 from .core.state import ModelState
@@ -249,12 +251,15 @@ class MERF(RegressorMixin, BaseEstimator):
         else:
             data, validation = self._array_training_data(X, Z, clusters, y, X_val, Z_val,
                                                          clusters_val, y_val)
+        if not data["x_names"]:
+            logger.info("the model has no features: f is a constant, the mean of y - Z b")
+            learner, honest = DummyRegressor(), False
         if data["distributed"] or self.client is not None:
             em_data, n_partitions = self._distributed_em_data(data, self.client or
                                                               _active_client())
         else:
-            em_data = InMemoryEMData(X=data["X"], Z=data["Z"], codes=data["codes"], y=data["y"],
-                                     cluster_ids=data["cluster_ids"],
+            em_data = InMemoryEMData(X=data["X"], y=data["y"], Z=data["Z"], codes=data["codes"],
+                                     levels=data["levels"], factors=data["factors"],
                                      # a forest's trees are fitted on threads here; any
                                      # other learner parallelises itself, one member at a time
                                      n_jobs=learner.n_jobs if is_bagged_forest(learner) else None)
@@ -263,18 +268,16 @@ class MERF(RegressorMixin, BaseEstimator):
         plan = plan_members(learner, honest=honest, n_rows=em_data.n_rows,
                             n_folds=self.n_folds, member_rows=self.member_rows, seed=seed,
                             cluster_hashes=em_data.cluster_hashes)
-        result = run_em(em_data, plan=plan,
-                        q=len(data["z_names"]), max_iterations=self.max_iterations, tol=tol,
+        result = run_em(em_data, plan=plan, max_iterations=self.max_iterations, tol=tol,
                         validation_mse=validation, start=start, on_state=on_state)
         if self.checkpoint is not None:
             remove_checkpoint(self.checkpoint)
         self._set_state(ModelState(
-            fe_model=result.fe_model, cluster_ids=pd.Index(result.cluster_ids, name="cluster"),
-            b=result.b, b_cov=result.b_cov, D=result.D, sigma2=result.sigma2,
+            fe_model=result.fe_model, effects=result.effects, sigma2=result.sigma2,
             history=result.history, n_rows=result.n_rows, converged=result.converged,
             honest=self._honest_kind(plan, result), feature_names=data["x_names"],
-            z_names=data["z_names"], x_named=data["x_named"], z_named=data["z_named"],
-            formula_spec=data.get("formula_spec"), encoder=data.get("encoder"),
+            x_named=data["x_named"], z_named=data["z_named"],
+            formula_spec=data.get("formula_spec"), design=data.get("design"),
             n_partitions=n_partitions, resumed_from=start.iteration if start else 0))
         self._warn_about(result, tol)
         return self
@@ -328,7 +331,7 @@ class MERF(RegressorMixin, BaseEstimator):
                 raise ValueError("X, Z, clusters and y must all be Dask collections or none")
             return self._dask_array_training_data(X, Z, clusters, y), self._validation_mse(
                 X_val, Z_val, clusters_val, y_val)
-        return _in_memory_data(X, Z, clusters, y), self._validation_mse(
+        return _in_memory_data(X, [Z], [clusters], y), self._validation_mse(
             X_val, Z_val, clusters_val, y_val)
 
     def _dask_array_training_data(self, X, Z, clusters, y):
@@ -338,37 +341,35 @@ class MERF(RegressorMixin, BaseEstimator):
         z_columns = [f"Z[{name}]" for name in z_names]
         frame = dd.map_partitions(_combine_columns, X, Z, clusters, y, x_names=x_names,
                                   z_columns=z_columns, align_dataframes=False,
-                                  meta=_em_frame_meta(x_names, z_columns, clusters.dtype))
-        return dict(distributed=True, frame=frame, x_columns=x_names, z_columns=z_columns,
-                    x_names=x_names, z_names=z_names, x_named=True,
+                                  meta=_em_frame_meta(x_names, [z_columns], [clusters.dtype]))
+        return dict(distributed=True, frame=frame, x_columns=x_names, z_columns=[z_columns],
+                    factors=[_array_factor(z_names)], x_names=x_names, x_named=True,
                     z_named=hasattr(Z, "columns"))
 
     def _formula_training_data(self, data, Z, clusters, y, data_val):
-        from .formula import FeatureEncoder, design_matrices, parse_formula
+        from .formula import ModelDesign, parse_formula
         if Z is not None or clusters is not None or y is not None:
             raise ValueError("with formula=, fit(data) takes one DataFrame; Z, clusters and y "
                              "come from the formula")
         data = _as_frame(data)
         spec = parse_formula(self.formula, columns=[str(c) for c in data.columns])
-        encoder = FeatureEncoder().fit(data[list(spec.fixed)])
-        described = dict(formula_spec=spec, encoder=encoder, x_names=list(spec.fixed),
-                         z_names=list(spec.z_names), x_named=False, z_named=False)
+        design = ModelDesign(spec).fit(data, full_design=is_linear_model(self._learner()))
+        factors = _design_factors(design)
+        described = dict(formula_spec=spec, design=design, factors=factors,
+                         x_names=list(design.x_names), x_named=False, z_named=False)
         validation = None
         if data_val is not None:
-            X_v, Z_v, g_v, y_v = design_matrices(_as_frame(data_val), spec, encoder)
-            validation = self._validation_mse(X_v, Z_v, g_v, y_v)
+            validation = self._validation(*_design_arrays(design, _as_frame(data_val)))
         if _is_dask(data):
-            z_columns = [f"Z[{name}]" for name in spec.z_names]
-            x_columns = list(spec.fixed)
-            frame = data.map_partitions(_formula_partition, spec=spec, encoder=encoder,
-                                        x_columns=x_columns, z_columns=z_columns,
-                                        meta=_em_frame_meta(x_columns, z_columns,
-                                                            data[spec.group].dtype))
+            x_columns, z_columns = _em_columns(design.x_names, factors)
+            frame = data.map_partitions(
+                _formula_partition, design=design, x_columns=x_columns, z_columns=z_columns,
+                meta=_em_frame_meta(x_columns, z_columns,
+                                    [_group_dtype(data, f.columns) for f in design.factors]))
             return dict(distributed=True, frame=frame, x_columns=x_columns,
                         z_columns=z_columns, **described), validation
-        X_, Z_, groups, y_ = design_matrices(data, spec, encoder)
-        return {**_in_memory_data(X_, Z_, groups, y_, x_names=spec.fixed, z_names=spec.z_names,
-                                  cluster_name=f"grouping column {spec.group!r}"),
+        X_, Z_, groups, y_ = _design_arrays(design, data)
+        return {**_in_memory_data(X_, Z_, groups, y_, factors=factors, **_design_names(design)),
                 **described}, validation
 
     def _validation_mse(self, X_val, Z_val, clusters_val, y_val):
@@ -377,16 +378,23 @@ class MERF(RegressorMixin, BaseEstimator):
             return None
         if not all(given):
             raise ValueError("validation needs all of X_val, Z_val, clusters_val and y_val")
-        X_val, _ = check.check_matrix(X_val, name="X_val")
-        Z_val, _ = check.check_matrix(Z_val, name="Z_val")
-        ids_val = check.check_clusters(clusters_val, name="clusters_val")
-        y_val = check.check_vector(y_val, name="y_val")
-        check.check_same_length(X_val=X_val, Z_val=Z_val, clusters_val=ids_val, y_val=y_val)
+        return self._validation(X_val, [Z_val], [clusters_val], y_val, names=_VALIDATION_NAMES)
 
-        def validation_mse(fe_model, cluster_ids, b):
-            codes = cluster_ids.get_indexer(ids_val)
+    def _validation(self, X_val, Z_val, groups_val, y_val, *, names=None):
+        """The validation MSE of an EM iterate, as a function of (fe_model, effects)."""
+        names = names or {}
+        X_val, _ = check.check_matrix(X_val, name=names.get("x", "X"))
+        Z_val = [check.check_matrix(Zk, name=names.get("z", "Z"))[0] for Zk in Z_val]
+        ids_val = [check.check_clusters(g, name=names.get("clusters", "clusters"))
+                   for g in groups_val]
+        y_val = check.check_vector(y_val, name=names.get("y", "y"))
+        check.check_same_length(X_val=X_val, Z_val=Z_val[0], clusters_val=ids_val[0],
+                                y_val=y_val)
+
+        def validation_mse(fe_model, effects):
+            codes = [levels.get_indexer(ids) for (levels, _), ids in zip(effects, ids_val)]
             prediction = (predict_fixed_effects(fe_model, X_val)
-                          + random_effects_offset(Z_val, b, codes))
+                          + random_effects_offset(Z_val, [b for _, b in effects], codes))
             return float(np.mean((y_val - prediction) ** 2))
         return validation_mse
 
@@ -398,7 +406,7 @@ class MERF(RegressorMixin, BaseEstimator):
                              "create one (Client()) or pass client=")
         if data["distributed"]:
             frame, x_columns, z_columns = data["frame"], data["x_columns"], data["z_columns"]
-            aligned = ensure_cluster_partitions(frame, _CLUSTER)
+            aligned = ensure_cluster_partitions(frame, _factor_column(0))
             if aligned is not frame:
                 warnings.warn("the data is not partitioned by cluster: it was shuffled once and "
                               "is held in worker memory; write a lake bucketed by cluster "
@@ -407,13 +415,15 @@ class MERF(RegressorMixin, BaseEstimator):
                 aligned = client.persist(aligned)
             partitions = aligned.to_delayed()
         else:
-            x_columns = [f"X[{i}]" for i in range(data["X"].shape[1])]
-            z_columns = [f"Z[{i}]" for i in range(data["Z"].shape[1])]
+            x_columns, z_columns = _em_columns([f"X{i}" for i in range(data["X"].shape[1])],
+                                               data["factors"])
             partitions = client.scatter(_cluster_partitions(
                 data, x_columns=x_columns, z_columns=z_columns,
                 n_partitions=2 * max(1, len(client.scheduler_info()["workers"]))))
         em_data = DaskEMData(client=client, partitions=partitions, x_columns=x_columns,
-                             z_columns=z_columns, cluster_column=_CLUSTER, y_column=_RESPONSE)
+                             z_columns=z_columns, factors=data["factors"],
+                             factor_columns=[_factor_column(k) for k in range(len(z_columns))],
+                             y_column=_RESPONSE)
         return em_data, len(partitions)
 
     def _set_state(self, state: ModelState) -> "MERF":
@@ -421,11 +431,18 @@ class MERF(RegressorMixin, BaseEstimator):
         (by fit and by load)."""
         self.state_ = state
         self.fe_model_ = state.fe_model
-        self.b_ = pd.DataFrame(state.b, index=state.cluster_ids, columns=state.z_names)
-        self.b_.index.name = "cluster"
-        self.b_cov_ = state.b_cov
-        self.D_ = state.D
+        self.random_effects_ = {e.factor.name: _effects_frame(e) for e in state.effects}
+        self.random_effects_cov_ = {e.factor.name: e.b_cov for e in state.effects}
+        self.variance_components_ = variance_components(state.effects, state.sigma2)
         self.sigma2_ = state.sigma2
+        for name in ("b_", "b_cov_", "D_", "z_names_"):
+            self.__dict__.pop(name, None)  # a refit with several factors has none of these
+        if len(state.effects) == 1:  # merf 1.0's single-factor attributes
+            (effects,) = state.effects
+            self.b_ = self.random_effects_[effects.factor.name].rename_axis("cluster")
+            self.b_cov_ = effects.b_cov
+            self.D_ = effects.D
+            self.z_names_ = list(effects.factor.z_names)
         self.history_ = state.history
         self.gll_history_ = [r.gll for r in state.history]
         self.sigma2_history_ = [r.sigma2 for r in state.history]
@@ -438,11 +455,10 @@ class MERF(RegressorMixin, BaseEstimator):
         self.oob_ = state.honest != "in-sample"
         self.n_features_in_ = len(state.feature_names)
         self.feature_names_in_ = np.asarray(state.feature_names, dtype=object)
-        self.z_names_ = list(state.z_names)
         self.n_partitions_ = state.n_partitions
         self.resumed_from_ = state.resumed_from
         if state.formula_spec is not None:
-            self.formula_spec_, self.encoder_ = state.formula_spec, state.encoder
+            self.formula_spec_, self.design_ = state.formula_spec, state.design
         return self
 
     @staticmethod
@@ -466,23 +482,8 @@ class MERF(RegressorMixin, BaseEstimator):
                           "that did not train on them, so their f inside EM was predicted "
                           "in-sample (sigma2 is biased low); use more clusters or trees",
                           UserWarning, stacklevel=3)
-        gram_eigenvalues, gram_vectors = np.linalg.eigh(result.design_gram)
-        if gram_eigenvalues[0] <= 1e-10 * max(gram_eigenvalues[-1], np.finfo(float).tiny):
-            direction = gram_vectors[:, 0]
-            columns = [name for name, weight in zip(self.z_names_, direction)
-                       if abs(weight) > 1e-6]
-            warnings.warn("boundary (singular) fit: the random-effects design has no variation "
-                          f"in the direction of columns {columns} (all zero or collinear), so "
-                          "the data cannot inform D there and D_ keeps its starting value in "
-                          "that direction; drop one of those columns", SingularFitWarning,
-                          stacklevel=3)
-            return
-        eigenvalues = np.linalg.eigvalsh(self.D_)
-        if eigenvalues[0] <= _SINGULAR_TOLERANCE * self.sigma2_:
-            warnings.warn("boundary (singular) fit: the random-effects covariance D is nearly "
-                          f"singular (eigenvalues {np.array2string(eigenvalues, precision=3)}, "
-                          f"sigma2 {self.sigma2_:.3g}); consider fewer random-effect columns",
-                          SingularFitWarning, stacklevel=3)
+        for effects, gram in zip(result.effects, result.design_gram):
+            _warn_if_singular(effects, gram, self.sigma2_)
 
     # -------------------------------------------------------------- predict
 
@@ -518,62 +519,69 @@ class MERF(RegressorMixin, BaseEstimator):
         return self._predict_rows(X, Z, clusters, return_std=return_std)
 
     def _predict_rows(self, X, Z, clusters, *, return_std=False):
-        """Predictions of checked input: the one path every kind of input takes (arrays, frames,
-        formula designs, Dask partitions), so every input obeys the same rules: no missing or
-        infinite values, no missing cluster id, column names as in fit, any number of rows."""
+        """Predictions of merf-style input (X, Z, clusters) of a model fitted on arrays."""
         if Z is None or clusters is None:
             raise ValueError("predict(X, Z, clusters) needs Z and clusters "
                              "(or fit with formula= and pass one DataFrame)")
         state = self.state_
-        names = dict(x=None, z=None) if state.formula_spec is None else dict(
-            x=state.feature_names, z=state.z_names)
-        X, x_names = check.check_matrix(X, name="X", allow_empty=True, columns=names["x"])
-        Z, z_names = check.check_matrix(Z, name="Z", allow_empty=True, columns=names["z"])
+        X, x_names = check.check_matrix(X, name="X", allow_empty=True)
+        Z, z_names = check.check_matrix(Z, name="Z", allow_empty=True)
         ids = check.check_clusters(clusters, allow_empty=True)
         check.check_same_length(X=X, Z=Z, clusters=ids)
         if state.x_named:
             check.check_feature_names(x_names, state.feature_names, name="X")
         if state.z_named:
-            check.check_feature_names(z_names, state.z_names, name="Z")
+            check.check_feature_names(z_names, list(state.effects[0].factor.z_names), name="Z")
+        return self._predict_design(X, [Z], [ids], return_std=return_std)
+
+    def _predict_design(self, X, Z, groups, *, return_std=False):
+        """Predictions of checked input: the one path every kind of input takes (arrays, frames,
+        formula designs, Dask partitions), so every input obeys the same rules: no missing or
+        infinite values, no missing level, column names as in fit, any number of rows.
+
+        ``Z`` and ``groups`` have one entry per grouping factor.
+        """
+        effects = self.state_.effects
         if X.shape[1] != self.n_features_in_:
             raise ValueError(f"X has {X.shape[1]} features, the model was fitted with "
                              f"{self.n_features_in_}")
-        if Z.shape[1] != self.D_.shape[0]:
-            raise ValueError(f"Z has {Z.shape[1]} columns, the model was fitted with "
-                             f"{self.D_.shape[0]}")
+        for Zk, e in zip(Z, effects):
+            if Zk.shape[1] != e.factor.q:
+                raise ValueError(f"Z has {Zk.shape[1]} columns, the model was fitted with "
+                                 f"{e.factor.q} for {e.factor.name!r}")
         if not len(X):
             empty = np.empty(0)
             return (empty, empty.copy()) if return_std else empty
-        codes = self.b_.index.get_indexer(ids)
+        codes = [e.levels.get_indexer(ids) for e, ids in zip(effects, groups)]
         # threads, not processes: Dask workers are daemons and cannot start joblib's process pool
         with joblib.parallel_config(backend="threading"):
             f_hat = predict_fixed_effects(self.fe_model_, X)
-        prediction = f_hat + random_effects_offset(Z, self.b_.to_numpy(), codes)
+        prediction = f_hat + random_effects_offset(Z, [e.b for e in effects], codes)
         if not return_std:
             return prediction
-        known = codes >= 0
-        random_effect_var = np.einsum("np,pq,nq->n", Z, self.D_, Z)  # new clusters: b ~ N(0, D)
-        random_effect_var[known] = np.einsum("np,npq,nq->n", Z[known], self.b_cov_[codes[known]],
-                                             Z[known])
-        return prediction, np.sqrt(self.sigma2_ + random_effect_var)
+        variance = np.full(len(X), self.sigma2_)
+        for Zk, e, ck in zip(Z, effects, codes):
+            known = ck >= 0
+            # a new level's b ~ N(0, D); a known one's given y ~ N(b_hat, Var(b | y))
+            variance[~known] += np.einsum("np,pq,nq->n", Zk[~known], e.D, Zk[~known])
+            variance[known] += np.einsum("np,npq,nq->n", Zk[known], e.b_cov[ck[known]],
+                                         Zk[known])
+        return prediction, np.sqrt(variance)
 
     def _predict_formula(self, data, *, return_std=False):
-        from .formula import design_matrices
         if _is_dask(data):
             return data.map_partitions(_predict_formula_partition, model=_shipped(self),
                                        return_std=return_std, meta=_prediction_meta(return_std))
-        X, Z, groups, _ = design_matrices(_as_frame(data), self.formula_spec_, self.encoder_,
-                                          require_response=False)
-        return self._predict_rows(X, Z, groups, return_std=return_std)
+        X, Z, groups, _ = _checked_design_arrays(self.design_, _as_frame(data),
+                                                 require_response=False, allow_empty=True)
+        return self._predict_design(X, Z, groups, return_std=return_std)
 
     def score(self, X, Z=None, clusters=None, y=None):
         """R^2 of ``predict`` (with ``formula``: ``score(data)``, the response from the frame)."""
         check_is_fitted(self, "fe_model_")
         if self.formula is not None:
-            from .formula import design_matrices
-            X_, Z_, groups, y_ = design_matrices(_as_frame(X), self.formula_spec_, self.encoder_)
-            return r2_score(check.check_vector(y_, name=self.formula_spec_.response),
-                            self._predict_rows(X_, Z_, groups))
+            X_, Z_, groups, y_ = _checked_design_arrays(self.design_, _as_frame(X))
+            return r2_score(y_, self._predict_design(X_, Z_, groups))
         return r2_score(check.check_vector(y, name="y"), self.predict(X, Z, clusters))
 
     # ------------------------------------------------------------ artifacts
@@ -603,25 +611,20 @@ class MERF(RegressorMixin, BaseEstimator):
         """A text summary like statsmodels' ``summary()``: data, convergence, variance components
         (as variances, standard deviations and correlations), learner and feature importances."""
         check_is_fitted(self, "fe_model_")
-        sd = np.sqrt(np.diag(self.D_))
-        correlation = self.D_ / np.outer(sd, sd) if np.all(sd > 0) else np.full_like(self.D_, np.nan)
+        levels = ", ".join(f"{e.factor.name} {len(e.levels)}" for e in self.state_.effects)
         lines = [
             "Mixed Effects Random Forest (MERF)",
             f"  formula:        {self.formula or '(arrays: X, Z, clusters, y)'}",
             f"  rows:           {self.n_rows_}",
-            f"  clusters:       {len(self.b_)}",
+            f"  levels:         {levels}",
             f"  iterations:     {self.n_iter_} ({'converged' if self.converged_ else 'not converged'},"
             f" tol={self._tol()})",
             f"  final GLL:      {self.gll_history_[-1]:.6g}",
             f"  honest f in EM: {self.honest_kind_}",
             f"  learner:        {type(self.fe_model_).__name__}",
             "",
-            "Random effects            Variance    Std.Dev.  Corr",
+            *format_variance_components(self.variance_components_),
         ]
-        for j, name in enumerate(self.z_names_):
-            corr = " ".join(f"{correlation[j, k]:+.2f}" for k in range(j))
-            lines.append(f"  {name:<22}{self.D_[j, j]:>10.4g}{sd[j]:>12.4g}  {corr}")
-        lines.append(f"  {'Residual':<22}{self.sigma2_:>10.4g}{np.sqrt(self.sigma2_):>12.4g}")
         importances = getattr(self.fe_model_, "feature_importances_", None)
         if importances is not None:
             lines += ["", "Feature importances"]
@@ -695,27 +698,79 @@ class MERF(RegressorMixin, BaseEstimator):
         return self.val_loss_history_
 
 
-def _checked_design(X, Z, clusters, y, *, x_names=None, z_names=None, cluster_name="clusters"):
-    """X, Z, cluster ids and y checked by the rules of every fit (``x_names``, ``z_names`` and
-    ``cluster_name`` name a formula design's columns in error messages), with the DataFrame
-    column names of X and Z (None for arrays)."""
-    X, x_frame_names = check.check_matrix(X, name="X", columns=x_names)
-    Z, z_frame_names = check.check_matrix(Z, name="Z", columns=z_names,
-                                          largest=check.LARGEST_VALUE)
-    ids = check.check_clusters(clusters, name=cluster_name)
+#: How the checks name merf-style validation data.
+_VALIDATION_NAMES = dict(x="X_val", z="Z_val", clusters="clusters_val", y="y_val")
+
+
+def _factor_column(k: int) -> str:
+    """The distributed fit frame's column of factor k's levels (factor 0 partitions it)."""
+    return _CLUSTER if k == 0 else f"__factor{k}__"
+
+
+def _array_factor(z_names) -> RandomFactor:
+    """The one grouping factor of a merf-style fit(X, Z, clusters, y)."""
+    return RandomFactor(name="cluster", z_names=tuple(z_names))
+
+
+def _design_factors(design) -> list[RandomFactor]:
+    return [RandomFactor(name=f.name, z_names=tuple(f.z_names),
+                         blocks=tuple(tuple(block) for block in f.blocks))
+            for f in design.factors]
+
+
+def _design_names(design) -> dict:
+    """How the checks name a formula design's columns."""
+    return dict(x_names=list(design.x_names), z_names=[list(f.z_names) for f in design.factors],
+                group_names=[f"grouping column {f.name!r}" for f in design.factors])
+
+
+def _design_arrays(design, frame):
+    """(X, Z, groups, y) of a pandas frame through a fitted formula design."""
+    arrays = design.transform(frame)
+    return arrays.X, arrays.Z, arrays.groups, arrays.y
+
+
+def _checked_design_arrays(design, frame, *, require_response=True, allow_empty=False):
+    """:func:`_design_arrays` checked by the rules of every input (predict and score)."""
+    arrays = design.transform(frame, require_response=require_response)
+    names = _design_names(design)
+    X, _ = check.check_matrix(arrays.X, name="X", allow_empty=allow_empty,
+                              columns=names["x_names"], allow_no_columns=True)
+    Z = [check.check_matrix(Zk, name="Z", allow_empty=allow_empty, columns=z_names)[0]
+         for Zk, z_names in zip(arrays.Z, names["z_names"])]
+    groups = [check.check_clusters(g, name=name, allow_empty=allow_empty)
+              for g, name in zip(arrays.groups, names["group_names"])]
+    y = check.check_vector(arrays.y, name=design.spec.response) if require_response else None
+    return X, Z, groups, y
+
+
+def _checked_design(X, Z, groups, y, *, x_names=None, z_names=None, group_names=None):
+    """X, every factor's Z and level ids, and y checked by the rules of every fit
+    (``x_names``, ``z_names`` and ``group_names`` name a formula design's columns in error
+    messages), with the DataFrame column names of X and of the first Z (None for arrays)."""
+    z_names = z_names or [None] * len(Z)
+    group_names = group_names or ["clusters"] * len(groups)
+    X, x_frame_names = check.check_matrix(X, name="X", columns=x_names,
+                                          allow_no_columns=x_names is not None)
+    checked_Z = [check.check_matrix(Zk, name="Z", columns=names, largest=check.LARGEST_VALUE)
+                 for Zk, names in zip(Z, z_names)]
+    ids = [check.check_clusters(g, name=name) for g, name in zip(groups, group_names)]
     y = check.check_vector(y, name="y")
-    check.check_same_length(X=X, Z=Z, clusters=ids, y=y)
-    return X, Z, ids, y, x_frame_names, z_frame_names
+    check.check_same_length(X=X, Z=checked_Z[0][0], clusters=ids[0], y=y)
+    return X, [Zk for Zk, _ in checked_Z], ids, y, x_frame_names, checked_Z[0][1]
 
 
-def _in_memory_data(X, Z, clusters, y, **names) -> dict:
-    """The checked data of an in-memory fit (``names`` as for :func:`_checked_design`)."""
-    X, Z, ids, y, x_frame_names, z_frame_names = _checked_design(X, Z, clusters, y, **names)
-    codes, cluster_ids = pd.factorize(ids, sort=False)
-    return dict(distributed=False, X=X, Z=Z, y=y, codes=codes.astype(np.int64),
-                cluster_ids=pd.Index(cluster_ids),
+def _in_memory_data(X, Z, groups, y, *, factors=None, **names) -> dict:
+    """The checked data of an in-memory fit (``names`` as for :func:`_checked_design`; without
+    ``factors``, the merf-style fit's one factor named after Z's columns)."""
+    X, Z, ids, y, x_frame_names, z_frame_names = _checked_design(X, Z, groups, y, **names)
+    factorized = [pd.factorize(g, sort=False) for g in ids]
+    if factors is None:
+        factors = [_array_factor(z_frame_names or [f"Z{i}" for i in range(Z[0].shape[1])])]
+    return dict(distributed=False, X=X, Z=Z, y=y,
+                codes=[codes.astype(np.int64) for codes, _ in factorized],
+                levels=[pd.Index(levels) for _, levels in factorized], factors=factors,
                 x_names=x_frame_names or [f"X{i}" for i in range(X.shape[1])],
-                z_names=z_frame_names or [f"Z{i}" for i in range(Z.shape[1])],
                 x_named=x_frame_names is not None, z_named=z_frame_names is not None)
 
 
@@ -726,66 +781,110 @@ def _as_frame(data):
                      f"{type(data).__name__}")
 
 
+def _group_dtype(data, columns):
+    """The dtype of a factor's level labels in a distributed fit's frame: the column's own, or
+    strings for an interaction."""
+    if len(columns) == 1:
+        return data[columns[0]].dtype
+    return pd.Series(["a"]).dtype
+
+
+def _em_columns(x_names, factors) -> tuple[list[str], list[list[str]]]:
+    """The distributed fit frame's X columns and every factor's Z columns."""
+    return list(x_names), [[f"Z{k}[{name}]" for name in f.z_names]
+                           for k, f in enumerate(factors)]
+
+
 def _cluster_partitions(data, *, x_columns, z_columns, n_partitions) -> list[pd.DataFrame]:
-    """In-memory training data cut into frames that each hold whole clusters."""
-    ids = np.asarray(data["cluster_ids"], dtype=object)[data["codes"]]
-    frame = _em_frame(data["X"], data["Z"], ids, data["y"], x_columns=x_columns,
+    """In-memory training data cut into frames that each hold whole levels of factor 0."""
+    groups = [np.asarray(levels, dtype=object)[codes]
+              for levels, codes in zip(data["levels"], data["codes"])]
+    frame = _em_frame(data["X"], data["Z"], groups, data["y"], x_columns=x_columns,
                       z_columns=z_columns)
-    part_of_row = data["codes"] % min(n_partitions, len(data["cluster_ids"]))
+    part_of_row = data["codes"][0] % min(n_partitions, len(data["levels"][0]))
     return [part for _, part in frame.groupby(part_of_row, sort=True)]
 
 
-def _em_frame(X, Z, clusters, y, *, x_columns, z_columns) -> pd.DataFrame:
-    """The frame a distributed fit works on: X and Z columns, cluster ids and the response.
+def _em_frame(X, Z, groups, y, *, x_columns, z_columns) -> pd.DataFrame:
+    """The frame a distributed fit works on: X and every factor's Z columns and levels, and the
+    response.
 
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
-    Z : ndarray of shape (n_samples, q)
-    clusters : array-like of shape (n_samples,)
+    Z : list of ndarray of shape (n_samples, q_k)
+    groups : list of array-like of shape (n_samples,)
     y : ndarray of shape (n_samples,)
-    x_columns, z_columns : list of str
+    x_columns : list of str
+    z_columns : list of list of str
     """
-    frame = pd.DataFrame(np.column_stack([X, Z]), columns=[*x_columns, *z_columns])
-    frame[_CLUSTER] = np.asarray(clusters)
+    frame = pd.DataFrame(np.column_stack([X, *Z]),
+                         columns=[*x_columns, *(c for columns in z_columns for c in columns)])
+    for k, levels in enumerate(groups):
+        frame[_factor_column(k)] = np.asarray(levels)
     frame[_RESPONSE] = np.asarray(y, dtype=float).reshape(-1)
     return frame
 
 
-def _em_frame_meta(x_columns, z_columns, cluster_dtype) -> pd.DataFrame:
+def _em_frame_meta(x_columns, z_columns, group_dtypes) -> pd.DataFrame:
     """The empty frame that tells Dask the columns and types of :func:`_em_frame` (inferring
     them would run the checks on Dask's made-up rows)."""
-    return _em_frame(np.empty((0, len(x_columns))), np.empty((0, len(z_columns))),
-                     pd.Series([], dtype=cluster_dtype), np.empty(0), x_columns=x_columns,
-                     z_columns=z_columns)
+    return _em_frame(np.empty((0, len(x_columns))),
+                     [np.empty((0, len(columns))) for columns in z_columns],
+                     [pd.Series([], dtype=dtype) for dtype in group_dtypes], np.empty(0),
+                     x_columns=x_columns, z_columns=z_columns)
 
 
-def _checked_em_frame(X, Z, clusters, y, *, x_columns, z_columns, x_names=None, z_names=None,
-                      cluster_name="clusters") -> pd.DataFrame:
+def _checked_em_frame(X, Z, groups, y, *, x_columns, z_columns, **names) -> pd.DataFrame:
     """:func:`_em_frame` of one partition, checked by the rules of an in-memory fit (an empty
     partition passes: a filtered frame or an empty file has them)."""
     if len(X):  # checked as an in-memory fit's data, without its factorization; the ids go on
         # as given (the checked Series would cost a round trip through Arrow strings)
-        X, Z, _, y, _, _ = _checked_design(X, Z, clusters, y, x_names=x_names, z_names=z_names,
-                                           cluster_name=cluster_name)
+        X, Z, _, y, _, _ = _checked_design(X, Z, groups, y, **names)
     return _em_frame(np.asarray(X, dtype=float).reshape(len(X), len(x_columns)),
-                     np.asarray(Z, dtype=float).reshape(len(X), len(z_columns)), clusters,
-                     y, x_columns=x_columns, z_columns=z_columns)
+                     [np.asarray(Zk, dtype=float).reshape(len(X), len(columns))
+                      for Zk, columns in zip(Z, z_columns)], groups, y,
+                     x_columns=x_columns, z_columns=z_columns)
 
 
 def _combine_columns(X, Z, clusters, y, *, x_names, z_columns) -> pd.DataFrame:
     """One partition of the distributed fit's frame from four Dask collections (on the
     workers)."""
-    return _checked_em_frame(X, Z, clusters, y, x_columns=x_names, z_columns=z_columns)
+    return _checked_em_frame(X, [Z], [clusters], y, x_columns=x_names, z_columns=[z_columns])
 
 
-def _formula_partition(part, *, spec, encoder, x_columns, z_columns) -> pd.DataFrame:
+def _formula_partition(part, *, design, x_columns, z_columns) -> pd.DataFrame:
     """One partition of the distributed fit's frame from a formula (on the workers)."""
-    from .formula import design_matrices
-    X, Z, groups, y = design_matrices(part, spec, encoder)
+    X, Z, groups, y = _design_arrays(design, part)
     return _checked_em_frame(X, Z, groups, y, x_columns=x_columns, z_columns=z_columns,
-                             x_names=spec.fixed, z_names=spec.z_names,
-                             cluster_name=f"grouping column {spec.group!r}")
+                             **_design_names(design))
+
+
+def _effects_frame(effects) -> pd.DataFrame:
+    """A factor's b as lme4's ``ranef`` shows it: levels by Z columns."""
+    return pd.DataFrame(effects.b, index=pd.Index(effects.levels, name=effects.factor.name),
+                        columns=list(effects.factor.z_names))
+
+
+def _warn_if_singular(effects, gram: np.ndarray, sigma2: float) -> None:
+    """Warn about a factor whose design cannot inform D, or whose D is (nearly) singular."""
+    factor = effects.factor
+    gram_eigenvalues, gram_vectors = np.linalg.eigh(gram)
+    if gram_eigenvalues[0] <= 1e-10 * max(gram_eigenvalues[-1], np.finfo(float).tiny):
+        direction = gram_vectors[:, 0]
+        columns = [name for name, weight in zip(factor.z_names, direction) if abs(weight) > 1e-6]
+        warnings.warn(f"boundary (singular) fit: the random-effects design of {factor.name!r} "
+                      f"has no variation in the direction of columns {columns} (all zero or "
+                      "collinear), so the data cannot inform D there and it keeps its starting "
+                      "value in that direction; drop one of those columns", SingularFitWarning,
+                      stacklevel=4)
+        return
+    eigenvalues = np.linalg.eigvalsh(effects.D)
+    if eigenvalues[0] <= _SINGULAR_TOLERANCE * sigma2:
+        warnings.warn(f"boundary (singular) fit: the random-effects covariance of "
+                      f"{factor.name!r} is nearly singular (eigenvalues "
+                      f"{np.array2string(eigenvalues, precision=3)}, sigma2 {sigma2:.3g}); "
+                      "consider fewer random-effect columns", SingularFitWarning, stacklevel=4)
 
 
 def _prediction_meta(return_std):
@@ -802,7 +901,7 @@ def _as_prediction_frame(result, index, return_std):
     return pd.Series(result, index=index, name="prediction")
 
 
-def _predict_partition(X, Z, clusters, *, model, return_std):
+def _predict_partition(X, Z, clusters, *, model, return_std):  # merf-style Dask input
     result = model._predict_rows(X, Z, clusters, return_std=return_std)
     return _as_prediction_frame(result, X.index, return_std)
 

@@ -13,6 +13,9 @@ simulate_frame
 gain_experiment
     The known/new-cluster design of merf's gain experiment: train, known-cluster test and
     new-cluster test frames for one of the six (m, sigma_b2) scenarios.
+simulate_crossed_frame
+    The same g(x) with crossed random intercepts of users and items (ratings, clicks):
+    y = m g(x) + u_user + v_item + e.
 
 Cluster ids are strings (``"c0"``, ``"c1"``, ...) built with int64 arithmetic, so any number of
 clusters works (merf 1.0's generator overflows int8 above 128 clusters).
@@ -23,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["GAIN_SCENARIOS", "simulate_frame", "gain_experiment", "fixed_effect_function"]
+__all__ = ["GAIN_SCENARIOS", "simulate_frame", "gain_experiment", "simulate_crossed_frame",
+           "fixed_effect_function"]
 
 #: (m, sigma_b2) of the six scenarios of merf's gain experiment, sigma_e2 = 1 throughout.
 GAIN_SCENARIOS: tuple[tuple[float, float], ...] = (
@@ -129,3 +133,45 @@ def gain_experiment(scenario: int = 2, *, seed: int | None = 0
     is_train = position < size // 10
     return (known[is_train].reset_index(drop=True),
             known[~is_train].reset_index(drop=True), new)
+
+
+def simulate_crossed_frame(*, n_rows: int, n_users: int, n_items: int, m: float = 0.6,
+                           sigma_user2: float = 1.0, sigma_item2: float = 0.5,
+                           sigma_e2: float = 1.0, item_skew: float = 1.0,
+                           seed: int | None = 0) -> pd.DataFrame:
+    """Rows of users rating items: crossed random intercepts, truth known.
+
+    Every row draws its user uniformly and its item from a Zipf-like law (item i with weight
+    (i + 1)^-item_skew, so a few items are popular, as in ratings data); g(x) as in
+    :func:`simulate_frame`.
+
+    Parameters
+    ----------
+    n_rows, n_users, n_items : int
+    m : float
+        Scale of the fixed effect.
+    sigma_user2, sigma_item2, sigma_e2 : float
+        Variances of the user and item intercepts and of the noise.
+    item_skew : float
+        Exponent of the items' popularity law (0 is uniform).
+    seed : int or None
+
+    Returns
+    -------
+    DataFrame of shape (n_rows, 6)
+        Columns ``user`` and ``item`` (str), ``y``, ``x1``, ``x2``, ``x3``.
+    """
+    if min(n_users, n_items) < 1 or n_rows < max(n_users, n_items):
+        raise ValueError(f"need 1 <= users, items <= rows, got rows={n_rows}, "
+                         f"users={n_users}, items={n_items}")
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, n_users, n_rows)
+    weights = (np.arange(n_items) + 1.0) ** -item_skew
+    item = rng.choice(n_items, size=n_rows, p=weights / weights.sum())
+    x = rng.standard_normal((n_rows, 3))
+    y = (m * fixed_effect_function(x) + rng.normal(0, np.sqrt(sigma_user2), n_users)[user]
+         + rng.normal(0, np.sqrt(sigma_item2), n_items)[item]
+         + rng.normal(0, np.sqrt(sigma_e2), n_rows))
+    return pd.DataFrame({"user": "u" + pd.Index(user).astype(str),
+                         "item": "i" + pd.Index(item).astype(str),
+                         "y": y, "x1": x[:, 0], "x2": x[:, 1], "x3": x[:, 2]})

@@ -1,106 +1,269 @@
-"""The vectorised sufficient-statistics E-step against a naive dense implementation.
+"""The E-step of :mod:`merf_dask.core.random_effects` against dense references written here.
 
-The reference below is written from the paper's formulas with n_i x n_i matrices, one cluster at
-a time, exactly as merf 1.0 and the authors' R code compute it.
+The single-factor reference is written from the paper's formulas with n_i x n_i matrices, one
+cluster at a time, as merf 1.0 and the authors' R code compute it; the several-factor reference
+builds the whole marginal covariance V = sum_k Z_k (I kron D_k) Z_k' + sigma2 I.
 """
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from merf_dask.core.statistics import (cluster_statistics, random_effects_offset, random_effects_step,
-                             update_variance_components)
+from merf_dask.core.random_effects import (EMSums, RandomFactor, crossed_effects,
+                                           crossed_offsets, factor_moments, finish_local,
+                                           partition_sums, random_effects_offset,
+                                           relative_factor, solve_crossed, solve_local,
+                                           update_variance_components, variance_components)
+
+
+def e_step(codes, Z, r, D, sigma2, crossed_levels):
+    """The E-step of one block holding every row, glued as the EM loop glues it."""
+    factors = [RandomFactor(f"f{k}", tuple(f"z{j}" for j in range(Zk.shape[1])))
+               for k, Zk in enumerate(Z)]
+    n_levels = [int(c.max()) + 1 for c in codes]
+    relative = [relative_factor(Dk, sigma2) for Dk in D]
+    offsets = crossed_offsets(factors, crossed_levels)
+    positions = [None if table is None else np.arange(len(table)) for table in crossed_levels]
+    system, share, logdet = solve_local(codes=codes, Z=Z, n_levels=n_levels, r=r,
+                                        relative=relative, crossed_position=positions,
+                                        offsets=offsets)
+    crossed, extra = None, None
+    if share is not None:
+        u, inverse, logdet_s, quadratic = solve_crossed(share)
+        effects, extra = crossed_effects(u, inverse, q=[f.q for f in factors], offsets=offsets,
+                                         crossed_levels=crossed_levels, relative=relative,
+                                         sigma2=sigma2)
+        extra.logdet, extra.quadratic = logdet_s, -quadratic
+        crossed = (u, inverse)
+    u, m_inverse, quadratic = finish_local(
+        system, u_crossed=None if crossed is None else crossed[0],
+        crossed_inverse=None if crossed is None else crossed[1], crossed_position=positions,
+        offsets=offsets)
+    b, b_cov, corrections = [], [], 0.0
+    for k, (uk, mk) in enumerate(zip(u, m_inverse)):
+        if mk is None:
+            b.append(uk @ relative[k].T), b_cov.append(None)
+            continue
+        bk, ck, correction = factor_moments(uk, mk, relative[k], sigma2)
+        b.append(bk), b_cov.append(ck)
+        corrections += correction
+    sums = partition_sums(codes=codes, Z=Z, r=r, b=b, b_cov=b_cov, corrections=corrections,
+                          quadratic=quadratic, logdet=logdet)
+    if extra is not None:
+        sums = sums + extra
+        for k, (bk, ck) in effects.items():
+            b_cov[k] = ck
+    return factors, b, b_cov, sums
+
+
+def dense_reference(codes, Z, r, D, sigma2):
+    """b, Var(b | r) blocks, the log-likelihood and the EM updates from the dense V."""
+    n = len(r)
+    designs, covariances = [], []
+    for ck, Zk, Dk in zip(codes, Z, D):
+        q, L = Zk.shape[1], int(ck.max()) + 1
+        full = np.zeros((n, L * q))
+        for a in range(q):
+            full[np.arange(n), ck * q + a] = Zk[:, a]
+        designs.append(full)
+        covariances.append(np.kron(np.eye(L), Dk))
+    Zf = np.hstack(designs)
+    G = np.zeros((Zf.shape[1],) * 2)
+    start = 0
+    for Gk in covariances:
+        G[start:start + len(Gk), start:start + len(Gk)] = Gk
+        start += len(Gk)
+    V = Zf @ G @ Zf.T + sigma2 * np.eye(n)
+    V_inv = np.linalg.inv(V)
+    b = G @ Zf.T @ V_inv @ r
+    C = G - G @ Zf.T @ V_inv @ Zf @ G
+    log_likelihood = -0.5 * (n * np.log(2 * np.pi) + np.linalg.slogdet(V)[1] + r @ V_inv @ r)
+    e = r - Zf @ b
+    new_sigma2 = (e @ e + np.trace(Zf.T @ Zf @ C)) / n
+    per_factor, new_D, start = [], [], 0
+    for ck, Zk in zip(codes, Z):
+        q, L = Zk.shape[1], int(ck.max()) + 1
+        bk = b[start:start + L * q].reshape(L, q)
+        Ck = np.array([C[start + l * q:start + (l + 1) * q, start + l * q:start + (l + 1) * q]
+                       for l in range(L)])
+        per_factor.append((bk, Ck))
+        new_D.append((bk.T @ bk + Ck.sum(axis=0)) / L)
+        start += L * q
+    return per_factor, log_likelihood, new_sigma2, new_D
 
 
 def naive_em_step(codes, Z, r, sigma2, D):
     """Dense per-cluster E-step and variance updates (Hajjem et al. 2014, with tr(V^-1))."""
     K, q = codes.max() + 1, Z.shape[1]
     b = np.zeros((K, q))
-    sigma2_sum, D_sum, residual_ss, bbt = 0.0, np.zeros((q, q)), 0.0, np.zeros((q, q))
+    sigma2_sum, D_sum = 0.0, np.zeros((q, q))
     for i in range(K):
         rows = codes == i
         Zi, ri, ni = Z[rows], r[rows], rows.sum()
-        Vi = Zi @ D @ Zi.T + sigma2 * np.eye(ni)
-        Vi_inv = np.linalg.inv(Vi)
+        Vi_inv = np.linalg.inv(Zi @ D @ Zi.T + sigma2 * np.eye(ni))
         b[i] = D @ Zi.T @ Vi_inv @ ri
         eps = ri - Zi @ b[i]
-        residual_ss += eps @ eps
         sigma2_sum += eps @ eps + sigma2 * (ni - sigma2 * np.trace(Vi_inv))
         D_sum += np.outer(b[i], b[i]) + D - D @ Zi.T @ Vi_inv @ Zi @ D
-        bbt += np.outer(b[i], b[i])
     N = len(r)
     new_sigma2, new_D = sigma2_sum / N, D_sum / K
     gll = 0.0
     for i in range(K):
         rows = codes == i
         eps = r[rows] - Z[rows] @ b[i]
-        Ri = new_sigma2 * np.eye(rows.sum())
-        gll += (eps @ np.linalg.inv(Ri) @ eps + b[i] @ np.linalg.inv(new_D) @ b[i]
-                + np.linalg.slogdet(new_D)[1] + np.linalg.slogdet(Ri)[1])
-    return b, new_sigma2, new_D, gll, residual_ss
+        gll += (eps @ eps / new_sigma2 + b[i] @ np.linalg.inv(new_D) @ b[i]
+                + np.linalg.slogdet(new_D)[1] + rows.sum() * np.log(new_sigma2))
+    return b, new_sigma2, new_D, gll
+
+
+def random_covariance(rng, q):
+    A = rng.standard_normal((q, q))
+    return A @ A.T + 0.5 * np.eye(q)
 
 
 @pytest.mark.parametrize("q", [1, 2, 3])
-def test_vectorised_step_equals_dense_reference(q):
+def test_one_factor_equals_the_papers_dense_step(q):
     rng = np.random.default_rng(q)
     sizes = np.concatenate([[1, 1, 2], rng.integers(1, 60, 40)])  # uneven, with 1-row clusters
     codes = np.repeat(np.arange(len(sizes)), sizes)
     Z = np.column_stack([np.ones(len(codes)), rng.standard_normal((len(codes), q - 1))])
     r = rng.standard_normal(len(codes)) * 2
-    A = rng.standard_normal((q, q))
-    D = A @ A.T + 0.5 * np.eye(q)
-    sigma2 = 0.7
+    D, sigma2 = random_covariance(rng, q), 0.7
 
-    b_ref, sigma2_ref, D_ref, gll_ref, rss_ref = naive_em_step(codes, Z, r, sigma2, D)
-    stats = cluster_statistics(codes, Z, r, n_clusters=len(sizes))
-    b, b_cov, sums = random_effects_step(stats, sigma2=sigma2, D=D)
-    new_sigma2, new_D, gll = update_variance_components(sums)
+    b_ref, sigma2_ref, D_ref, gll_ref = naive_em_step(codes, Z, r, sigma2, D)
+    factors, b, b_cov, sums = e_step([codes], [Z], r, [D], sigma2, [None])
+    new_sigma2, new_D, gll, _ = update_variance_components(sums, factors, sigma2=sigma2)
 
-    np.testing.assert_allclose(b, b_ref, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(sums.residual_ss, rss_ref, rtol=1e-10)
+    np.testing.assert_allclose(b[0], b_ref, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(new_sigma2, sigma2_ref, rtol=1e-10)
-    np.testing.assert_allclose(new_D, D_ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(new_D[0], D_ref, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(gll, gll_ref, rtol=1e-10)
-    # Var(b_i | y_i) = D - D Z'V^-1 Z D for a multi-row cluster
-    rows = codes == 5
+    rows = codes == 5  # Var(b_i | y_i) = D - D Z'V^-1 Z D for a multi-row cluster
     Zi = Z[rows]
     Vi_inv = np.linalg.inv(Zi @ D @ Zi.T + sigma2 * np.eye(rows.sum()))
-    np.testing.assert_allclose(b_cov[5], D - D @ Zi.T @ Vi_inv @ Zi @ D, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b_cov[0][5], D - D @ Zi.T @ Vi_inv @ Zi @ D, rtol=1e-9,
+                               atol=1e-12)
+
+
+def nested_and_crossed(rng, n=500):
+    """Partition factor g with a slope, a factor nested in g, a factor crossed with g."""
+    g = rng.integers(0, 25, n)
+    nested = pd.factorize(g * 4 + rng.integers(0, 4, n))[0]
+    crossed = rng.integers(0, 9, n)
+    Z = [np.column_stack([np.ones(n), rng.standard_normal(n)]), np.ones((n, 1)),
+         np.column_stack([np.ones(n), rng.standard_normal(n)])]
+    return [g, nested, crossed], Z, rng.standard_normal(n) * 1.5
+
+
+def test_several_factors_equal_the_dense_marginal_model():
+    rng = np.random.default_rng(11)
+    codes, Z, r = nested_and_crossed(rng)
+    D = [random_covariance(rng, 2), np.array([[0.6]]), np.diag([0.8, 0.3])]
+    sigma2 = 0.9
+    factors, b, b_cov, sums = e_step(codes, Z, r, D, sigma2,
+                                     [None, None, pd.RangeIndex(9)])
+    per_factor, log_likelihood, sigma2_ref, D_ref = dense_reference(codes, Z, r, D, sigma2)
+    for k, (b_ref, C_ref) in enumerate(per_factor):
+        np.testing.assert_allclose(b[k], b_ref, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(b_cov[k], C_ref, rtol=1e-8, atol=1e-10)
+    new_sigma2, new_D, _, ll = update_variance_components(sums, factors, sigma2=sigma2)
+    np.testing.assert_allclose(ll, log_likelihood, rtol=1e-10)
+    np.testing.assert_allclose(new_sigma2, sigma2_ref, rtol=1e-9)
+    for Dk, Dk_ref in zip(new_D, D_ref):
+        np.testing.assert_allclose(Dk, Dk_ref, rtol=1e-8, atol=1e-12)
+
+
+def test_a_crossed_factor_gives_the_same_answer_as_a_local_one():
+    """Treating a nested factor as crossed (a shared table) changes nothing but the work."""
+    rng = np.random.default_rng(2)
+    codes, Z, r = nested_and_crossed(rng, n=300)
+    D = [random_covariance(rng, 2), np.array([[0.6]]), random_covariance(rng, 2)]
+    tables = [None, pd.RangeIndex(int(codes[1].max()) + 1), pd.RangeIndex(9)]
+    _, b_local, cov_local, _ = e_step(codes, Z, r, D, 1.1, [None, None, tables[2]])
+    _, b_shared, cov_shared, _ = e_step(codes, Z, r, D, 1.1, tables)
+    for k in range(3):
+        np.testing.assert_allclose(b_local[k], b_shared[k], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(cov_local[k], cov_shared[k], rtol=1e-9, atol=1e-12)
 
 
 def test_blocks_sum_to_the_whole():
-    """Partial sums of disjoint blocks of clusters add up to the sums over all clusters."""
+    """Shares and sums of blocks of the partition factor's levels add up to the whole."""
     rng = np.random.default_rng(7)
-    codes = np.repeat(np.arange(30), rng.integers(1, 20, 30))
-    Z = np.column_stack([np.ones(len(codes)), rng.standard_normal(len(codes))])
-    r = rng.standard_normal(len(codes))
-    D = np.array([[1.0, 0.2], [0.2, 0.4]])
-    whole = random_effects_step(cluster_statistics(codes, Z, r, n_clusters=30), sigma2=1.3, D=D)[2]
-    first = codes < 12
-    parts = [random_effects_step(cluster_statistics(codes[m] - codes[m].min(), Z[m], r[m],
-                                                    n_clusters=len(np.unique(codes[m]))),
-                                 sigma2=1.3, D=D)[2] for m in (first, ~first)]
-    total = parts[0] + parts[1]
-    assert total.n_rows == whole.n_rows and total.n_clusters == whole.n_clusters
-    np.testing.assert_allclose(total.residual_ss, whole.residual_ss, rtol=1e-12)
-    np.testing.assert_allclose(total.bbt, whole.bbt, rtol=1e-12)
-    np.testing.assert_allclose(total.conditional_cov, whole.conditional_cov, rtol=1e-12)
+    codes, Z, r = nested_and_crossed(rng, n=400)
+    D = [random_covariance(rng, 2), np.array([[0.6]]), np.diag([0.8, 0.3])]
+    factors = [RandomFactor(f"f{k}", tuple(f"z{j}" for j in range(Zk.shape[1])))
+               for k, Zk in enumerate(Z)]
+    crossed_levels = [None, None, pd.RangeIndex(9)]
+    offsets = crossed_offsets(factors, crossed_levels)
+    relative = [relative_factor(Dk, 1.3) for Dk in D]
+
+    def share(rows):
+        local = [pd.factorize(c[rows])[0] for c in codes[:2]]
+        block_codes = [*local, pd.factorize(codes[2][rows], sort=True)[0]]
+        position = np.unique(codes[2][rows])
+        return solve_local(codes=block_codes, Z=[Zk[rows] for Zk in Z],
+                           n_levels=[int(c.max()) + 1 for c in block_codes], r=r[rows],
+                           relative=relative, crossed_position=[None, None, position],
+                           offsets=offsets)
+
+    whole = share(np.ones(len(r), dtype=bool))
+    first = codes[0] < 12
+    parts = [share(first), share(~first)]
+    total = parts[0][1] + parts[1][1]
+    np.testing.assert_allclose(total.schur.toarray(), whole[1].schur.toarray(), atol=1e-10)
+    np.testing.assert_allclose(total.reduced_rhs, whole[1].reduced_rhs, atol=1e-10)
+    np.testing.assert_allclose(parts[0][2] + parts[1][2], whole[2], rtol=1e-12)
 
 
 def test_singular_D_is_a_valid_boundary():
     """With D = 0 the random effects are 0 and sigma2 is the mean squared residual."""
     rng = np.random.default_rng(3)
     codes = np.repeat(np.arange(10), 5)
-    Z = np.ones((50, 1))
     r = rng.standard_normal(50)
-    b, b_cov, sums = random_effects_step(cluster_statistics(codes, Z, r, n_clusters=10),
-                                         sigma2=1.0, D=np.zeros((1, 1)))
-    assert np.all(b == 0) and np.all(b_cov == 0)
-    sigma2, D, gll = update_variance_components(sums)
+    factors, b, b_cov, sums = e_step([codes], [np.ones((50, 1))], r, [np.zeros((1, 1))], 1.0,
+                                     [None])
+    assert np.all(b[0] == 0) and np.all(b_cov[0] == 0)
+    sigma2, D, gll, _ = update_variance_components(sums, factors, sigma2=1.0)
     np.testing.assert_allclose(sigma2, np.mean(r**2))
     assert gll == np.inf
 
 
-def test_offset_is_zero_for_unknown_clusters():
-    Z = np.array([[1.0, 2.0], [1.0, -1.0], [1.0, 0.5]])
-    b = np.array([[0.5, 1.0], [2.0, 0.0]])
-    np.testing.assert_allclose(random_effects_offset(Z, b, np.array([0, 1, -1])), [2.5, 2.0, 0.0])
+def test_a_factors_blocks_are_uncorrelated():
+    """(1 | g) + (0 + t | g): the M-step leaves the covariance between the blocks at 0."""
+    rng = np.random.default_rng(4)
+    codes, Z, r = nested_and_crossed(rng)
+    factor = RandomFactor("g", ("(Intercept)", "t"), blocks=((0,), (1,)))
+    _, _, _, sums = e_step(codes[:1], Z[:1], r, [random_covariance(rng, 2)], 1.0, [None])
+    _, (D,), _, _ = update_variance_components(sums, [factor], sigma2=1.0)
+    assert D[0, 1] == D[1, 0] == 0 and D[0, 0] > 0 and D[1, 1] > 0
+
+
+def test_offset_is_zero_for_unknown_levels():
+    Z = [np.array([[1.0, 2.0], [1.0, -1.0], [1.0, 0.5]]), np.ones((3, 1))]
+    b = [np.array([[0.5, 1.0], [2.0, 0.0]]), np.array([[10.0]])]
+    codes = [np.array([0, 1, -1]), np.array([-1, 0, 0])]
+    np.testing.assert_allclose(random_effects_offset(Z, b, codes), [2.5, 12.0, 10.0])
+
+
+def test_variance_components_have_lmes_layout():
+    from merf_dask.core.random_effects import FactorEffects
+    slope = FactorEffects(RandomFactor("g", ("(Intercept)", "t")), pd.Index([1]),
+                          np.zeros((1, 2)), np.zeros((1, 2, 2)), np.array([[4.0, 1.0], [1.0, 1.0]]))
+    split = FactorEffects(RandomFactor("h", ("(Intercept)", "u"), blocks=((0,), (1,))),
+                          pd.Index([1]), np.zeros((1, 2)), np.zeros((1, 2, 2)), np.diag([9.0, 0.25]))
+    table = variance_components([slope, split], 2.0)
+    assert list(table.columns) == ["grp", "var1", "var2", "vcov", "sdcor"]
+    assert table["grp"].tolist() == ["g", "g", "g", "h", "h.1", "Residual"]
+    assert table["var1"].tolist()[:5] == ["(Intercept)", "t", "(Intercept)", "(Intercept)", "u"]
+    assert table["var2"].tolist()[2] == "t" and pd.isna(table["var2"].tolist()[0])
+    np.testing.assert_allclose(table["vcov"], [4.0, 1.0, 1.0, 9.0, 0.25, 2.0])
+    np.testing.assert_allclose(table["sdcor"], [2.0, 1.0, 0.5, 3.0, 0.5, np.sqrt(2.0)])
+
+
+def test_sums_add_field_by_field():
+    one = EMSums(n_rows=2.0, residual_ss=1.0, residual_correction=0.5, quadratic=3.0,
+                 logdet=0.1, n_levels=[1.0, 0.0], bbt=[np.eye(1), np.zeros((2, 2))],
+                 conditional_cov=[np.eye(1), np.eye(2)], design_gram=[np.eye(1), np.eye(2)])
+    total = one + one
+    assert total.n_rows == 4.0 and total.n_levels == [2.0, 0.0]
+    np.testing.assert_array_equal(total.conditional_cov[1], 2 * np.eye(2))

@@ -13,6 +13,7 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 from sklearn.linear_model import LinearRegression
 
 from merf_dask import MERF
+from merf_dask.core.random_effects import RandomFactor
 from merf_dask.dask.partitioning import check_cluster_partitions, ensure_cluster_partitions
 
 from helpers import simulate_lmm
@@ -129,16 +130,17 @@ def test_kept_and_streamed_partitions_give_the_same_fit(dask_client, lake_rows, 
     results = {}
     for cache in (False, True):
         data = DaskEMData(client=dask_client, partitions=lake_rows.to_delayed(),
-                          x_columns=["x1", "x2", "x3"], z_columns=["one"],
-                          cluster_column="cluster", y_column="y", cache=cache)
+                          x_columns=["x1", "x2", "x3"], z_columns=[["one"]],
+                          factors=[RandomFactor("cluster", ("one",))],
+                          factor_columns=["cluster"], y_column="y", cache=cache)
         assert data.cached is cache
         # members on 4 residue classes, so pieces move between tasks as on big data
         plan = plan_members(learner, honest=honest, n_rows=data.n_rows, n_folds=2,
                             member_rows=1000, seed=0)
-        results[cache] = run_em(data, plan=plan, q=1, max_iterations=3, tol=0)
+        results[cache] = run_em(data, plan=plan, max_iterations=3, tol=0)
     streamed, kept = results[False], results[True]
     assert [r.gll for r in kept.history] == [r.gll for r in streamed.history]
-    np.testing.assert_array_equal(kept.b, streamed.b)
+    np.testing.assert_array_equal(kept.effects[0].b, streamed.effects[0].b)
     assert kept.sigma2 == streamed.sigma2
     X = lake_rows[["x1", "x2", "x3"]].compute().to_numpy()
     np.testing.assert_array_equal(kept.fe_model.predict(X), streamed.fe_model.predict(X))
@@ -158,7 +160,8 @@ def test_partitions_are_kept_in_worker_memory_only_when_they_fit(n_bytes, limits
 def test_small_data_is_kept_in_worker_memory_by_default(dask_client, lake_rows):
     from merf_dask.dask.em import DaskEMData
     data = DaskEMData(client=dask_client, partitions=lake_rows.to_delayed(),
-                      x_columns=["x1", "x2", "x3"], z_columns=["one"], cluster_column="cluster",
+                      x_columns=["x1", "x2", "x3"], z_columns=[["one"]],
+                      factors=[RandomFactor("cluster", ("one",))], factor_columns=["cluster"],
                       y_column="y")
     assert data.cached
     assert len(data.sources) == lake_rows.npartitions
@@ -204,13 +207,14 @@ def test_the_m_step_holds_a_few_partitions_pieces_not_all(dask_client, tmp_path)
                       cluster_column="cluster").assign(one=1.0)
     partitions = [dask.delayed(_slow_read)(partition) for partition in frame.to_delayed()]
     data = DaskEMData(client=dask_client, partitions=partitions,
-                      x_columns=["x1", "x2", "x3"], z_columns=["one"], cluster_column="cluster",
+                      x_columns=["x1", "x2", "x3"], z_columns=[["one"]],
+                      factors=[RandomFactor("cluster", ("one",))], factor_columns=["cluster"],
                       y_column="y", cache=False)
     plan = plan_members(RandomForestRegressor(n_estimators=16, random_state=0), honest=True,
                         n_rows=data.n_rows, n_folds=2, member_rows=1000, seed=0)
     dask_client.register_plugin(_MostHeldPieces())
     try:
-        data.fit_fixed_effects(plan)
+        data.fit_fixed_effects(plan, {})
         most = dask_client.run_on_scheduler(
             lambda dask_scheduler: dask_scheduler.plugins[_MostHeldPieces.name].most)
     finally:

@@ -2,26 +2,32 @@
 
 The loop talks to its data through the :class:`EMData` protocol, so the same iteration runs on
 in-memory arrays (:class:`InMemoryEMData`, below) and on partitions streamed by Dask workers
-(:class:`merf_dask.dask.em.DaskEMData`):
+(:class:`merf_dask.dask.em.DaskEMData`). One iteration:
 
-1. ``fit_fixed_effects(plan)`` -- the M-step for f: fit the members of a
-   :class:`~merf_dask.core.ensemble.MemberPlan` to the working response y - Z b;
-2. ``random_effects_step`` -- honest (out-of-bag or cross-fitted) predictions of f at the
-   training rows, then the E-step for b from per-cluster sufficient statistics, returning the
-   partial sums (:class:`merf_dask.core.statistics.EMSums`);
-3. ``fixed_effects_model`` and ``random_effects`` -- the current f and the table of b_i and
-   Var(b_i | y_i); ``set_random_effects`` restores b from a checkpoint.
+1. ``fit_fixed_effects(plan, crossed_b)`` -- the M-step for f: fit the members of a
+   :class:`~merf_dask.core.ensemble.MemberPlan` to the working response y - sum_k Z_k b_k;
+2. ``local_step`` -- in every block, honest (out-of-bag or cross-fitted) predictions of f at the
+   training rows, then the elimination of the local random effects (the partition factor's and
+   those nested in it), returning the crossed factors' summed share
+   (:mod:`merf_dask.core.random_effects`);
+3. on the driver, the crossed factors' unknowns (when there are crossed factors);
+4. ``finish_step`` -- in every block, the local b and their conditional covariances, returning
+   the partial sums (:class:`~merf_dask.core.random_effects.EMSums`).
 
-The driver combines the sums into sigma2, D and the GLL
-(:func:`~merf_dask.core.statistics.update_variance_components`), logs one line per iteration, stops on the relative change of the GLL, and hands an
-:class:`EMState` to a checkpoint writer after every iteration that does not stop the loop.
+The driver turns the sums into sigma2, every D_k and the GLL
+(:func:`~merf_dask.core.random_effects.update_variance_components`), logs one line per
+iteration, stops on the relative change of the GLL, and hands an :class:`EMState` to a
+checkpoint writer after every iteration that does not stop the loop.
 
 Classes and functions
 ---------------------
 PartitionArrays
-    One block of cluster-whole rows as numpy arrays, with the stable keys of its rows.
-m_step_pieces, e_step
-    The two per-partition steps (pure numpy; the Dask backend runs them on the workers).
+    One block of rows holding whole levels of the partition factor, as numpy arrays in the
+    order of their stable keys.
+EffectsLayout, layout_of, nested_in_partition_factor
+    Which factors are local to the blocks and which are crossed.
+m_step_pieces, honest_residuals, e_step_local, e_step_finish
+    The per-block steps (pure numpy; the Dask backend runs them on the workers).
 EMData
     The protocol above.
 InMemoryEMData
@@ -34,7 +40,6 @@ run_em
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,14 +50,18 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
-from .statistics import (EMSums, cluster_statistics, random_effects_offset, random_effects_step,
-                    update_variance_components)
+from .random_effects import (MAX_CROSSED_UNKNOWNS, CrossedShare, EMSums, FactorEffects,
+                             LocalSystem, crossed_effects, crossed_offsets, factor_moments,
+                             finish_local, partition_sums, random_effects_offset,
+                             relative_factor, solve_crossed, solve_local,
+                             update_variance_components)
 from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_predictions,
                        row_keys, training_pieces)
 from .hashing import cluster_hashes
 
-__all__ = ["PartitionArrays", "m_step_pieces", "e_step", "EMData", "InMemoryEMData",
-           "align_random_effects",
+__all__ = ["PartitionArrays", "EffectsLayout", "layout_of", "nested_in_partition_factor",
+           "m_step_pieces", "LocalStep", "honest_residuals", "e_step_local", "e_step_finish",
+           "EMData", "InMemoryEMData", "align_random_effects",
            "IterationRecord", "EMState", "EMResult", "run_em"]
 
 logger = logging.getLogger("merf_dask")
@@ -60,68 +69,166 @@ logger = logging.getLogger("merf_dask")
 
 @dataclass(frozen=True)
 class PartitionArrays:
-    """The rows of a block holding whole clusters.
+    """The rows of a block holding whole levels of the partition factor (the first factor).
 
     Attributes
     ----------
     X : ndarray of shape (n_rows, n_features)
-    Z : ndarray of shape (n_rows, q)
     y : ndarray of shape (n_rows,)
-    codes : ndarray of shape (n_rows,)
-        Index of each row's cluster in ``cluster_ids``.
-    cluster_ids : pandas.Index of length n_clusters
-        In order of first appearance.
+    Z : tuple of ndarray of shape (n_rows, q_k)
+        Random-effects design of every factor.
+    codes : tuple of ndarray of shape (n_rows,), int
+        Each row's level of every factor, as an index into ``levels[k]``.
+    levels : tuple of pandas.Index
+        The block's levels of every factor, in order of first appearance.
     hashes : ndarray of shape (n_clusters,), uint64
-        Stable hash of each cluster id.
+        Stable hash of each level of the partition factor (the clusters).
     keys : ndarray of shape (n_rows,), uint64
         Stable key of each row (:func:`merf_dask.core.ensemble.row_keys`).
     """
 
     X: np.ndarray
-    Z: np.ndarray
     y: np.ndarray
-    codes: np.ndarray
-    cluster_ids: pd.Index
+    Z: tuple
+    codes: tuple
+    levels: tuple
     hashes: np.ndarray
     keys: np.ndarray
 
     @classmethod
-    def from_arrays(cls, *, X, Z, y, codes, cluster_ids) -> "PartitionArrays":
-        """Rows put in the order of their keys, so every sum over a cluster's rows adds in the
-        same order whatever order the rows arrived in."""
-        hashes = cluster_hashes(cluster_ids)
-        keys = row_keys(hashes, codes, np.column_stack([X, Z, y]))
+    def from_arrays(cls, *, X, y, Z, codes, levels) -> "PartitionArrays":
+        """Rows put in the order of their keys, so every sum over a level's rows adds in the
+        same order whatever order the rows arrived in.
+
+        ``Z``, ``codes`` and ``levels`` are sequences with one entry per factor.
+        """
+        hashes = cluster_hashes(levels[0])
+        # the other factors' levels enter the key too: two rows alike but for those differ
+        other_levels = [cluster_hashes(ids)[c].view(np.float64) for ids, c in
+                        zip(levels[1:], codes[1:])]
+        keys = row_keys(hashes, codes[0], np.column_stack([X, *Z, y, *other_levels]))
         order = np.argsort(keys, kind="stable")
-        return cls(X=X[order], Z=Z[order], y=y[order], codes=codes[order],
-                   cluster_ids=pd.Index(cluster_ids), hashes=hashes, keys=keys[order])
+        return cls(X=X[order], y=y[order], Z=tuple(Zk[order] for Zk in Z),
+                   codes=tuple(c[order] for c in codes), levels=tuple(map(pd.Index, levels)),
+                   hashes=hashes, keys=keys[order])
 
     @classmethod
-    def from_frame(cls, frame: pd.DataFrame, *, x_columns: list[str], z_columns: list[str],
-                   cluster_column: str, y_column: str) -> "PartitionArrays":
-        codes, cluster_ids = pd.factorize(frame[cluster_column], sort=False)
+    def from_frame(cls, frame: pd.DataFrame, *, x_columns: list[str], z_columns: list,
+                   factor_columns: list[str], y_column: str) -> "PartitionArrays":
+        """From a frame with a column of level labels per factor (``factor_columns``) and its Z
+        columns (``z_columns``, a list of column lists, one per factor)."""
+        factorized = [pd.factorize(frame[name], sort=False) for name in factor_columns]
         return cls.from_arrays(
-            X=frame[x_columns].to_numpy(dtype=float),
-            Z=frame[z_columns].to_numpy(dtype=float).reshape(len(frame), len(z_columns)),
-            y=frame[y_column].to_numpy(dtype=float), codes=codes.astype(np.int64),
-            cluster_ids=cluster_ids)
+            X=frame[x_columns].to_numpy(dtype=float).reshape(len(frame), len(x_columns)),
+            Z=[frame[columns].to_numpy(dtype=float).reshape(len(frame), len(columns))
+               for columns in z_columns],
+            y=frame[y_column].to_numpy(dtype=float),
+            codes=[codes.astype(np.int64) for codes, _ in factorized],
+            levels=[levels for _, levels in factorized])
+
+    @property
+    def cluster_ids(self) -> pd.Index:
+        """The partition factor's levels."""
+        return self.levels[0]
 
     @property
     def nbytes(self) -> int:
         """Bytes of the row arrays."""
-        return sum(a.nbytes for a in (self.X, self.Z, self.y, self.codes, self.keys))
+        return sum(a.nbytes for a in (self.X, self.y, self.keys, *self.Z, *self.codes))
 
     def residues(self, plan: MemberPlan) -> np.ndarray:
         """Residue class of every row's cluster in ``plan`` (:meth:`MemberPlan.residue_of`)."""
-        return plan.residue_of(self.hashes)[self.codes]
+        return plan.residue_of(self.hashes)[self.codes[0]]
 
 
-def m_step_pieces(part: PartitionArrays, b: np.ndarray, plan: MemberPlan) -> dict[int, Piece]:
+@dataclass(frozen=True)
+class EffectsLayout:
+    """Where every factor's levels live: in the partitions (the partition factor, and factors
+    nested in it) or in a table shared by all partitions (crossed factors).
+
+    Attributes
+    ----------
+    factors : tuple of RandomFactor
+    crossed_levels : tuple of (pandas.Index or None)
+        The level table of each crossed factor; None for local factors.
+    """
+
+    factors: tuple
+    crossed_levels: tuple
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """First crossed unknown of each factor, and their number last."""
+        return crossed_offsets(self.factors, self.crossed_levels)
+
+    def positions(self, part: PartitionArrays) -> list:
+        """Per crossed factor, the table position of each of ``part``'s levels (None for local
+        factors)."""
+        return [None if table is None else table.get_indexer(levels)
+                for table, levels in zip(self.crossed_levels, part.levels)]
+
+    def effects_at(self, part: PartitionArrays, local_b: list, crossed_b: dict) -> list:
+        """Every factor's b at ``part``'s levels, from its local b and the crossed tables."""
+        return [local_b[k] if table is None else crossed_b[k][position]
+                for k, (table, position) in enumerate(zip(self.crossed_levels,
+                                                          self.positions(part)))]
+
+
+def layout_of(factors, parts_levels: list[list[pd.Index]], parents_whole: list[list[bool]]
+              ) -> EffectsLayout:
+    """Which factors are crossed, from every partition's levels.
+
+    A factor other than the partition factor is local when each of its levels lies inside one
+    level of the partition factor (``parents_whole``, from :func:`nested_in_partition_factor`
+    in each partition) and in one partition.
+
+    Parameters
+    ----------
+    factors : sequence of RandomFactor
+    parts_levels : list (per partition) of list (per factor) of pandas.Index
+    parents_whole : list (per partition) of list (per factor) of bool
+
+    Returns
+    -------
+    EffectsLayout
+    """
+    crossed = [None]
+    for k in range(1, len(factors)):
+        every = parts_levels[0][k].append([levels[k] for levels in parts_levels[1:]])
+        nested = all(whole[k] for whole in parents_whole) and every.is_unique
+        if nested:
+            crossed.append(None)
+            continue
+        table = every.unique()
+        if len(table) * factors[k].q > MAX_CROSSED_UNKNOWNS:
+            raise ValueError(
+                f"grouping factor {factors[k].name!r} is crossed with the first factor "
+                f"{factors[0].name!r} and has {len(table)} levels: crossed factors of more than "
+                f"{MAX_CROSSED_UNKNOWNS} random effects are not supported yet; list the factor "
+                "with the most levels first in the formula (the data are partitioned by it)")
+        crossed.append(table)
+    return EffectsLayout(factors=tuple(factors), crossed_levels=tuple(crossed))
+
+
+def nested_in_partition_factor(part: PartitionArrays) -> list[bool]:
+    """Per factor, whether each of its levels in ``part`` lies inside one level of the
+    partition factor."""
+    whole = [True]
+    for codes in part.codes[1:]:
+        parent = np.zeros(codes.max() + 1 if len(codes) else 0, dtype=np.int64)
+        parent[codes] = part.codes[0]
+        whole.append(bool(np.array_equal(parent[codes], part.codes[0])))
+    return whole
+
+
+def m_step_pieces(part: PartitionArrays, b: list, plan: MemberPlan) -> dict[int, Piece]:
     """This block's training rows for the plan's members, with the working response y - Z b.
 
     Parameters
     ----------
     part : PartitionArrays
-    b : ndarray of shape (n_clusters, q)
+    b : list of ndarray of shape (n_levels_k, q_k)
+        Every factor's b at the block's levels (:meth:`EffectsLayout.effects_at`).
     plan : MemberPlan
 
     Returns
@@ -134,26 +241,29 @@ def m_step_pieces(part: PartitionArrays, b: np.ndarray, plan: MemberPlan) -> dic
                            residue_of_row=part.residues(plan))
 
 
-def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: float,
-           D: np.ndarray, n_jobs=None) -> tuple[np.ndarray, np.ndarray, EMSums]:
-    """Honest predictions of f at this block's rows, then the E-step for its clusters.
+@dataclass
+class LocalStep:
+    """A block's E-step after its first pass (what its second pass needs)."""
+
+    system: LocalSystem
+    residuals: np.ndarray
+    logdet: float
+    n_in_sample: int
+
+
+def honest_residuals(part: PartitionArrays, plan: MemberPlan, fitted: list, *, n_jobs=None
+                     ) -> tuple[np.ndarray, int]:
+    """y - f(X) with honest predictions of f at this block's rows, and the rows no honest
+    member served.
 
     Parameters
     ----------
     part : PartitionArrays
     plan : MemberPlan
     fitted : list of (member index, fitted member)
-    sigma2 : float
-    D : ndarray of shape (q, q)
     n_jobs : int or None
         Threads that predict contiguous blocks of rows (joblib convention); a row's prediction
         does not depend on the other rows, so any number gives the same result.
-
-    Returns
-    -------
-    b : ndarray of shape (n_clusters, q)
-    b_cov : ndarray of shape (n_clusters, q, q)
-    sums : EMSums
     """
     residue_of_row = part.residues(plan)
     bounds = np.linspace(0, len(part.y), joblib.effective_n_jobs(n_jobs) + 1).astype(int)
@@ -163,36 +273,112 @@ def e_step(part: PartitionArrays, plan: MemberPlan, fitted: list, *, sigma2: flo
                                            residue_of_row=residue_of_row[rows])
         for rows in blocks)
     f_hat = np.concatenate([values for values, _ in predicted])
-    stats = cluster_statistics(part.codes, part.Z, part.y - f_hat,
-                               n_clusters=len(part.cluster_ids))
-    b, b_cov, sums = random_effects_step(stats, sigma2=sigma2, D=D)
     n_in_sample = sum(count for _, count in predicted) if plan.n_honest else 0
-    return b, b_cov, dataclasses.replace(sums, n_in_sample=float(n_in_sample))
+    return part.y - f_hat, int(n_in_sample)
+
+
+def e_step_local(part: PartitionArrays, plan: MemberPlan, fitted: list, *, layout: EffectsLayout,
+                 relative: list, n_jobs=None) -> tuple[LocalStep, CrossedShare | None]:
+    """The E-step's first pass over a block: honest residuals and the local elimination
+    (:func:`merf_dask.core.random_effects.solve_local`).
+
+    Parameters
+    ----------
+    part : PartitionArrays
+    plan : MemberPlan
+    fitted : list of (member index, fitted member)
+    layout : EffectsLayout
+    relative : list of ndarray of shape (q_k, q_k)
+        :func:`~merf_dask.core.random_effects.relative_factor` of every factor.
+    n_jobs : int or None
+
+    Returns
+    -------
+    step : LocalStep
+    share : CrossedShare or None
+    """
+    residuals, n_in_sample = honest_residuals(part, plan, fitted, n_jobs=n_jobs)
+    system, share, logdet = solve_local(
+        codes=list(part.codes), Z=list(part.Z), n_levels=[len(ids) for ids in part.levels],
+        r=residuals, relative=relative, crossed_position=layout.positions(part),
+        offsets=layout.offsets)
+    return LocalStep(system, residuals, logdet, n_in_sample), share
+
+
+def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayout, relative,
+                  sigma2: float, crossed=None) -> tuple[list, list, EMSums]:
+    """The E-step's second pass over a block, once the crossed unknowns are known.
+
+    Parameters
+    ----------
+    step : LocalStep
+    part : PartitionArrays
+    layout : EffectsLayout
+    relative : list of ndarray
+    sigma2 : float
+        The residual variance the E-step uses.
+    crossed : tuple (u, S^-1) or None
+        From :func:`~merf_dask.core.random_effects.solve_crossed`; None without crossed factors.
+
+    Returns
+    -------
+    b : list of (ndarray of shape (n_levels_k, q_k) or None)
+        The local factors' b at the block's levels; None for crossed factors.
+    b_cov : list of (ndarray of shape (n_levels_k, q_k, q_k) or None)
+    sums : EMSums
+    """
+    u_crossed, crossed_inverse = crossed if crossed is not None else (None, None)
+    positions = layout.positions(part)
+    u, m_inverse, quadratic = finish_local(step.system, u_crossed=u_crossed,
+                                           crossed_inverse=crossed_inverse,
+                                           crossed_position=positions, offsets=layout.offsets)
+    b, b_cov, corrections = [], [], 0.0
+    for uk, mk, Lk in zip(u, m_inverse, relative):
+        if mk is None:  # crossed: b at this block's levels, for its residuals only
+            b.append(uk @ Lk.T), b_cov.append(None)
+            continue
+        bk, covk, correction = factor_moments(uk, mk, Lk, sigma2)
+        b.append(bk), b_cov.append(covk)
+        corrections += correction
+    sums = partition_sums(codes=list(part.codes), Z=list(part.Z), r=step.residuals, b=b,
+                          b_cov=b_cov, corrections=corrections, quadratic=quadratic,
+                          logdet=step.logdet)
+    sums.n_in_sample = float(step.n_in_sample)
+    local_b = [None if mk is None else bk for bk, mk in zip(b, m_inverse)]
+    return local_b, b_cov, sums
 
 
 class EMData(Protocol):
-    """Where the rows live, as the EM loop sees it."""
+    """Where the rows live, as the EM loop sees it.
+
+    One E-step is ``local_step`` (every block's first pass; the crossed factors' summed share
+    comes back), the driver's solve for the crossed unknowns, and ``finish_step`` (every
+    block's second pass).
+    """
 
     n_rows: int
     n_clusters: int
-    cluster_hashes: np.ndarray  # of every training cluster, shape (n_clusters,)
+    cluster_hashes: np.ndarray  # of every level of the partition factor, shape (n_clusters,)
+    layout: EffectsLayout
 
-    def fit_fixed_effects(self, plan: MemberPlan) -> None: ...
+    def fit_fixed_effects(self, plan: MemberPlan, crossed_b: dict) -> None: ...
 
-    def random_effects_step(self, *, sigma2: float, D: np.ndarray) -> EMSums: ...
+    def local_step(self, *, relative: list, sigma2: float) -> CrossedShare | None: ...
+
+    def finish_step(self, *, relative: list, sigma2: float, crossed) -> EMSums: ...
 
     def fixed_effects_model(self) -> BaseEstimator: ...
 
-    def random_effects(self) -> tuple[pd.Index, np.ndarray, np.ndarray]: ...
+    def local_effects(self) -> list: ...
 
-    def set_random_effects(self, cluster_ids: pd.Index, b: np.ndarray) -> None: ...
+    def set_local_effects(self, effects: list) -> None: ...
 
 
 def align_random_effects(ids: pd.Index, table_ids: pd.Index, table: np.ndarray) -> np.ndarray:
     """Rows of ``table`` (indexed by ``table_ids``) in the order of ``ids``; all must be there."""
     position = table_ids.get_indexer(ids)
     if (position < 0).any():
-        raise ValueError(f"the checkpoint has no random effects for cluster "
+        raise ValueError(f"the checkpoint has no random effects for level "
                          f"{ids[position < 0][0]!r}: it belongs to other data")
     return table[position]
 
@@ -203,64 +389,84 @@ class InMemoryEMData:
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
-    Z : ndarray of shape (n_samples, q)
-    codes : ndarray of shape (n_samples,), int
-        Cluster of each row, in ``[0, len(cluster_ids))``.
     y : ndarray of shape (n_samples,)
-    cluster_ids : pandas.Index of length n_clusters
+    Z : list of ndarray of shape (n_samples, q_k)
+    codes : list of ndarray of shape (n_samples,), int
+        Each row's level of every factor, in ``[0, len(levels[k]))``.
+    levels : list of pandas.Index
+    factors : list of RandomFactor
     n_jobs : int or None
         Threads that fit members and predict rows (joblib convention; -1 is every core).
     """
 
-    def __init__(self, *, X, Z, codes, y, cluster_ids: pd.Index, n_jobs=None):
-        self.part = PartitionArrays.from_arrays(X=X, Z=Z, y=y, codes=codes,
-                                                cluster_ids=cluster_ids)
-        self.n_rows, self.n_clusters = len(y), len(cluster_ids)
+    def __init__(self, *, X, y, Z, codes, levels, factors, n_jobs=None):
+        self.part = PartitionArrays.from_arrays(X=X, y=y, Z=Z, codes=codes, levels=levels)
+        self.layout = layout_of(factors, [list(self.part.levels)],
+                                [nested_in_partition_factor(self.part)])
+        self.n_rows, self.n_clusters = len(y), len(levels[0])
         self.cluster_hashes = self.part.hashes
         self.n_jobs = n_jobs
-        self.b = np.zeros((len(cluster_ids), Z.shape[1]))
-        self.b_cov = np.zeros((len(cluster_ids), Z.shape[1], Z.shape[1]))
-        self.plan = self.fitted = None
+        self.b = [None if table is not None else np.zeros((len(ids), f.q))
+                  for f, ids, table in zip(factors, self.part.levels, self.layout.crossed_levels)]
+        self.b_cov = list(self.b)
+        self.crossed_b = {}
+        self.plan = self.fitted = self.step = None
 
-    def fit_fixed_effects(self, plan):
-        pieces = m_step_pieces(self.part, self.b, plan)
+    def fit_fixed_effects(self, plan, crossed_b):
+        self.crossed_b = crossed_b
+        pieces = m_step_pieces(self.part, self.layout.effects_at(self.part, self.b, crossed_b),
+                               plan)
         n_threads = joblib.effective_n_jobs(self.n_jobs)
         chunks = [(pieces[r], members) for r, members in plan.chunks(n_threads) if r in pieces]
         fitted = joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(
             joblib.delayed(fit_members)(plan, members, piece) for piece, members in chunks)
         self.plan, self.fitted = plan, [member for chunk in fitted for member in chunk]
 
-    def random_effects_step(self, *, sigma2, D):
-        self.b, self.b_cov, sums = e_step(self.part, self.plan, self.fitted, sigma2=sigma2, D=D,
-                                          n_jobs=self.n_jobs)
+    def local_step(self, *, relative, sigma2):
+        self.step, share = e_step_local(self.part, self.plan, self.fitted, layout=self.layout,
+                                        relative=relative, n_jobs=self.n_jobs)
+        return share
+
+    def finish_step(self, *, relative, sigma2, crossed):
+        self.b, self.b_cov, sums = e_step_finish(self.step, self.part, layout=self.layout,
+                                                 relative=relative, sigma2=sigma2,
+                                                 crossed=crossed)
+        self.step = None
         return sums
 
     def fixed_effects_model(self):
         return assemble_model(self.plan, self.fitted, self.part.X.shape[1])
 
-    def random_effects(self):
-        return self.part.cluster_ids, self.b, self.b_cov
+    def local_effects(self):
+        return [None if b is None else (ids, b, cov)
+                for ids, b, cov in zip(self.part.levels, self.b, self.b_cov)]
 
-    def set_random_effects(self, cluster_ids, b):
-        self.b = align_random_effects(self.part.cluster_ids, cluster_ids, b)
+    def set_local_effects(self, effects):
+        self.b = [None if b is None else align_random_effects(ids, saved[0], saved[1])
+                  for ids, b, saved in zip(self.part.levels, self.b, effects)]
 
 
 @dataclass(frozen=True)
 class IterationRecord:
-    """One EM iteration, as logged and stored in the fit history."""
+    """One EM iteration, as logged and stored in the fit history.
+
+    ``D`` lists every factor's covariance; ``log_likelihood`` is the marginal log-likelihood of
+    the residuals y - f(X) at the variance components the iteration started from.
+    """
 
     iteration: int
     gll: float
     relative_change: float
     sigma2: float
-    D: np.ndarray
+    D: list
     m_step_seconds: float
     e_step_seconds: float
     val_mse: float | None = None
+    log_likelihood: float | None = None
 
     def __str__(self) -> str:
         val = "" if self.val_mse is None else f"  val_mse={self.val_mse:.6g}"
-        diag = ", ".join(f"{v:.4g}" for v in np.diag(self.D))
+        diag = " | ".join(", ".join(f"{v:.4g}" for v in np.diag(Dk)) for Dk in self.D)
         return (f"iteration {self.iteration:3d}  GLL={self.gll:.6g}  "
                 f"rel_change={self.relative_change:.2e}  sigma2={self.sigma2:.4g}  "
                 f"diag(D)=[{diag}]  M-step={self.m_step_seconds:.2f}s  "
@@ -271,16 +477,15 @@ class IterationRecord:
         iteration, becomes null: strict JSON has no infinity)."""
         change = self.relative_change if np.isfinite(self.relative_change) else None
         return {"iteration": self.iteration, "gll": self.gll, "relative_change": change,
-                "sigma2": self.sigma2, "D": np.asarray(self.D).tolist(),
+                "sigma2": self.sigma2, "D": [np.asarray(Dk).tolist() for Dk in self.D],
                 "m_step_seconds": self.m_step_seconds, "e_step_seconds": self.e_step_seconds,
-                "val_mse": self.val_mse}
+                "val_mse": self.val_mse, "log_likelihood": self.log_likelihood}
 
     @classmethod
     def from_json(cls, values: dict) -> "IterationRecord":
-        """The record written by :meth:`to_json` (a missing relative change, as in manifests
-        of earlier versions, reads as NaN)."""
-        change = values.get("relative_change", np.nan)
-        return cls(**{**values, "D": np.asarray(values["D"], dtype=float),
+        """The record written by :meth:`to_json`."""
+        change = values.get("relative_change")
+        return cls(**{**values, "D": [np.asarray(Dk, dtype=float) for Dk in values["D"]],
                       "relative_change": np.inf if change is None else change})
 
 
@@ -293,38 +498,34 @@ class EMState:
     iteration : int
         The last finished iteration.
     sigma2 : float
-    D : ndarray of shape (q, q)
+    D : list of ndarray of shape (q_k, q_k)
     history : list of IterationRecord
-    cluster_ids : pandas.Index of length n_clusters
-    b : ndarray of shape (n_clusters, q)
+    effects : list of (pandas.Index, ndarray of shape (n_levels_k, q_k))
+        Every factor's levels and b.
     """
 
     iteration: int
     sigma2: float
-    D: np.ndarray
+    D: list
     history: list
-    cluster_ids: pd.Index
-    b: np.ndarray
+    effects: list
 
 
 @dataclass
 class EMResult:
     """Everything the loop learned.
 
-    ``design_gram`` is Z'Z over all rows (shape (q, q)); ``n_in_sample`` counts the rows that got
-    an in-sample prediction of f in the last iteration although the plan is honest.
+    ``design_gram`` is Z_k'Z_k over all rows for every factor; ``n_in_sample`` counts the rows
+    that got an in-sample prediction of f in the last iteration although the plan is honest.
     """
 
     fe_model: BaseEstimator
     sigma2: float
-    D: np.ndarray
-    cluster_ids: pd.Index
-    b: np.ndarray
-    b_cov: np.ndarray
+    effects: list  # of FactorEffects
     n_rows: int
     converged: bool
     history: list[IterationRecord] = field(default_factory=list)
-    design_gram: np.ndarray | None = None
+    design_gram: list | None = None
     n_in_sample: int = 0
 
 
@@ -346,12 +547,40 @@ def _canonical(value):
     return rounded if np.ndim(value) else float(rounded)
 
 
-def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: float,
-           validation_mse: Callable[[BaseEstimator, pd.Index, np.ndarray], float] | None = None,
+def _e_step(data: EMData, *, sigma2: float, D: list) -> tuple[EMSums, dict]:
+    """One E-step over ``data``: the blocks' first pass, the crossed unknowns on the driver,
+    the blocks' second pass. Returns the sums and the crossed factors' (b, b_cov)."""
+    layout = data.layout
+    relative = [relative_factor(Dk, sigma2) for Dk in D]
+    share = data.local_step(relative=relative, sigma2=sigma2)
+    if share is None:
+        return data.finish_step(relative=relative, sigma2=sigma2, crossed=None), {}
+    u, inverse, logdet, quadratic = solve_crossed(share)
+    crossed, crossed_sums = crossed_effects(
+        u, inverse, q=[f.q for f in layout.factors], offsets=layout.offsets,
+        crossed_levels=list(layout.crossed_levels), relative=relative, sigma2=sigma2)
+    crossed_sums.logdet, crossed_sums.quadratic = logdet, -quadratic
+    sums = data.finish_step(relative=relative, sigma2=sigma2, crossed=(u, inverse))
+    return sums + crossed_sums, crossed
+
+
+def _all_effects(data: EMData, crossed: dict, D: list) -> list[FactorEffects]:
+    """Every factor's :class:`FactorEffects`, local ones from the blocks, crossed from the
+    driver's tables."""
+    local = data.local_effects()
+    effects = []
+    for k, (factor, table) in enumerate(zip(data.layout.factors, data.layout.crossed_levels)):
+        levels, b, b_cov = local[k] if table is None else (table, *crossed[k])
+        effects.append(FactorEffects(factor=factor, levels=levels, b=b, b_cov=b_cov, D=D[k]))
+    return effects
+
+
+def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
+           validation_mse: Callable[[BaseEstimator, list], float] | None = None,
            on_iteration: Callable[[IterationRecord], None] | None = None,
            start: EMState | None = None,
            on_state: Callable[[EMState], None] | None = None) -> EMResult:
-    """Run MERF's EM from b = 0, sigma2 = 1, D = I_q (the paper's initial values), or from a
+    """Run MERF's EM from b = 0, sigma2 = 1, D_k = I (the paper's initial values), or from a
     checkpointed state.
 
     Parameters
@@ -359,13 +588,12 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
     data : EMData
     plan : MemberPlan
         The members of every M-step (:func:`~merf_dask.core.ensemble.plan_members`).
-    q : int
-        Number of random-effect columns.
     max_iterations : int
     tol : float
         Stop when |GLL_r - GLL_{r-1}| / |GLL_{r-1}| < tol; 0 runs every iteration.
     validation_mse : callable, optional
-        ``validation_mse(fe_model, cluster_ids, b)`` gives the validation MSE of an iterate.
+        ``validation_mse(fe_model, effects)`` gives the validation MSE of an iterate, with
+        ``effects`` a list of (levels, b) per factor.
     on_iteration : callable, optional
         Called with every :class:`IterationRecord` (progress bars, events).
     start : EMState, optional
@@ -378,10 +606,18 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
     -------
     EMResult
     """
-    sigma2, D, history = 1.0, np.eye(q), []
+    layout = data.layout
+    sigma2, D, history = 1.0, [np.eye(f.q) for f in layout.factors], []
+    crossed = {k: (np.zeros((len(table), f.q)), np.zeros((len(table), f.q, f.q)))
+               for k, (f, table) in enumerate(zip(layout.factors, layout.crossed_levels))
+               if table is not None}
     if start is not None:
-        sigma2, D, history = start.sigma2, start.D, list(start.history)
-        data.set_random_effects(start.cluster_ids, start.b)
+        sigma2, D, history = start.sigma2, list(start.D), list(start.history)
+        data.set_local_effects(start.effects)
+        for k in crossed:
+            levels, b = start.effects[k]
+            crossed[k] = (align_random_effects(layout.crossed_levels[k], levels, b),
+                          crossed[k][1])
     first = len(history) + 1
     if first > max_iterations:
         raise ValueError(f"nothing to resume: the checkpoint is at iteration {first - 1} and "
@@ -390,10 +626,12 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
     converged = False
     for iteration in range(first, max_iterations + 1):
         started = time.perf_counter()
-        data.fit_fixed_effects(plan)
+        data.fit_fixed_effects(plan, {k: b for k, (b, _) in crossed.items()})
         m_step_done = time.perf_counter()
-        sums = data.random_effects_step(sigma2=sigma2, D=D)
-        sigma2, D, gll = map(_canonical, update_variance_components(sums))
+        sums, crossed = _e_step(data, sigma2=sigma2, D=D)
+        new_sigma2, D, gll, log_likelihood = update_variance_components(
+            sums, layout.factors, sigma2=sigma2)
+        sigma2, D, gll = _canonical(new_sigma2), [_canonical(Dk) for Dk in D], _canonical(gll)
         # residuals of exactly zero (or a zero or NaN variance): nothing is left to decompose
         if not (sums.residual_ss > 0 and sigma2 > 0):
             raise ValueError(
@@ -403,12 +641,13 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
         e_step_done = time.perf_counter()
         val_mse = None
         if validation_mse is not None:
-            cluster_ids, b, _ = data.random_effects()
-            val_mse = validation_mse(data.fixed_effects_model(), cluster_ids, b)
+            val_mse = validation_mse(data.fixed_effects_model(),
+                                     [(e.levels, e.b) for e in _all_effects(data, crossed, D)])
         record = IterationRecord(
             iteration=iteration, gll=gll, relative_change=_relative_change(previous_gll, gll),
             sigma2=sigma2, D=D, m_step_seconds=m_step_done - started,
-            e_step_seconds=e_step_done - m_step_done, val_mse=val_mse)
+            e_step_seconds=e_step_done - m_step_done, val_mse=val_mse,
+            log_likelihood=log_likelihood)
         history.append(record)
         logger.info("%s", record)
         if on_iteration is not None:
@@ -417,12 +656,10 @@ def run_em(data: EMData, *, plan: MemberPlan, q: int, max_iterations: int, tol: 
             converged = True
             break
         if on_state is not None and iteration < max_iterations:
-            cluster_ids, b, _ = data.random_effects()
             on_state(EMState(iteration=iteration, sigma2=sigma2, D=D, history=list(history),
-                             cluster_ids=cluster_ids, b=b))
+                             effects=[(e.levels, e.b) for e in _all_effects(data, crossed, D)]))
         previous_gll = gll
-    cluster_ids, b, b_cov = data.random_effects()
-    return EMResult(fe_model=data.fixed_effects_model(), sigma2=sigma2, D=D,
-                    cluster_ids=cluster_ids, b=b, b_cov=b_cov, n_rows=data.n_rows,
+    return EMResult(fe_model=data.fixed_effects_model(), sigma2=sigma2,
+                    effects=_all_effects(data, crossed, D), n_rows=data.n_rows,
                     converged=converged, history=history, design_gram=sums.design_gram,
                     n_in_sample=int(sums.n_in_sample))

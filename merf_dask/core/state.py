@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 from sklearn.base import BaseEstimator
 
 from .em import IterationRecord
+from .random_effects import FactorEffects
 
 __all__ = ["ModelState", "HONEST_KINDS"]
 
@@ -31,10 +30,8 @@ class ModelState:
     ----------
     fe_model : estimator
         The fitted fixed-effects learner.
-    cluster_ids : pandas.Index of length n_clusters
-    b : ndarray of shape (n_clusters, q)
-    b_cov : ndarray of shape (n_clusters, q, q)
-    D : ndarray of shape (q, q)
+    effects : list of FactorEffects
+        Every grouping factor's levels, b, Var(b | y) and D, the partition factor first.
     sigma2 : float
     history : list of IterationRecord
     n_rows : int
@@ -42,30 +39,26 @@ class ModelState:
     honest : str
         One of ``HONEST_KINDS``.
     feature_names : list of str
-    z_names : list of str
     x_named, z_named : bool
         X (Z) was a DataFrame at fit, whose column names prediction checks.
     formula_spec : merf_dask.formula.FormulaSpec or None
-    encoder : merf_dask.formula.FeatureEncoder or None
+    design : merf_dask.formula.ModelDesign or None
+        The fitted formula design (encoders and stateful transforms).
     n_partitions : int
     resumed_from : int
     """
 
     fe_model: BaseEstimator
-    cluster_ids: pd.Index
-    b: np.ndarray
-    b_cov: np.ndarray
-    D: np.ndarray
+    effects: list[FactorEffects]
     sigma2: float
     history: list[IterationRecord]
     n_rows: int
     converged: bool
     honest: str
     feature_names: list[str]
-    z_names: list[str]
     x_named: bool = False
     z_named: bool = False
     formula_spec: object | None = None
-    encoder: object | None = None
+    design: object | None = None
     n_partitions: int = 1
     resumed_from: int = 0

@@ -51,7 +51,8 @@ def _refuse_overflow(values: np.ndarray, largest: float | None, what: str) -> No
 
 
 def check_matrix(data, *, name: str, allow_empty: bool = False, largest: float | None = None,
-                 columns: list[str] | None = None) -> tuple[np.ndarray, list[str] | None]:
+                 columns: list[str] | None = None, allow_no_columns: bool = False
+                 ) -> tuple[np.ndarray, list[str] | None]:
     """Return ``data`` as a finite float64 array of shape (n_samples, n_columns) and its column names.
 
     Parameters
@@ -66,6 +67,8 @@ def check_matrix(data, *, name: str, allow_empty: bool = False, largest: float |
         Refuse values whose magnitude exceeds this (see ``LARGEST_VALUE``).
     columns : list of str, optional
         Names of an array's columns for error messages (a formula's design).
+    allow_no_columns : bool, default=False
+        Accept 0 columns (the features of a formula such as ``y ~ 1 + (1 | g)``).
 
     Returns
     -------
@@ -96,7 +99,7 @@ def check_matrix(data, *, name: str, allow_empty: bool = False, largest: float |
     names = frame_columns or columns or [f"{name}{i}" for i in range(values.shape[1])]
     if values.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (0 rows)")
-    if values.shape[1] == 0:
+    if values.shape[1] == 0 and not allow_no_columns:
         raise ValueError(f"{name} has no columns")
     if not np.isfinite(values).all():
         raise ValueError(f"{name} contains NaN or infinite values in column "

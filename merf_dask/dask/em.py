@@ -46,8 +46,9 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from ..core.statistics import EMSums
-from ..core.em import PartitionArrays, align_random_effects, e_step, m_step_pieces
+from ..core.em import (EffectsLayout, PartitionArrays, align_random_effects, e_step_finish,
+                       e_step_local, layout_of, m_step_pieces, nested_in_partition_factor)
+from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, assemble_model, fit_members
 
 __all__ = ["DaskEMData", "fits_in_memory", "CACHE_SHARE"]
@@ -67,10 +68,12 @@ def _partition_arrays(frame: pd.DataFrame, *, columns: dict) -> PartitionArrays:
     return PartitionArrays.from_frame(frame, **columns)
 
 
-def _layout(part: PartitionArrays) -> tuple[pd.Index, np.ndarray, int, int]:
-    """A partition's clusters (in the order of ``part.codes``), their hashes, its row count and
-    the bytes of its arrays."""
-    return part.cluster_ids, part.hashes, len(part.y), part.nbytes
+def _layout(part: PartitionArrays) -> tuple:
+    """A partition's levels of every factor (in the order of ``part.codes``), whether each
+    factor's levels lie inside levels of the partition factor, its clusters' hashes, its row
+    count and the bytes of its arrays."""
+    return (list(part.levels), nested_in_partition_factor(part), part.hashes, len(part.y),
+            part.nbytes)
 
 
 def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
@@ -85,16 +88,31 @@ def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
     return dataclasses.replace(plan, learner=clone(plan.learner).set_params(n_jobs=1))
 
 
-def _e_step(part: PartitionArrays, plan, sigma2: float, D: np.ndarray, *chunks
-            ) -> tuple[np.ndarray, np.ndarray, EMSums]:
+def _m_step_pieces(part: PartitionArrays, local_b: list, crossed_b: dict, layout: EffectsLayout,
+                   plan: MemberPlan):
+    return m_step_pieces(part, layout.effects_at(part, local_b, crossed_b), plan)
+
+
+def _e_step_local(part: PartitionArrays, plan, layout, relative, *chunks):
     fitted = [member for chunk in chunks for member in chunk]
-    return e_step(part, plan, fitted, sigma2=sigma2, D=D)
+    return e_step_local(part, plan, fitted, layout=layout, relative=relative)
 
 
-def _add_sums(*sums: EMSums) -> EMSums:
-    total = sums[0]
-    for s in sums[1:]:
-        total = total + s
+def _e_step_finish(step_and_share, part: PartitionArrays, layout, relative, sigma2, crossed):
+    return e_step_finish(step_and_share[0], part, layout=layout, relative=relative,
+                         sigma2=sigma2, crossed=crossed)
+
+
+def _e_step_whole(part: PartitionArrays, plan, layout, relative, sigma2, *chunks):
+    """Both passes in one task when no factor is crossed (nothing waits between them)."""
+    step, _ = _e_step_local(part, plan, layout, relative, *chunks)
+    return e_step_finish(step, part, layout=layout, relative=relative, sigma2=sigma2)
+
+
+def _add_shares(*shares: CrossedShare) -> CrossedShare:
+    total = shares[0]
+    for share in shares[1:]:
+        total = total + share
     return total
 
 
@@ -117,17 +135,22 @@ def fits_in_memory(n_bytes: int, memory_limits: list[int]) -> bool:
 
 
 class DaskEMData:
-    """Cluster-whole partitions on Dask workers: kept in worker memory when they fit, read again
-    on every pass otherwise.
+    """Partitions holding whole levels of the partition factor on Dask workers: kept in worker
+    memory when they fit, read again on every pass otherwise.
 
     Parameters
     ----------
     client : distributed.Client
     partitions : list of Delayed or Future
-        Sources of pandas DataFrames, each holding whole clusters (a lake's ``to_delayed()``, or
-        scattered frames).
-    x_columns, z_columns : list of str
-    cluster_column, y_column : str
+        Sources of pandas DataFrames, each holding whole levels of the first factor (a lake's
+        ``to_delayed()``, or scattered frames).
+    x_columns : list of str
+    z_columns : list of list of str
+        Every factor's Z columns.
+    factors : list of RandomFactor
+    factor_columns : list of str
+        Every factor's column of level labels.
+    y_column : str
     cache : bool or None, default=None
         Keep every partition's arrays in worker memory between passes; None decides with
         :func:`fits_in_memory`.
@@ -136,22 +159,24 @@ class DaskEMData:
     ----------
     cached : bool
         Whether the partitions' arrays are kept in worker memory.
+    layout : EffectsLayout
     """
 
-    def __init__(self, *, client, partitions, x_columns, z_columns, cluster_column, y_column,
-                 cache=None):
+    def __init__(self, *, client, partitions, x_columns, z_columns, factors, factor_columns,
+                 y_column, cache=None):
         self.client = client
         self.partitions = list(partitions)  # scattered or persisted sources stay alive
-        columns = dict(x_columns=list(x_columns), z_columns=list(z_columns),
-                       cluster_column=cluster_column, y_column=y_column)
+        columns = dict(x_columns=list(x_columns), z_columns=[list(c) for c in z_columns],
+                       factor_columns=list(factor_columns), y_column=y_column)
         self.sources = [dask.delayed(_partition_arrays)(source, columns=columns)
                         for source in self.partitions]
         layouts = client.gather(client.compute(
             [dask.delayed(_layout)(source) for source in self.sources]))
-        self.cluster_ids = [ids for ids, _, _, _ in layouts]
-        self.hashes = [hashes for _, hashes, _, _ in layouts]
-        self.n_rows = int(sum(n for _, _, n, _ in layouts))
-        n_bytes = sum(size for _, _, _, size in layouts)
+        self.levels = [levels for levels, _, _, _, _ in layouts]
+        self.layout = layout_of(factors, self.levels, [whole for _, whole, _, _, _ in layouts])
+        self.hashes = [hashes for _, _, hashes, _, _ in layouts]
+        self.n_rows = int(sum(n for _, _, _, n, _ in layouts))
+        n_bytes = sum(size for _, _, _, _, size in layouts)
         if cache is None:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
             cache = fits_in_memory(n_bytes, [w.get("memory_limit") or 0 for w in workers])
@@ -159,25 +184,28 @@ class DaskEMData:
         if cache:
             logger.debug("keeping the partitions in worker memory (%.0f MB)", n_bytes / 1e6)
             self.sources = client.compute(self.sources)
-        self.n_clusters = sum(len(ids) for ids in self.cluster_ids)
+        self.n_clusters = sum(len(levels[0]) for levels in self.levels)
         self.cluster_hashes = np.concatenate(self.hashes)
         self.n_features = len(x_columns)
-        q = len(z_columns)
-        self.b = [np.zeros((len(ids), q)) for ids in self.cluster_ids]
-        self.b_cov = [np.zeros((len(ids), q, q)) for ids in self.cluster_ids]  # futures later
-        self.plan = self.chunks = self.chunk_members = None
+        self.b = [[None if table is not None else np.zeros((len(ids), f.q))
+                   for f, ids, table in zip(factors, levels, self.layout.crossed_levels)]
+                  for levels in self.levels]
+        self.b_cov = []  # futures of every partition's Var(b | y) after an E-step
+        self.crossed_b = {}
+        self.plan = self.chunks = self.chunk_members = self.results = None
 
     def _n_threads(self) -> int:
         return sum(self.client.nthreads().values())
 
-    def fit_fixed_effects(self, plan):
-        chunks, chunk_members = self._submit_fits(plan)
+    def fit_fixed_effects(self, plan, crossed_b):
+        self.crossed_b = crossed_b
+        chunks, chunk_members = self._submit_fits(plan, crossed_b)
         # the E-step tasks need most members, so waiting here costs little and makes the
         # logged M-step and E-step times mean what they say
         distributed.wait(chunks)
         self.plan, self.chunks, self.chunk_members = plan, chunks, chunk_members
 
-    def _submit_fits(self, plan) -> tuple[list, list]:
+    def _submit_fits(self, plan, crossed_b) -> tuple[list, list]:
         """Futures of the member chunks of the M-step, and the members of each chunk.
 
         No future of a partition's pieces outlives this call, so the workers let them go as
@@ -186,8 +214,9 @@ class DaskEMData:
         time, however many partitions there are.
         """
         client = self.client
+        crossed_b = client.scatter(crossed_b, broadcast=True) if crossed_b else {}
         pieces = client.compute([
-            dask.delayed(m_step_pieces, pure=False)(source, b, plan)
+            dask.delayed(_m_step_pieces, pure=False)(source, b, crossed_b, self.layout, plan)
             for source, b in zip(self.sources, self.b)])
         worker_plan = _one_thread_per_member(plan)  # once here, not in every fit task
         holders: dict[int, list[int]] = {}
@@ -216,16 +245,32 @@ class DaskEMData:
         return [chunk for chunk, members in zip(self.chunks, self.chunk_members)
                 if np.isin(members, serving).any()]
 
-    def random_effects_step(self, *, sigma2, D):
+    def local_step(self, *, relative, sigma2):
         client = self.client
-        results = client.compute([
-            dask.delayed(_e_step, pure=False)(source, self.plan, sigma2, D,
-                                              *self._serving_chunks(residues))
+        crossed = any(table is not None for table in self.layout.crossed_levels)
+        task, extra = (_e_step_local, ()) if crossed else (_e_step_whole, (sigma2,))
+        self.results = client.compute([
+            dask.delayed(task, pure=False)(source, self.plan, self.layout, relative, *extra,
+                                           *self._serving_chunks(residues))
             for source, residues in zip(self.sources, self._residues(self.plan))])
+        if not crossed:
+            return None
+        shares = [client.submit(operator.itemgetter(1), r) for r in self.results]
+        return _tree_reduce(client, shares, _add_shares).result()
+
+    def finish_step(self, *, relative, sigma2, crossed):
+        client = self.client
+        results = self.results
+        if crossed is not None:
+            crossed = client.scatter(crossed, broadcast=True)
+            results = [client.submit(_e_step_finish, step, source, self.layout, relative,
+                                     sigma2, crossed, pure=False)
+                       for step, source in zip(results, self.sources)]
         sums = _tree_reduce(client, [client.submit(operator.itemgetter(2), r) for r in results],
-                            _add_sums)
+                            combine_sums)
         self.b = client.gather([client.submit(operator.itemgetter(0), r) for r in results])
         self.b_cov = [client.submit(operator.itemgetter(1), r) for r in results]
+        self.results = None
         return sums.result()
 
     def fixed_effects_model(self):
@@ -236,9 +281,20 @@ class DaskEMData:
                 estimator.set_params(n_jobs=n_jobs)
         return assemble_model(self.plan, fitted, self.n_features)
 
-    def random_effects(self):
-        ids = self.cluster_ids[0].append(self.cluster_ids[1:])
-        return ids, np.concatenate(self.b), np.concatenate(self.client.gather(self.b_cov))
+    def local_effects(self):
+        b_cov = self.client.gather(self.b_cov)
+        effects = []
+        for k, table in enumerate(self.layout.crossed_levels):
+            if table is not None:
+                effects.append(None)
+                continue
+            levels = [part_levels[k] for part_levels in self.levels]
+            effects.append((levels[0].append(levels[1:]),
+                            np.concatenate([b[k] for b in self.b]),
+                            np.concatenate([cov[k] for cov in b_cov])))
+        return effects
 
-    def set_random_effects(self, cluster_ids, b):
-        self.b = [align_random_effects(ids, cluster_ids, b) for ids in self.cluster_ids]
+    def set_local_effects(self, effects):
+        self.b = [[None if b is None else align_random_effects(ids, saved[0], saved[1])
+                   for ids, b, saved in zip(levels, part_b, effects)]
+                  for levels, part_b in zip(self.levels, self.b)]

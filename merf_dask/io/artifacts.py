@@ -7,8 +7,10 @@ A model directory (local path or fsspec URL) holds::
                              scikit-learn, LightGBM's text model for LightGBM
                              (:mod:`merf_dask.io.learner_file`); ``learner.joblib``, a pickle,
                              instead for a learner of types merf-dask does not trust
-    random_effects.parquet   cluster id, one column per random effect, and the entries of
-                             Var(b_i | y_i) (``var[name]`` and ``cov[name1,name2]``)
+    random_effects_<k>.parquet
+                             one per grouping factor (k = 0, 1, ... in model order): the
+                             level, one column per random effect, and the entries of
+                             Var(b | y) (``var[name]`` and ``cov[name1,name2]``)
     manifest.json            format version, every parameter, input schema and encoder, variance
                              components, GLL / sigma2 / D histories, package versions, a data
                              fingerprint, the model's size, the SHA-256 of every other file and
@@ -47,16 +49,17 @@ import pandas as pd
 
 from ..core.em import IterationRecord
 from ..core.state import ModelState
-from ..formula import FeatureEncoder, FormulaSpec
+from ..core.random_effects import FactorEffects, RandomFactor
+from ..formula import ModelDesign
 from . import signing
 from .filesystem import atomic_directory, check_complete, open_filesystem
 from .learner_file import PICKLE_FILE, SKOPS_FILE, dump_learner, load_learner
 from .report import render_report
 
 __all__ = ["save_model", "load_model", "read_manifest", "data_fingerprint", "MANIFEST",
-           "RANDOM_EFFECTS"]
+           "random_effects_file"]
 
-MANIFEST, RANDOM_EFFECTS = "manifest.json", "random_effects.parquet"
+MANIFEST = "manifest.json"
 #: Version 2: the manifest carries its own digest, the unfitted learner and every parameter.
 #: Version 3: the learner file is data (``learner.skops``) unless its types are not trusted,
 #: named by the manifest's ``learner_file``; an optional signature.
@@ -64,7 +67,7 @@ FORMAT_VERSION = 3
 #: The manifest's key holding the SHA-256 of the rest of the manifest.
 MANIFEST_DIGEST = "manifest_sha256"
 _PACKAGES = ("merf-dask", "numpy", "pandas", "scikit-learn", "dask", "distributed", "pyarrow")
-_CLUSTER_COLUMN = "cluster"
+_LEVEL_COLUMN = "level"
 
 
 def _versions() -> dict:
@@ -77,26 +80,36 @@ def _versions() -> dict:
     return versions
 
 
-def _random_effects_frame(state) -> pd.DataFrame:
-    names = list(state.z_names)
-    frame = pd.DataFrame({_CLUSTER_COLUMN: np.asarray(state.cluster_ids)})
+def random_effects_file(k: int) -> str:
+    """The model directory's file of factor k's random effects."""
+    return f"random_effects_{k}.parquet"
+
+
+def _random_effects_frame(effects) -> pd.DataFrame:
+    names = list(effects.factor.z_names)
+    frame = pd.DataFrame({_LEVEL_COLUMN: np.asarray(effects.levels)})
     for j, name in enumerate(names):
-        frame[name] = state.b[:, j]
+        frame[name] = effects.b[:, j]
     for j, name in enumerate(names):
-        frame[f"var[{name}]"] = state.b_cov[:, j, j]
+        frame[f"var[{name}]"] = effects.b_cov[:, j, j]
         for k in range(j + 1, len(names)):
-            frame[f"cov[{name},{names[k]}]"] = state.b_cov[:, j, k]
+            frame[f"cov[{name},{names[k]}]"] = effects.b_cov[:, j, k]
     return frame
 
 
-def _conditional_covariances(frame: pd.DataFrame, names: list[str]) -> np.ndarray:
-    q = len(names)
+def _factor_effects(frame: pd.DataFrame, described: dict) -> FactorEffects:
+    """A factor's effects from its file and its manifest entry."""
+    factor = RandomFactor(name=described["name"], z_names=tuple(described["z_names"]),
+                          blocks=tuple(tuple(block) for block in described["blocks"]))
+    names, q = list(factor.z_names), factor.q
     b_cov = np.empty((len(frame), q, q))
     for j, name in enumerate(names):
         b_cov[:, j, j] = frame[f"var[{name}]"].to_numpy()
         for k in range(j + 1, q):
             b_cov[:, j, k] = b_cov[:, k, j] = frame[f"cov[{name},{names[k]}]"].to_numpy()
-    return b_cov
+    return FactorEffects(factor=factor, levels=pd.Index(frame[_LEVEL_COLUMN], name=factor.name),
+                         b=frame[names].to_numpy(dtype=float), b_cov=b_cov,
+                         D=np.asarray(described["D"], dtype=float))
 
 
 def _json_random_state(value):
@@ -131,12 +144,10 @@ def _parameters(params: dict) -> dict:
 
 
 def _schema(state) -> dict:
-    schema = {"features": list(state.feature_names), "random_effects": list(state.z_names),
-              "x_named": bool(state.x_named), "z_named": bool(state.z_named)}
-    if state.formula_spec is not None:
-        spec = state.formula_spec
-        schema.update(response=spec.response, group=spec.group, slopes=list(spec.random),
-                      random_intercept=spec.random_intercept, encoder=state.encoder.to_dict())
+    schema = {"features": list(state.feature_names), "x_named": bool(state.x_named),
+              "z_named": bool(state.z_named)}
+    if state.design is not None:
+        schema["design"] = state.design.to_dict()
     return schema
 
 
@@ -188,9 +199,11 @@ def save_model(state, params: dict, url, *, overwrite: bool = False,
     key = signing.signing_key()  # before any work: a bad key fails at once
     learner_file, learner_bytes = dump_learner(
         {"fitted": state.fe_model, "unfitted": params["fixed_effects_model"]})
-    effects_bytes = io.BytesIO()
-    _random_effects_frame(state).to_parquet(effects_bytes, index=False)
-    files = {learner_file: learner_bytes, RANDOM_EFFECTS: effects_bytes.getvalue()}
+    files = {learner_file: learner_bytes}
+    for k, effects in enumerate(state.effects):
+        buffer = io.BytesIO()
+        _random_effects_frame(effects).to_parquet(buffer, index=False)
+        files[random_effects_file(k)] = buffer.getvalue()
     model_size = sum(len(content) for content in files.values())  # the report is not the model
     if summary is not None:
         files.update(render_report(state, summary=summary) or {})
@@ -204,9 +217,12 @@ def save_model(state, params: dict, url, *, overwrite: bool = False,
                            if isinstance(v, (int, float, str, bool, type(None)))},
         "schema": _schema(state),
         "n_rows": int(state.n_rows),
-        "n_clusters": int(len(state.cluster_ids)),
+        "n_clusters": int(len(state.effects[0].levels)),
         "sigma2": state.sigma2,
-        "D": np.asarray(state.D).tolist(),
+        "factors": [{"name": e.factor.name, "z_names": list(e.factor.z_names),
+                     "blocks": [list(block) for block in e.factor.blocks],
+                     "n_levels": int(len(e.levels)), "D": np.asarray(e.D).tolist()}
+                    for e in state.effects],
         "n_iter": len(state.history),
         "converged": bool(state.converged),
         "oob": state.honest != "in-sample",
@@ -316,7 +332,8 @@ def load_model(url, *, storage_options: dict | None = None, trusted: bool = Fals
                          "to load it")
     hashes = manifest.get("sha256") or {}
     contents = {}
-    for name in (learner_file, RANDOM_EFFECTS, *hashes):
+    effect_files = [random_effects_file(k) for k in range(len(manifest["factors"]))]
+    for name in (learner_file, *effect_files, *hashes):
         if name not in hashes:
             raise ValueError(f"{url}/{MANIFEST} lists no SHA-256 for {name}; refusing to load it")
         path = f"{root}/{name}"
@@ -331,24 +348,18 @@ def load_model(url, *, storage_options: dict | None = None, trusted: bool = Fals
     params = {**manifest["parameters"], "fixed_effects_model": learner["unfitted"]}
     params["random_state"] = _random_state_from_json(params["random_state"])
     schema = manifest["schema"]
-    effects = pd.read_parquet(io.BytesIO(contents[RANDOM_EFFECTS]))
-    names = schema["random_effects"]
-    formula_spec = encoder = None
+    effects = [_factor_effects(pd.read_parquet(io.BytesIO(contents[name])), described)
+               for name, described in zip(effect_files, manifest["factors"])]
+    formula_spec = design = None
     if params["formula"] is not None:
-        formula_spec = FormulaSpec(
-            text=params["formula"], response=schema["response"], fixed=tuple(schema["features"]),
-            random=tuple(schema["slopes"]), random_intercept=schema["random_intercept"],
-            group=schema["group"])
-        encoder = FeatureEncoder.from_dict(schema["encoder"])
+        design = ModelDesign.from_dict(schema["design"])
+        formula_spec = design.spec
     state = ModelState(
-        fe_model=learner["fitted"], cluster_ids=pd.Index(effects[_CLUSTER_COLUMN], name="cluster"),
-        b=effects[names].to_numpy(), b_cov=_conditional_covariances(effects, names),
-        D=np.asarray(manifest["D"], dtype=float), sigma2=float(manifest["sigma2"]),
+        fe_model=learner["fitted"], effects=effects, sigma2=float(manifest["sigma2"]),
         history=[IterationRecord.from_json(r) for r in manifest["history"]],
         n_rows=manifest["n_rows"], converged=manifest["converged"], honest=manifest["honest"],
-        feature_names=list(schema["features"]), z_names=list(names),
-        x_named=schema["x_named"], z_named=schema["z_named"], formula_spec=formula_spec,
-        encoder=encoder,
+        feature_names=list(schema["features"]), x_named=schema["x_named"],
+        z_named=schema["z_named"], formula_spec=formula_spec, design=design,
         n_partitions=manifest["n_partitions"], resumed_from=manifest["resumed_from"])
     return params, state, manifest
 

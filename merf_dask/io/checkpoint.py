@@ -1,7 +1,8 @@
 """Checkpoints of the EM loop, so that a killed fit resumes after its last finished iteration.
 
-A checkpoint is one Parquet file: a row per cluster with its b_i, and in the file's metadata the
-iteration, sigma2, D, the history, the fit's seed and a key naming the fit it belongs to (its
+A checkpoint is one Parquet file: for every grouping factor k, a column ``level<k>`` of its levels
+and columns ``b<k>[j]`` of their b (the factors' columns padded with nulls to the longest), and in
+the file's metadata each factor's number of levels, the iteration, sigma2, every D, the history, the fit's seed and a key naming the fit it belongs to (its
 parameters and data size). It is written to a temporary name and renamed, so a reader sees the previous
 checkpoint or the new one, never half of one; on object stores the upload itself is atomic.
 
@@ -34,7 +35,6 @@ __all__ = ["fit_key", "write_checkpoint", "read_checkpoint", "remove_checkpoint"
 logger = logging.getLogger("merf_dask")
 
 _METADATA_KEY = b"merf_dask:checkpoint"
-_CLUSTER = "cluster"
 
 
 def fit_key(parameters: dict, *, n_rows: int, n_clusters: int) -> str:
@@ -46,12 +46,18 @@ def fit_key(parameters: dict, *, n_rows: int, n_clusters: int) -> str:
 def write_checkpoint(url: str | os.PathLike, state: EMState, *, key: str, seed: int) -> None:
     """Write ``state`` and the fit's ``seed`` to ``url`` atomically (temporary name, then
     rename)."""
-    b = np.asarray(state.b)
-    table = pa.Table.from_pandas(
-        pd.DataFrame({_CLUSTER: np.asarray(state.cluster_ids),
-                      **{f"b{j}": b[:, j] for j in range(b.shape[1])}}), preserve_index=False)
+    longest = max(len(levels) for levels, _ in state.effects)
+    columns = {}
+    for k, (levels, b) in enumerate(state.effects):
+        padding = longest - len(levels)
+        level_array = pa.array(np.asarray(levels))
+        columns[f"level{k}"] = pa.concat_arrays([level_array, pa.nulls(padding, level_array.type)])
+        for j in range(b.shape[1]):
+            columns[f"b{k}[{j}]"] = pa.array(np.concatenate([b[:, j], np.full(padding, np.nan)]))
+    table = pa.table(columns)
     metadata = {"key": key, "seed": seed, "iteration": state.iteration, "sigma2": state.sigma2,
-                "D": np.asarray(state.D).tolist(),
+                "D": [np.asarray(D).tolist() for D in state.D],
+                "n_levels": [len(levels) for levels, _ in state.effects],
                 "history": [r.to_json() for r in state.history]}
     table = table.replace_schema_metadata(
         {**(table.schema.metadata or {}), _METADATA_KEY: json.dumps(metadata).encode()})
@@ -84,12 +90,16 @@ def read_checkpoint(url: str | os.PathLike, *, key: str) -> tuple[EMState, int] 
         logger.warning("ignoring the checkpoint %s: it belongs to a fit with other parameters "
                        "or data", url)
         return None
-    frame = table.to_pandas()
-    b = frame[[c for c in frame.columns if c != _CLUSTER]].to_numpy(dtype=float)
+    effects = []
+    for k, (n_levels, D) in enumerate(zip(metadata["n_levels"], metadata["D"])):
+        levels = pd.Index(table.column(f"level{k}").slice(0, n_levels).to_pandas())
+        b = np.column_stack([table.column(f"b{k}[{j}]").slice(0, n_levels).to_numpy()
+                             for j in range(len(D))]).reshape(n_levels, len(D))
+        effects.append((levels, b))
     history = [IterationRecord.from_json(r) for r in metadata["history"]]
     state = EMState(iteration=metadata["iteration"], sigma2=metadata["sigma2"],
-                    D=np.asarray(metadata["D"]), history=history,
-                    cluster_ids=pd.Index(frame[_CLUSTER]), b=b)
+                    D=[np.asarray(D, dtype=float) for D in metadata["D"]], history=history,
+                    effects=effects)
     return state, int(metadata["seed"])
 
 

@@ -7,6 +7,8 @@ Functions
 ---------
 render_report
     The report's files (``report.html`` and its PNGs) as bytes, keyed by file name.
+format_variance_components
+    The variance components as lme4 prints them (the summary's table).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import io
 
 import numpy as np
 
-__all__ = ["render_report", "REPORT"]
+__all__ = ["render_report", "format_variance_components", "REPORT"]
 
 REPORT = "report.html"
 #: Clusters drawn in the caterpillar plot; more would be unreadable (an even sample is drawn).
@@ -31,30 +33,43 @@ def _png(figure) -> bytes:
 
 def _convergence_figure(plt, state):
     iterations = [r.iteration for r in state.history]
-    D_diag = np.array([np.diag(r.D) for r in state.history])
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     axes[0].plot(iterations, [r.gll for r in state.history], marker="o")
     axes[0].set(title="generalised log-likelihood", xlabel="EM iteration")
     axes[1].plot(iterations, [r.sigma2 for r in state.history], marker="o")
     axes[1].set(title="sigma$^2$", xlabel="EM iteration")
-    for j, name in enumerate(state.z_names):
-        axes[2].plot(iterations, D_diag[:, j], marker="o", label=f"Var({name})")
+    for k, effects in enumerate(state.effects):
+        D_diag = np.array([np.diag(r.D[k]) for r in state.history])
+        for j, name in enumerate(effects.factor.z_names):
+            axes[2].plot(iterations, D_diag[:, j], marker="o",
+                         label=f"Var({name} | {effects.factor.name})")
     axes[2].set(title="diag(D)", xlabel="EM iteration")
     axes[2].legend()
     return figure
 
 
 def _caterpillar_figure(plt, state):
-    q = len(state.z_names)
-    order = np.argsort(state.b[:, 0])
-    shown = order[np.linspace(0, len(order) - 1, min(len(order), _CATERPILLAR_CLUSTERS)).astype(int)]
-    figure, axes = plt.subplots(1, q, figsize=(4.5 * q, 0.12 * len(shown) + 1.5), squeeze=False)
-    for j, name in enumerate(state.z_names):
-        b = state.b[shown, j]
-        half_width = 1.96 * np.sqrt(state.b_cov[shown, j, j])
-        axes[0, j].errorbar(b, np.arange(len(shown)), xerr=half_width, fmt="o", markersize=3)
-        axes[0, j].axvline(0, color="grey", linewidth=0.8)
-        axes[0, j].set(title=f"b: {name} (95% intervals)", yticks=[])
+    """One row of panels per factor, one panel per Z column: b with 95% intervals."""
+    q = max(e.factor.q for e in state.effects)
+    shown = {}
+    for e in state.effects:
+        order = np.argsort(e.b[:, 0])
+        shown[e.factor.name] = order[np.linspace(0, len(order) - 1, min(
+            len(order), _CATERPILLAR_CLUSTERS)).astype(int)]
+    height = sum(0.12 * len(rows) + 1.5 for rows in shown.values())
+    figure, axes = plt.subplots(len(state.effects), q, figsize=(4.5 * q, height), squeeze=False)
+    for k, e in enumerate(state.effects):
+        rows = shown[e.factor.name]
+        for j in range(q):
+            axis = axes[k, j]
+            if j >= e.factor.q:
+                axis.axis("off")
+                continue
+            half_width = 1.96 * np.sqrt(e.b_cov[rows, j, j])
+            axis.errorbar(e.b[rows, j], np.arange(len(rows)), xerr=half_width, fmt="o",
+                          markersize=3)
+            axis.axvline(0, color="grey", linewidth=0.8)
+            axis.set(title=f"{e.factor.name}: {e.factor.z_names[j]} (95% intervals)", yticks=[])
     return figure
 
 
@@ -67,6 +82,34 @@ def _importance_figure(plt, state):
     axis.barh(np.asarray(state.feature_names)[order], np.asarray(importances)[order])
     axis.set(title="feature importances of the fixed-effects learner")
     return figure
+
+
+def format_variance_components(components) -> list[str]:
+    """lme4's print of ``VarCorr``: groups, names, variances, standard deviations and
+    correlations, one line per Z column and the residual.
+
+    Parameters
+    ----------
+    components : pandas.DataFrame
+        In the layout of ``as.data.frame(VarCorr(m))``
+        (:func:`merf_dask.core.random_effects.variance_components`).
+
+    Returns
+    -------
+    list of str
+    """
+    lines = [f" {'Groups':<12}{'Name':<16}{'Variance':>10}{'Std.Dev.':>10}  Corr"]
+    for group, rows in components.groupby("grp", sort=False):
+        variances = rows[rows["var2"].isna()]
+        correlation = {(row.var1, row.var2): row.sdcor
+                       for row in rows[rows["var2"].notna()].itertuples()}
+        for position, row in enumerate(variances.itertuples()):
+            name = row.var1 if isinstance(row.var1, str) else ""  # the Residual has none
+            corr = " ".join(f"{correlation[(earlier, name)]:+.2f}"
+                            for earlier in variances["var1"].iloc[:position])
+            lines.append(f" {group if position == 0 else '':<12}{name:<16}"
+                         f"{row.vcov:>10.4g}{row.sdcor:>10.4g}  {corr}".rstrip())
+    return lines
 
 
 def render_report(state, *, summary: str) -> dict[str, bytes] | None:
