@@ -373,17 +373,18 @@ def _spec_from_tokens(text: str, tokens: list[Token]) -> FormulaSpec:
         raise _invalid(text, "write 'response ~ features + (1 | group)'")
     fixed, random = [], []
     for sign, node in _summands(tree.right):
-        if _is_random_term(node):
-            if sign is not None and sign.kind == "MINUS":
-                raise _invalid(text, f"a random term cannot be removed: '- {_text(node)}'")
-            random.append(node.expression)
-        else:
+        bar = _random_bar(node)
+        if bar is None and _has_bar(node):
+            raise _invalid(text, f"{_text(node)!r}: a random term is added to the formula as a "
+                                 "whole, as in 'y ~ x + (1 | g)', not combined with other terms")
+        if bar is None:
             fixed.append((sign, node))
+        elif sign is not None and sign.kind == "MINUS":
+            raise _invalid(text, f"a random term cannot be removed: '- {_text(node)}'")
+        else:
+            random.append(bar)
     # the scanner starts the right-hand side with an implicit '1 +', so 'fixed' is never empty
     model = _resolve(text, syntax.Binary(tree.left, tree.operator, _sum(fixed)))
-    if model.group_terms:
-        raise _invalid(text, "a random term is added to the formula as a whole, as in "
-                             "'y ~ x + (1 | g)', not combined with other terms")
     response = _plain_column(model.response.term)
     if response is None:
         raise _invalid(text, f"the response {model.response.term.name!r} must be a column: add "
@@ -411,6 +412,19 @@ def _summands(node) -> list[tuple[Token | None, object]]:
     return [(None, node)]
 
 
+def _has_bar(node) -> bool:
+    """Whether a syntax tree has a ``|`` anywhere."""
+    if isinstance(node, syntax.Binary):
+        return node.operator.kind == "PIPE" or _has_bar(node.left) or _has_bar(node.right)
+    if isinstance(node, syntax.Grouping):
+        return _has_bar(node.expression)
+    if isinstance(node, syntax.Unary):
+        return _has_bar(node.right)
+    if isinstance(node, syntax.Call):
+        return any(map(_has_bar, node.args))
+    return False
+
+
 def _sum(summands: list[tuple[Token | None, object]]):
     """The syntax tree of ``summands`` (inverse of :func:`_summands`)."""
     (_, tree), *rest = summands
@@ -419,9 +433,16 @@ def _sum(summands: list[tuple[Token | None, object]]):
     return tree
 
 
-def _is_random_term(node) -> bool:
-    return (isinstance(node, syntax.Grouping) and isinstance(node.expression, syntax.Binary)
-            and node.expression.operator.kind == "PIPE")
+def _random_bar(node):
+    """The ``lhs | factor`` of a random term ``(lhs | factor)`` (in any number of parentheses),
+    or None when ``node`` is not one."""
+    if not isinstance(node, syntax.Grouping):
+        return None
+    while isinstance(node, syntax.Grouping):
+        node = node.expression
+    if isinstance(node, syntax.Binary) and node.operator.kind == "PIPE":
+        return node
+    return None
 
 
 def _text(node) -> str:
@@ -454,13 +475,13 @@ def _random_terms(text: str, bar, expressions: dict[str, Expr]) -> list[RandomTe
     intercept, slopes = _random_columns(text, bar.left, expressions, written=written)
     if not intercept and not slopes:
         raise _invalid(text, f"{written} has neither an intercept nor a slope")
+    factors = _grouping_factors(text, bar.right)
     if bar.operator.lexeme == "||":
         pieces = [(True, ())] * intercept + [(False, (slope,)) for slope in slopes]
     else:
         pieces = [(intercept, tuple(slopes))]
     return [RandomTerm(factor=factor, intercept=has_intercept, slopes=piece_slopes)
-            for has_intercept, piece_slopes in pieces
-            for factor in _grouping_factors(text, bar.right)]
+            for has_intercept, piece_slopes in pieces for factor in factors]
 
 
 def _random_columns(text: str, node, expressions: dict[str, Expr], *,
@@ -741,8 +762,8 @@ def _learn_stateful(frame, expressions: Iterable[Expr]) -> dict[str, tuple[float
 def _check_codable(name: str, dtype) -> None:
     """Refuse a column of dates, times or periods, naming it."""
     if dtype.kind in "mM" or isinstance(dtype, pd.PeriodDtype):
-        raise ValueError(f"feature column {name!r} holds {dtype} values: convert it to numbers "
-                         "first (for example seconds since a reference time)")
+        raise ValueError(f"column {name!r} holds {dtype} values: convert it to numbers first "
+                         "(for example seconds since a reference time)")
 
 
 class FeatureEncoder(TransformerMixin, BaseEstimator):

@@ -86,6 +86,7 @@ def data():
                         term("a:b", False, ["t"])]),
     ("(1 + scale(t) | g)", [term("g", slopes=["scale(t)"])]),
     ("(1 + log(t) + I(u ** 2) | g)", [term("g", slopes=["log(t)", "I(u ** 2)"])]),
+    ("((1 | g))", [term("g")]),
 ])
 def test_random_terms_follow_lme4(random_part, terms):
     spec = parse_formula(f"y ~ x1 + {random_part}", columns=COLUMNS)
@@ -122,6 +123,10 @@ def test_factor_names_and_columns_in_order_of_first_appearance():
     ("y ~ x1 + (1 | 1)", "the grouping factor '1' must be a column"),
     ("y ~ x1 - (1 | g)", "a random term cannot be removed: '- (1 | g)'"),
     ("y ~ x1 + (1 | `a:b`) + (1 | a:b)", "two grouping factors are called 'a:b'"),
+    ("y ~ x1 + ((1 | g) + (1 | h))", "'((1 | g) + (1 | h))': a random term is added to the "
+                                     "formula as a whole, as in 'y ~ x + (1 | g)'"),
+    ("y ~ x1:(1 | g)", "'x1 : (1 | g)': a random term is added to the formula as a whole"),
+    ("y ~ f(1 | g) + x1", "'f(1 | g)': a random term is added to the formula as a whole"),
 ])
 def test_random_part_errors_name_the_problem(text, reason):
     with pytest.raises(ValueError, match=invalid(text) + re.escape(reason)):
@@ -266,7 +271,7 @@ def test_unknown_column_list_is_shortened_for_wide_data():
     ("y ~ x1 ~ x2", "There is more than one '~'"),
     ("y ~ x1 + $ + (1 | g)", "Unexpected character"),
     ("y ~ x1 + (x2 + 0) + (1 | g)", "these terms cannot be combined"),  # a TypeError in formulae
-    ("y ~ f(1 | g) + x1", "Can't resolve call"),
+    ("y ~ I(x1:x2) + (1 | g)", "Can't resolve call"),
 ])
 def test_syntax_errors_are_value_errors_naming_the_formula(text, reason):
     with pytest.raises(ValueError, match=invalid(text) + re.escape(reason)) as error:
