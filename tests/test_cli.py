@@ -53,7 +53,7 @@ def model_dir(lake):
 
 def test_fit_writes_a_loadable_model_and_report(model_dir):
     files = {p.name for p in model_dir.iterdir()}
-    assert {"manifest.json", "learner.skops", "random_effects.parquet", "report.html",
+    assert {"manifest.json", "learner.skops", "random_effects_0.parquet", "report.html",
             "convergence.png"} <= files
     model = MERF.load(model_dir)
     assert len(model.b_) == 60 and model.sigma2_ > 0
@@ -76,10 +76,10 @@ def test_predict_evaluate_show(lake, model_dir, tmp_path):
 def test_tampered_model_is_refused(model_dir, tmp_path):
     copy = tmp_path / "model"
     subprocess.run(["cp", "-r", str(model_dir), str(copy)], check=True)
-    effects = pd.read_parquet(copy / "random_effects.parquet")
+    effects = pd.read_parquet(copy / "random_effects_0.parquet")
     effects.iloc[0, 1] += 1.0
-    effects.to_parquet(copy / "random_effects.parquet", index=False)
-    assert_clean_failure(merf_dask("show", str(copy)), "random_effects.parquet", "modified")
+    effects.to_parquet(copy / "random_effects_0.parquet", index=False)
+    assert_clean_failure(merf_dask("show", str(copy)), "random_effects_0.parquet", "modified")
 
 
 @pytest.mark.parametrize("formula, fragment", [
