@@ -92,6 +92,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
+from .core.em import canonical
+
 __all__ = ["RandomTerm", "FormulaSpec", "parse_formula", "FeatureEncoder", "FactorDesign",
            "DesignMatrices", "ModelDesign", "NUMPY_FUNCTIONS"]
 
@@ -729,10 +731,13 @@ def _location_and_scale(call: Expr, moments: pd.DataFrame) -> tuple[float, float
     total = n.sum()
     if not total:
         raise ValueError(f"{_render(call)}: {_render(call[2])} has no values")
-    mean = float(n @ means / total)
+    # rounded far below any meaning: partial moments add in an order that depends on the
+    # partitioning, and the same data must give the same design bits (canonical's reason)
+    mean = canonical(float(n @ means / total))
     if call[1] == "center":
         return mean, 1.0
-    sd = math.sqrt((m2.sum() + n @ (means - mean) ** 2) / (total - 1)) if total > 1 else 0.0
+    sd = canonical(math.sqrt((m2.sum() + n @ (means - mean) ** 2) / (total - 1))
+                   if total > 1 else 0.0)
     if not sd > 0:
         raise ValueError(f"{_render(call)}: {_render(call[2])} has no variance, so it cannot "
                          "be scaled")

@@ -232,3 +232,31 @@ def test_the_default_forest_recovers_crossed_user_and_item_effects(dask_client):
     mse = {name: np.mean((test["y"] - model.predict(test)) ** 2)
            for name, model in models.items()}
     assert mse["user x item"] < mse["user"]
+
+
+def test_a_crossed_forest_fit_is_the_same_on_any_partitioning(dask_client):
+    """The same seed gives the same crossed model in-process and on 2 or 5 partitions (the
+    crossed table's order and the solved crossed effects do not depend on the partitioning)."""
+    import dask.dataframe as dd
+    from sklearn.ensemble import RandomForestRegressor
+
+    from merf_dask.simulate import simulate_crossed_frame
+    frame = simulate_crossed_frame(n_rows=3_000, n_users=300, n_items=60, seed=4)
+    forest = RandomForestRegressor(n_estimators=10, min_samples_leaf=5, random_state=0)
+    formula = "y ~ x1 + x2 + x3 + (1 | user) + (1 | item)"
+
+    def fitted(data, **kwargs):
+        return MERF(forest, formula=formula, max_iterations=3, tol=0, random_state=0,
+                    **kwargs).fit(data)
+    reference = fitted(frame)
+    for n_partitions in (2, 5):
+        shuffled = frame.sample(frac=1.0, random_state=n_partitions)
+        with pytest.warns(UserWarning, match="not partitioned by cluster"):
+            model = fitted(dd.from_pandas(shuffled, npartitions=n_partitions),
+                           client=dask_client)
+        np.testing.assert_allclose(model.predict(frame), reference.predict(frame), rtol=0,
+                                   atol=1e-9)
+        assert model.sigma2_history_ == reference.sigma2_history_
+        for name, table in reference.random_effects_.items():
+            np.testing.assert_allclose(model.random_effects_[name].loc[table.index], table,
+                                       rtol=0, atol=1e-9)

@@ -62,7 +62,7 @@ from .hashing import cluster_hashes
 __all__ = ["PartitionArrays", "EffectsLayout", "layout_of", "nested_in_partition_factor",
            "m_step_pieces", "LocalStep", "honest_residuals", "e_step_local", "e_step_finish",
            "EMData", "InMemoryEMData", "align_random_effects",
-           "IterationRecord", "EMState", "EMResult", "run_em"]
+           "IterationRecord", "EMState", "EMResult", "run_em", "canonical"]
 
 logger = logging.getLogger("merf_dask")
 
@@ -199,7 +199,10 @@ def layout_of(factors, parts_levels: list[list[pd.Index]], parents_whole: list[l
         if nested:
             crossed.append(None)
             continue
+        # ordered by the levels' hashes, so that the crossed unknowns (and every sum over them)
+        # come in the same order whatever the partitioning
         table = every.unique()
+        table = table[np.argsort(cluster_hashes(table), kind="stable")]
         if len(table) * factors[k].q > MAX_CROSSED_UNKNOWNS:
             raise ValueError(
                 f"grouping factor {factors[k].name!r} is crossed with the first factor "
@@ -535,15 +538,21 @@ def _relative_change(previous: float, current: float) -> float:
     return abs(current - previous) / max(abs(previous), np.finfo(float).tiny)
 
 
-def _canonical(value):
-    """``value`` rounded to 13 significant digits.
+#: Significant digits kept of the crossed factors' solved unknowns (see :func:`_e_step`).
+_CROSSED_DIGITS = 10
 
-    Partial sums add in an order that depends on the partitioning, so sigma2 and D can differ
-    in their last bits between two partitionings of the same data; a forest grown on a working
-    response that differs by one ulp can split differently. Rounding far below any statistical
-    meaning makes the next iteration start from the same bits.
+
+def canonical(value, *, digits: int = 13):
+    """``value`` rounded to ``digits`` significant digits (13 unless told).
+
+    Partial sums add in an order that depends on the partitioning, so sigma2, D, the crossed
+    factors' b (and a formula's means and standard deviations) can differ in their last bits
+    between two partitionings of the same data; a forest grown on a working response that
+    differs by one ulp can split differently. Rounding far below any statistical meaning makes
+    the next iteration start from the same bits.
     """
-    rounded = np.array([float(f"{v:.13g}") for v in np.ravel(value)]).reshape(np.shape(value))
+    rounded = np.array([float(f"{v:.{digits}g}") for v in np.ravel(value)]).reshape(
+        np.shape(value))
     return rounded if np.ndim(value) else float(rounded)
 
 
@@ -556,6 +565,11 @@ def _e_step(data: EMData, *, sigma2: float, D: list) -> tuple[EMSums, dict]:
     if share is None:
         return data.finish_step(relative=relative, sigma2=sigma2, crossed=None), {}
     u, inverse, logdet, quadratic = solve_crossed(share)
+    # the crossed unknowns solve a system summed across partitions, whose rounding errors grow
+    # with its condition number: 10 digits, so that two partitionings round to the same value
+    # unless the solution lies within cond * 1e-16 of a rounding boundary (about 1e-5 per
+    # unknown and iteration); rows of each level are summed in the same order everywhere else
+    u = canonical(u, digits=_CROSSED_DIGITS)
     crossed, crossed_sums = crossed_effects(
         u, inverse, q=[f.q for f in layout.factors], offsets=layout.offsets,
         crossed_levels=list(layout.crossed_levels), relative=relative, sigma2=sigma2)
@@ -631,7 +645,7 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
         sums, crossed = _e_step(data, sigma2=sigma2, D=D)
         new_sigma2, D, gll, log_likelihood = update_variance_components(
             sums, layout.factors, sigma2=sigma2)
-        sigma2, D, gll = _canonical(new_sigma2), [_canonical(Dk) for Dk in D], _canonical(gll)
+        sigma2, D, gll = canonical(new_sigma2), [canonical(Dk) for Dk in D], canonical(gll)
         # residuals of exactly zero (or a zero or NaN variance): nothing is left to decompose
         if not (sums.residual_ss > 0 and sigma2 > 0):
             raise ValueError(

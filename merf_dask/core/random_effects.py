@@ -450,8 +450,10 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets
     for k in crossed:
         crossed_rhs[crossed_unknowns[k].ravel()] = _level_sums(codes[k], Zt[k], r,
                                                                 n_levels[k]).ravel()
-    F = blocks.sparse() @ B
-    system.coupling = F.tocsr()
+    F = (blocks.sparse() @ B).tocsr()
+    # columns in the crossed tables' order, so F u_G adds in the same order on any partitioning
+    F.sort_indices()
+    system.coupling = F
     share = CrossedShare(schur=(E - B.T @ F).tocsr(), rhs=crossed_rhs,
                          reduced_rhs=crossed_rhs - B.T @ u0)
     return system, share, logdet
