@@ -259,3 +259,39 @@ def test_a_crossed_forest_fit_is_the_same_on_any_partitioning(dask_client):
         for name, table in reference.random_effects_.items():
             np.testing.assert_allclose(model.random_effects_[name].loc[table.index], table,
                                        rtol=0, atol=1e-9)
+
+
+def test_the_cli_fits_a_crossed_lake_and_evaluates_rows_by_the_levels_it_knows(tmp_path):
+    import subprocess
+    import sys
+
+    from merf_dask.io.lake import write_lake
+    from merf_dask.simulate import simulate_crossed_frame
+
+    def merf_dask(*args):
+        return subprocess.run([sys.executable, "-c", "from merf_dask.cli import main; main()",
+                               *args],
+                              capture_output=True, text=True, timeout=600)
+
+    frame = simulate_crossed_frame(n_rows=4_000, n_users=400, n_items=80, seed=6)
+    train = frame[frame["user"].isin([f"u{i}" for i in range(300)])
+                  & frame["item"].isin([f"i{i}" for i in range(70)])]
+    write_lake(train, tmp_path / "train", cluster_column="user")
+    write_lake(frame, tmp_path / "all", cluster_column="user")
+    fitted = merf_dask("fit", str(tmp_path / "train"), "--formula",
+                       "y ~ x1 + x2 + x3 + (1 | user) + (1 | item)", "--output",
+                       str(tmp_path / "model"), "--n-workers", "2", "--max-iterations", "3")
+    assert fitted.returncode == 0, fitted.stderr
+    shown = merf_dask("show", str(tmp_path / "model"))
+    assert shown.returncode == 0, shown.stderr
+    assert " user " in shown.stdout and " item " in shown.stdout and "Residual" in shown.stdout
+    evaluated = merf_dask("evaluate", str(tmp_path / "all"), "--model", str(tmp_path / "model"))
+    assert evaluated.returncode == 0, evaluated.stderr
+    table = evaluated.stdout.splitlines()[2:]  # below the header and the index name
+    rows = {line.split("  ")[0].strip(): int(line.split()[-3]) for line in table if line.strip()}
+    known_user = frame["user"].isin(train["user"].unique())
+    known_item = frame["item"].isin(train["item"].unique())
+    assert rows == {"all levels known": int((known_user & known_item).sum()),
+                    "some levels known": int((known_user ^ known_item).sum()),
+                    "no level known": int((~known_user & ~known_item).sum()),
+                    "all rows": len(frame)}
