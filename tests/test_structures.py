@@ -54,17 +54,33 @@ def dense_ml(y, X, factors):
             covariances.append(D)
         return covariances, np.exp(theta[position])
 
-    def deviance(theta):
-        covariances, sigma2 = unpack(theta)
+    # with one factor V is block-diagonal by level: the same likelihood, a block at a time
+    blocks = ([np.flatnonzero(factors[0][0] == level) for level in range(factors[0][0].max() + 1)]
+              if len(factors) == 1 else [np.arange(n)])
+
+    def covariance(rows, covariances, sigma2):
+        if len(factors) == 1:
+            Z = factors[0][1][rows]
+            return Z @ covariances[0] @ Z.T + sigma2 * np.eye(len(rows))
         V = sigma2 * np.eye(n)
         for design, (codes, _, _), D in zip(designs, factors, covariances):
             V += design @ np.kron(np.eye(codes.max() + 1), D) @ design.T
-        chol = np.linalg.cholesky(V)
-        Xw, yw = np.linalg.solve(chol, X), np.linalg.solve(chol, y)
-        residual = yw - Xw @ np.linalg.lstsq(Xw, yw, rcond=None)[0]
-        return 2 * np.log(np.diag(chol)).sum() + residual @ residual + n * np.log(2 * np.pi)
+        return V
 
-    best = minimize(deviance, np.zeros(n_params), method="BFGS", options={"gtol": 1e-9})
+    def deviance(theta):
+        covariances, sigma2 = unpack(theta)
+        logdet, Xw, yw = 0.0, [], []
+        for rows in blocks:
+            chol = np.linalg.cholesky(covariance(rows, covariances, sigma2))
+            logdet += 2 * np.log(np.diag(chol)).sum()
+            Xw.append(np.linalg.solve(chol, X[rows]))
+            yw.append(np.linalg.solve(chol, y[rows]))
+        Xw, yw = np.vstack(Xw), np.concatenate(yw)
+        residual = yw - Xw @ np.linalg.lstsq(Xw, yw, rcond=None)[0]
+        return logdet + residual @ residual + n * np.log(2 * np.pi)
+
+    # gtol on the deviance (of order n): far below what moves a component by 1e-4
+    best = minimize(deviance, np.zeros(n_params), method="BFGS", options={"gtol": 1e-6})
     covariances, sigma2 = unpack(best.x)
     return covariances, sigma2, -best.fun / 2
 
@@ -295,3 +311,46 @@ def test_the_cli_fits_a_crossed_lake_and_evaluates_rows_by_the_levels_it_knows(t
                     "some levels known": int((known_user ^ known_item).sum()),
                     "no level known": int((~known_user & ~known_item).sum()),
                     "all rows": len(frame)}
+
+
+def test_categorical_slopes_reach_the_ml_estimates():
+    """`(1 + f | g)` with f a string column: treatment-coded, the first level sorted ("hi") the
+    reference, as lme4 codes it."""
+    rng = np.random.default_rng(3)
+    n, n_groups = 1200, 150
+    frame = pd.DataFrame({"g": rng.integers(0, n_groups, n).astype(str),
+                          "f": rng.choice(["lo", "mid", "hi"], n), "x1": rng.standard_normal(n)})
+    g = codes_of(frame, "g")
+    Z = np.column_stack([np.ones(n), frame["f"] == "lo", frame["f"] == "mid"]).astype(float)
+    b = rng.normal(0, 1, (g.max() + 1, 3)) * [1.0, 0.8, 0.5]
+    frame["y"] = frame["x1"] + np.einsum("nq,nq->n", Z, b[g]) + rng.normal(0, 1, n)
+    model = fit("y ~ x1 + (1 + f | g)", frame)
+    assert list(model.random_effects_["g"].columns) == ["(Intercept)", "flo", "fmid"]
+    X = np.column_stack([np.ones(n), frame["x1"]])
+    reference = dense_ml(frame["y"].to_numpy(), X, [(g, Z, [[0, 1, 2]])])
+    assert_components_close(model, reference)
+
+
+def test_a_saved_crossed_model_predicts_the_same_with_intervals_of_every_term(tmp_path):
+    frame = unbalanced(seed=4)
+    model = MERF(LinearRegression(), formula=UNBALANCED_FORMULA, max_iterations=30).fit(frame)
+    new = frame.assign(a="a-new")  # new levels of a and a:c, known levels of b
+    model.save(tmp_path / "model")
+    loaded = MERF.load(tmp_path / "model")
+    pd.testing.assert_frame_equal(loaded.variance_components_, model.variance_components_)
+    for data in (frame, new):
+        for got, expected in zip(loaded.predict(data, return_std=True),
+                                 model.predict(data, return_std=True)):
+            np.testing.assert_array_equal(got, expected)
+    # a row of new a and a:c levels: f + b_item, with the variance of both new terms' D and
+    # the known item's Var(b | y)
+    prediction, std = model.predict(new, return_std=True)
+    (D_a, D_b, D_ac) = (e.D for e in model.state_.effects)
+    row = new.iloc[0]
+    item = model.random_effects_["b"].index.get_loc(row["b"])
+    f = model.fe_model_.predict(new[["x1", "x2"]].iloc[:1].to_numpy())[0]
+    np.testing.assert_allclose(prediction[0], f + model.random_effects_["b"].iloc[item, 0])
+    z = np.array([1.0, row["t"]])
+    expected_var = (model.sigma2_ + z @ D_a @ z + D_ac[0, 0]
+                    + model.random_effects_cov_["b"][item][0, 0])
+    np.testing.assert_allclose(std[0], np.sqrt(expected_var))

@@ -60,7 +60,8 @@ from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_pr
 from .hashing import cluster_hashes
 
 __all__ = ["PartitionArrays", "EffectsLayout", "layout_of", "nested_in_partition_factor",
-           "m_step_pieces", "LocalStep", "honest_residuals", "e_step_local", "e_step_finish",
+           "m_step_pieces", "LocalStep", "honest_residuals", "e_step_local", "e_step_again",
+           "e_step_finish",
            "EMData", "InMemoryEMData", "align_random_effects",
            "IterationRecord", "EMState", "EMResult", "run_em", "canonical"]
 
@@ -301,11 +302,33 @@ def e_step_local(part: PartitionArrays, plan: MemberPlan, fitted: list, *, layou
     share : CrossedShare or None
     """
     residuals, n_in_sample = honest_residuals(part, plan, fitted, n_jobs=n_jobs)
+    return e_step_again(LocalStep(None, residuals, 0.0, n_in_sample), part, layout=layout,
+                        relative=relative)
+
+
+def e_step_again(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayout, relative: list
+                 ) -> tuple[LocalStep, CrossedShare | None]:
+    """The first pass of an E-step at other variance components, from the residuals of an
+    earlier one (the same f: what EM's acceleration evaluates).
+
+    Parameters
+    ----------
+    step : LocalStep
+        Of :func:`e_step_local` (its residuals are used).
+    part : PartitionArrays
+    layout : EffectsLayout
+    relative : list of ndarray of shape (q_k, q_k)
+
+    Returns
+    -------
+    step : LocalStep
+    share : CrossedShare or None
+    """
     system, share, logdet = solve_local(
         codes=list(part.codes), Z=list(part.Z), n_levels=[len(ids) for ids in part.levels],
-        r=residuals, relative=relative, crossed_position=layout.positions(part),
+        r=step.residuals, relative=relative, crossed_position=layout.positions(part),
         offsets=layout.offsets)
-    return LocalStep(system, residuals, logdet, n_in_sample), share
+    return LocalStep(system, step.residuals, logdet, step.n_in_sample), share
 
 
 def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayout, relative,
@@ -356,7 +379,9 @@ class EMData(Protocol):
 
     One E-step is ``local_step`` (every block's first pass; the crossed factors' summed share
     comes back), the driver's solve for the crossed unknowns, and ``finish_step`` (every
-    block's second pass).
+    block's second pass). ``local_step(again=True)`` evaluates an E-step at other variance
+    components from the honest residuals of the iteration's first one, without predicting f
+    again.
     """
 
     n_rows: int
@@ -366,7 +391,8 @@ class EMData(Protocol):
 
     def fit_fixed_effects(self, plan: MemberPlan, crossed_b: dict) -> None: ...
 
-    def local_step(self, *, relative: list, sigma2: float) -> CrossedShare | None: ...
+    def local_step(self, *, relative: list, sigma2: float, again: bool = False
+                   ) -> CrossedShare | None: ...
 
     def finish_step(self, *, relative: list, sigma2: float, crossed) -> EMSums: ...
 
@@ -425,16 +451,20 @@ class InMemoryEMData:
             joblib.delayed(fit_members)(plan, members, piece) for piece, members in chunks)
         self.plan, self.fitted = plan, [member for chunk in fitted for member in chunk]
 
-    def local_step(self, *, relative, sigma2):
-        self.step, share = e_step_local(self.part, self.plan, self.fitted, layout=self.layout,
-                                        relative=relative, n_jobs=self.n_jobs)
+    def local_step(self, *, relative, sigma2, again=False):
+        if again:
+            self.step, share = e_step_again(self.step, self.part, layout=self.layout,
+                                            relative=relative)
+        else:
+            self.step, share = e_step_local(self.part, self.plan, self.fitted,
+                                            layout=self.layout, relative=relative,
+                                            n_jobs=self.n_jobs)
         return share
 
     def finish_step(self, *, relative, sigma2, crossed):
         self.b, self.b_cov, sums = e_step_finish(self.step, self.part, layout=self.layout,
                                                  relative=relative, sigma2=sigma2,
                                                  crossed=crossed)
-        self.step = None
         return sums
 
     def fixed_effects_model(self):
@@ -540,6 +570,11 @@ def _relative_change(previous: float, current: float) -> float:
 
 #: Significant digits kept of the crossed factors' solved unknowns (see :func:`_e_step`).
 _CROSSED_DIGITS = 10
+#: Halvings of SQUAREM's step before it falls back to two plain EM steps.
+_EXTRAPOLATION_BACKOFFS = 8
+#: EM crawls (and "auto" acceleration starts) when this many successive steps of the variance
+#: components each shrank by less than this ratio.
+_CRAWL_ITERATIONS, _CRAWL_RATIO = 3, 0.9
 
 
 def canonical(value, *, digits: int = 13):
@@ -556,12 +591,13 @@ def canonical(value, *, digits: int = 13):
     return rounded if np.ndim(value) else float(rounded)
 
 
-def _e_step(data: EMData, *, sigma2: float, D: list) -> tuple[EMSums, dict]:
+def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False
+            ) -> tuple[EMSums, dict]:
     """One E-step over ``data``: the blocks' first pass, the crossed unknowns on the driver,
     the blocks' second pass. Returns the sums and the crossed factors' (b, b_cov)."""
     layout = data.layout
     relative = [relative_factor(Dk, sigma2) for Dk in D]
-    share = data.local_step(relative=relative, sigma2=sigma2)
+    share = data.local_step(relative=relative, sigma2=sigma2, again=again)
     if share is None:
         return data.finish_step(relative=relative, sigma2=sigma2, crossed=None), {}
     u, inverse, logdet, quadratic = solve_crossed(share)
@@ -576,6 +612,77 @@ def _e_step(data: EMData, *, sigma2: float, D: list) -> tuple[EMSums, dict]:
     crossed_sums.logdet, crossed_sums.quadratic = logdet, -quadratic
     sums = data.finish_step(relative=relative, sigma2=sigma2, crossed=(u, inverse))
     return sums + crossed_sums, crossed
+
+
+class _CrawlDetector:
+    """Whether EM crawls: the steps of (sigma2, D) shrink geometrically with a ratio near 1."""
+
+    def __init__(self, *, active: bool, enabled: bool):
+        self.active, self.enabled = active, enabled
+        self.previous, self.steps = None, []
+
+    def update(self, theta: list) -> None:
+        flat = np.concatenate([np.ravel(x) for x in theta])
+        if self.previous is not None:
+            self.steps.append(float(np.linalg.norm(flat - self.previous)))
+        self.previous = flat
+        recent = self.steps[-_CRAWL_ITERATIONS - 1:]
+        if self.enabled and not self.active and len(recent) == _CRAWL_ITERATIONS + 1:
+            ratios = [b / a for a, b in zip(recent[:-1], recent[1:]) if a > 0]
+            if len(ratios) == _CRAWL_ITERATIONS and all(
+                    _CRAWL_RATIO < ratio < 1 for ratio in ratios):
+                logger.info("EM crawls (steps shrink by %.3f per iteration): accelerating",
+                            ratios[-1])
+                self.active = True
+
+
+def _extrapolated(theta0: list, theta1: list, theta2: list) -> list | None:
+    """SQUAREM's extrapolation (Varadhan & Roland 2008, scheme S3) of two EM steps
+    theta0 -> theta1 -> theta2 of (sigma2, D_1, ...), backed off until sigma2 > 0 and every D_k
+    is positive semi-definite; None when even the smallest step leaves them."""
+    flat = [np.concatenate([np.ravel(x) for x in theta]) for theta in (theta0, theta1, theta2)]
+    r, v = flat[1] - flat[0], flat[2] - 2 * flat[1] + flat[0]
+    if not np.linalg.norm(v) > 0:
+        return None
+    alpha = min(-1.0, -np.linalg.norm(r) / np.linalg.norm(v))
+    for _ in range(_EXTRAPOLATION_BACKOFFS):
+        candidate = flat[0] - 2 * alpha * r + alpha ** 2 * v
+        theta, position = [], 0
+        for x in theta0:
+            size = np.size(x)
+            theta.append(candidate[position:position + size].reshape(np.shape(x)))
+            position += size
+        sigma2, *D = theta
+        if float(sigma2) > 0 and all(np.linalg.eigvalsh(0.5 * (Dk + Dk.T))[0] >= 0 for Dk in D):
+            return [float(sigma2), *[0.5 * (Dk + Dk.T) for Dk in D]]
+        alpha = 0.5 * (alpha - 1.0)  # halfway to alpha = -1, which is theta2 itself
+    return None
+
+
+def _accelerated_step(data: EMData, factors, *, sigma2: float, D: list, sums: EMSums,
+                      crossed: dict) -> tuple[EMSums, dict, float]:
+    """The E-step sums (and crossed effects) that the M-step turns into the next iterate, after
+    a SQUAREM step on the variance components from the same residuals.
+
+    Two EM steps theta0 -> theta1 -> theta2 and their extrapolation theta' cost two more
+    E-steps from the iteration's honest residuals (no prediction of f). theta' is kept when its
+    log-likelihood is at least theta1's (then the M-step of its E-step, which EM cannot make
+    worse, is the next iterate); otherwise theta2, two plain EM steps. Returns the sums, the
+    crossed effects and the log-likelihood at the parameters of the E-step they come from.
+    """
+    sigma2_1, D_1, _, log_likelihood_0 = update_variance_components(sums, factors, sigma2=sigma2)
+    sums_1, crossed_1 = _e_step(data, sigma2=sigma2_1, D=D_1, again=True)
+    sigma2_2, D_2, _, log_likelihood_1 = update_variance_components(sums_1, factors,
+                                                                    sigma2=sigma2_1)
+    theta = _extrapolated([sigma2, *D], [sigma2_1, *D_1], [sigma2_2, *D_2])
+    if theta is not None:
+        sums_x, crossed_x = _e_step(data, sigma2=theta[0], D=theta[1:], again=True)
+        log_likelihood_x = update_variance_components(sums_x, factors, sigma2=theta[0])[3]
+        if log_likelihood_x >= log_likelihood_1:
+            return sums_x, crossed_x, theta[0]
+        # the blocks hold the last E-step's b: the one at theta1 again
+        sums_1, crossed_1 = _e_step(data, sigma2=sigma2_1, D=D_1, again=True)
+    return sums_1, crossed_1, sigma2_1
 
 
 def _all_effects(data: EMData, crossed: dict, D: list) -> list[FactorEffects]:
@@ -593,7 +700,8 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
            validation_mse: Callable[[BaseEstimator, list], float] | None = None,
            on_iteration: Callable[[IterationRecord], None] | None = None,
            start: EMState | None = None,
-           on_state: Callable[[EMState], None] | None = None) -> EMResult:
+           on_state: Callable[[EMState], None] | None = None,
+           accelerate: bool | str = False) -> EMResult:
     """Run MERF's EM from b = 0, sigma2 = 1, D_k = I (the paper's initial values), or from a
     checkpointed state.
 
@@ -615,6 +723,12 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
     on_state : callable, optional
         Called with the :class:`EMState` after every iteration that does not end the loop (a
         resumed run repeats at most the iteration in flight, and reaches the same model).
+    accelerate : bool or "auto", default=False
+        Take a SQUAREM step on the variance components in every iteration
+        (:func:`_accelerated_step`): two more E-steps from the same residuals, and far fewer
+        iterations where EM crawls (components near zero, nested designs). "auto" starts once
+        EM crawls: its last :data:`_CRAWL_ITERATIONS` steps of (sigma2, D) each shrank by less
+        than :data:`_CRAWL_RATIO` of the one before.
 
     Returns
     -------
@@ -638,14 +752,19 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
                          f"max_iterations is {max_iterations}")
     previous_gll = history[-1].gll if history else np.nan
     converged = False
+    crawl = _CrawlDetector(active=accelerate is True, enabled=accelerate is not False)
     for iteration in range(first, max_iterations + 1):
         started = time.perf_counter()
         data.fit_fixed_effects(plan, {k: b for k, (b, _) in crossed.items()})
         m_step_done = time.perf_counter()
         sums, crossed = _e_step(data, sigma2=sigma2, D=D)
+        if crawl.active:
+            sums, crossed, sigma2 = _accelerated_step(data, layout.factors, sigma2=sigma2, D=D,
+                                                      sums=sums, crossed=crossed)
         new_sigma2, D, gll, log_likelihood = update_variance_components(
             sums, layout.factors, sigma2=sigma2)
         sigma2, D, gll = canonical(new_sigma2), [canonical(Dk) for Dk in D], canonical(gll)
+        crawl.update([sigma2, *D])
         # residuals of exactly zero (or a zero or NaN variance): nothing is left to decompose
         if not (sums.residual_ss > 0 and sigma2 > 0):
             raise ValueError(

@@ -635,6 +635,7 @@ def factor_moments(u: np.ndarray, m_inverse: np.ndarray, relative: np.ndarray, s
     """
     b = u @ relative.T
     b_cov = sigma2 * np.einsum("ij,kjl,ml->kim", relative, m_inverse, relative)
+    b_cov = 0.5 * (b_cov + np.swapaxes(b_cov, 1, 2))  # exactly symmetric, as it is stored
     correction = sigma2 * (u.size - float(np.einsum("kii->", m_inverse)))
     return b, b_cov, correction
 

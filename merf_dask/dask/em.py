@@ -46,8 +46,9 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from ..core.em import (EffectsLayout, PartitionArrays, align_random_effects, e_step_finish,
-                       e_step_local, layout_of, m_step_pieces, nested_in_partition_factor)
+from ..core.em import (EffectsLayout, PartitionArrays, align_random_effects, e_step_again,
+                       e_step_finish, e_step_local, layout_of, m_step_pieces,
+                       nested_in_partition_factor)
 from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, assemble_model, fit_members
 
@@ -93,19 +94,24 @@ def _m_step_pieces(part: PartitionArrays, local_b: list, crossed_b: dict, layout
     return m_step_pieces(part, layout.effects_at(part, local_b, crossed_b), plan)
 
 
-def _e_step_local(part: PartitionArrays, plan, layout, relative, *chunks):
+def _e_step_local(part: PartitionArrays, chunks, *, plan, layout, relative):
     fitted = [member for chunk in chunks for member in chunk]
     return e_step_local(part, plan, fitted, layout=layout, relative=relative)
 
 
-def _e_step_finish(step_and_share, part: PartitionArrays, layout, relative, sigma2, crossed):
+def _e_step_again(part: PartitionArrays, step_and_share, *, layout, relative):
+    return e_step_again(step_and_share[0], part, layout=layout, relative=relative)
+
+
+def _e_step_finish(part: PartitionArrays, step_and_share, *, layout, relative, sigma2, crossed):
     return e_step_finish(step_and_share[0], part, layout=layout, relative=relative,
                          sigma2=sigma2, crossed=crossed)
 
 
-def _e_step_whole(part: PartitionArrays, plan, layout, relative, sigma2, *chunks):
-    """Both passes in one task when no factor is crossed (nothing waits between them)."""
-    step, _ = _e_step_local(part, plan, layout, relative, *chunks)
+def _e_step_whole(part: PartitionArrays, chunks, *, plan, layout, relative, sigma2):
+    """Both passes in one task when nothing waits between them (no crossed factor, no
+    acceleration)."""
+    step, _ = _e_step_local(part, chunks, plan=plan, layout=layout, relative=relative)
     return e_step_finish(step, part, layout=layout, relative=relative, sigma2=sigma2)
 
 
@@ -154,6 +160,9 @@ class DaskEMData:
     cache : bool or None, default=None
         Keep every partition's arrays in worker memory between passes; None decides with
         :func:`fits_in_memory`.
+    keep_residuals : bool, default=False
+        Keep every partition's honest residuals on its worker through an iteration (8 bytes a
+        row), as accelerated EM needs; with crossed factors they are kept anyway.
 
     Attributes
     ----------
@@ -163,8 +172,9 @@ class DaskEMData:
     """
 
     def __init__(self, *, client, partitions, x_columns, z_columns, factors, factor_columns,
-                 y_column, cache=None):
+                 y_column, cache=None, keep_residuals=False):
         self.client = client
+        self.keep_residuals = keep_residuals
         self.partitions = list(partitions)  # scattered or persisted sources stay alive
         columns = dict(x_columns=list(x_columns), z_columns=[list(c) for c in z_columns],
                        factor_columns=list(factor_columns), y_column=y_column)
@@ -193,6 +203,7 @@ class DaskEMData:
         self.b_cov = []  # futures of every partition's Var(b | y) after an E-step
         self.crossed_b = {}
         self.plan = self.chunks = self.chunk_members = self.results = None
+        self.finished = False
 
     def _n_threads(self) -> int:
         return sum(self.client.nthreads().values())
@@ -245,14 +256,30 @@ class DaskEMData:
         return [chunk for chunk, members in zip(self.chunks, self.chunk_members)
                 if np.isin(members, serving).any()]
 
-    def local_step(self, *, relative, sigma2):
+    def _each_partition(self, task, *per_partition, **shared) -> list:
+        """Futures of ``task(source, *per_partition[i], **shared)`` for every partition, the
+        sources kept in worker memory or streamed alike."""
+        return self.client.compute([
+            dask.delayed(task, pure=False)(source, *args, **shared)
+            for source, *args in zip(self.sources, *per_partition)])
+
+    def local_step(self, *, relative, sigma2, again=False):
         client = self.client
         crossed = any(table is not None for table in self.layout.crossed_levels)
-        task, extra = (_e_step_local, ()) if crossed else (_e_step_whole, (sigma2,))
-        self.results = client.compute([
-            dask.delayed(task, pure=False)(source, self.plan, self.layout, relative, *extra,
-                                           *self._serving_chunks(residues))
-            for source, residues in zip(self.sources, self._residues(self.plan))])
+        chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
+        if again:  # the residuals stay on the workers, in the first pass's results
+            self.results = self._each_partition(_e_step_again, self.results, layout=self.layout,
+                                                relative=relative)
+        elif crossed or self.keep_residuals:
+            self.results = self._each_partition(_e_step_local, chunks, plan=self.plan,
+                                                layout=self.layout, relative=relative)
+        else:  # both passes in one task: nothing is kept between them
+            self.results = self._each_partition(_e_step_whole, chunks, plan=self.plan,
+                                                layout=self.layout, relative=relative,
+                                                sigma2=sigma2)
+            self.finished = True
+            return None
+        self.finished = False
         if not crossed:
             return None
         shares = [client.submit(operator.itemgetter(1), r) for r in self.results]
@@ -261,16 +288,15 @@ class DaskEMData:
     def finish_step(self, *, relative, sigma2, crossed):
         client = self.client
         results = self.results
-        if crossed is not None:
-            crossed = client.scatter(crossed, broadcast=True)
-            results = [client.submit(_e_step_finish, step, source, self.layout, relative,
-                                     sigma2, crossed, pure=False)
-                       for step, source in zip(results, self.sources)]
+        if not self.finished:
+            if crossed is not None:
+                crossed = client.scatter(crossed, broadcast=True)
+            results = self._each_partition(_e_step_finish, results, layout=self.layout,
+                                           relative=relative, sigma2=sigma2, crossed=crossed)
         sums = _tree_reduce(client, [client.submit(operator.itemgetter(2), r) for r in results],
                             combine_sums)
         self.b = client.gather([client.submit(operator.itemgetter(0), r) for r in results])
         self.b_cov = [client.submit(operator.itemgetter(1), r) for r in results]
-        self.results = None
         return sums.result()
 
     def fixed_effects_model(self):
