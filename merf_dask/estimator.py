@@ -122,7 +122,7 @@ class MERF(RegressorMixin, BaseEstimator):
         f), and many fewer iterations where EM crawls (components near zero, nested designs;
         lme4's Pastes: 20 iterations instead of 307). "auto" starts once EM crawls (its steps of
         sigma2 and D shrink by less than 10% per iteration three times in a row); False never.
-        Accelerated fits on Dask keep each partition's residuals on its worker during an
+        Accelerated iterations on Dask keep each partition's residuals on its worker during the
         iteration (8 bytes a row).
     random_state : int, RandomState instance or None, default=None
         Seeds every member; the same seed gives the same model whatever the number of workers
@@ -265,8 +265,8 @@ class MERF(RegressorMixin, BaseEstimator):
             logger.info("the model has no features: f is a constant, the mean of y - Z b")
             learner, honest = DummyRegressor(), False
         if data["distributed"] or self.client is not None:
-            em_data, n_partitions = self._distributed_em_data(
-                data, self.client or _active_client(), keep_residuals=self.accelerate is not False)
+            em_data, n_partitions = self._distributed_em_data(data, self.client or
+                                                              _active_client())
         else:
             em_data = InMemoryEMData(X=data["X"], y=data["y"], Z=data["Z"], codes=data["codes"],
                                      levels=data["levels"], factors=data["factors"],
@@ -409,7 +409,7 @@ class MERF(RegressorMixin, BaseEstimator):
             return float(np.mean((y_val - prediction) ** 2))
         return validation_mse
 
-    def _distributed_em_data(self, data, client, *, keep_residuals=False):
+    def _distributed_em_data(self, data, client):
         from .dask.em import DaskEMData
         from .dask.partitioning import ensure_cluster_partitions
         if client is None:
@@ -434,7 +434,7 @@ class MERF(RegressorMixin, BaseEstimator):
         em_data = DaskEMData(client=client, partitions=partitions, x_columns=x_columns,
                              z_columns=z_columns, factors=data["factors"],
                              factor_columns=[_factor_column(k) for k in range(len(z_columns))],
-                             y_column=_RESPONSE, keep_residuals=keep_residuals)
+                             y_column=_RESPONSE)
         return em_data, len(partitions)
 
     def _set_state(self, state: ModelState) -> "MERF":

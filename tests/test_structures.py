@@ -200,11 +200,12 @@ def test_uncorrelated_slopes_reach_the_ml_estimates_with_a_diagonal_D():
 
 def test_a_fit_on_a_local_cluster_reaches_the_same_estimates(dask_client):
     """Partitions that follow neither factor: the fit shuffles by the first factor; the crossed
-    factor's sums are reduced across partitions. The same iterations as in-process (the
-    in-process fit reaches the ML estimates above; 25 iterations keep the test short)."""
+    factor's sums are reduced across partitions; accelerated E-steps reuse the residuals kept on
+    the workers. The same iterations as in-process (the in-process fit reaches the ML estimates
+    above; 25 iterations keep the test short)."""
     import dask.dataframe as dd
     frame = unbalanced(seed=1)
-    iterations = dict(max_iterations=25, tol=0)
+    iterations = dict(max_iterations=25, tol=0, accelerate=True)  # every E-step path
     in_process = MERF(LinearRegression(), formula=UNBALANCED_FORMULA, **iterations).fit(frame)
     shuffled = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
     with pytest.warns(UserWarning, match="not partitioned by cluster"):

@@ -380,8 +380,8 @@ class EMData(Protocol):
     One E-step is ``local_step`` (every block's first pass; the crossed factors' summed share
     comes back), the driver's solve for the crossed unknowns, and ``finish_step`` (every
     block's second pass). ``local_step(again=True)`` evaluates an E-step at other variance
-    components from the honest residuals of the iteration's first one, without predicting f
-    again.
+    components from the honest residuals of the iteration's first one (which ``keep=True``
+    asks to keep), without predicting f again.
     """
 
     n_rows: int
@@ -391,8 +391,8 @@ class EMData(Protocol):
 
     def fit_fixed_effects(self, plan: MemberPlan, crossed_b: dict) -> None: ...
 
-    def local_step(self, *, relative: list, sigma2: float, again: bool = False
-                   ) -> CrossedShare | None: ...
+    def local_step(self, *, relative: list, sigma2: float, again: bool = False,
+                   keep: bool = False) -> CrossedShare | None: ...
 
     def finish_step(self, *, relative: list, sigma2: float, crossed) -> EMSums: ...
 
@@ -451,7 +451,7 @@ class InMemoryEMData:
             joblib.delayed(fit_members)(plan, members, piece) for piece, members in chunks)
         self.plan, self.fitted = plan, [member for chunk in fitted for member in chunk]
 
-    def local_step(self, *, relative, sigma2, again=False):
+    def local_step(self, *, relative, sigma2, again=False, keep=False):
         if again:
             self.step, share = e_step_again(self.step, self.part, layout=self.layout,
                                             relative=relative)
@@ -591,13 +591,13 @@ def canonical(value, *, digits: int = 13):
     return rounded if np.ndim(value) else float(rounded)
 
 
-def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False
+def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False, keep: bool = False
             ) -> tuple[EMSums, dict]:
     """One E-step over ``data``: the blocks' first pass, the crossed unknowns on the driver,
     the blocks' second pass. Returns the sums and the crossed factors' (b, b_cov)."""
     layout = data.layout
     relative = [relative_factor(Dk, sigma2) for Dk in D]
-    share = data.local_step(relative=relative, sigma2=sigma2, again=again)
+    share = data.local_step(relative=relative, sigma2=sigma2, again=again, keep=keep)
     if share is None:
         return data.finish_step(relative=relative, sigma2=sigma2, crossed=None), {}
     u, inverse, logdet, quadratic = solve_crossed(share)
@@ -725,10 +725,10 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
         resumed run repeats at most the iteration in flight, and reaches the same model).
     accelerate : bool or "auto", default=False
         Take a SQUAREM step on the variance components in every iteration
-        (:func:`_accelerated_step`): two more E-steps from the same residuals, and far fewer
-        iterations where EM crawls (components near zero, nested designs). "auto" starts once
-        EM crawls: its last :data:`_CRAWL_ITERATIONS` steps of (sigma2, D) each shrank by less
-        than :data:`_CRAWL_RATIO` of the one before.
+        (:func:`_accelerated_step`): two more E-steps from the same residuals (kept in the
+        blocks during the iteration), and far fewer iterations where EM crawls (components near
+        zero, nested designs). "auto" starts once EM crawls: its last :data:`_CRAWL_ITERATIONS`
+        steps of (sigma2, D) each shrank by less than :data:`_CRAWL_RATIO` of the one before.
 
     Returns
     -------
@@ -757,7 +757,7 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
         started = time.perf_counter()
         data.fit_fixed_effects(plan, {k: b for k, (b, _) in crossed.items()})
         m_step_done = time.perf_counter()
-        sums, crossed = _e_step(data, sigma2=sigma2, D=D)
+        sums, crossed = _e_step(data, sigma2=sigma2, D=D, keep=crawl.active)
         if crawl.active:
             sums, crossed, sigma2 = _accelerated_step(data, layout.factors, sigma2=sigma2, D=D,
                                                       sums=sums, crossed=crossed)

@@ -160,9 +160,6 @@ class DaskEMData:
     cache : bool or None, default=None
         Keep every partition's arrays in worker memory between passes; None decides with
         :func:`fits_in_memory`.
-    keep_residuals : bool, default=False
-        Keep every partition's honest residuals on its worker through an iteration (8 bytes a
-        row), as accelerated EM needs; with crossed factors they are kept anyway.
 
     Attributes
     ----------
@@ -172,9 +169,8 @@ class DaskEMData:
     """
 
     def __init__(self, *, client, partitions, x_columns, z_columns, factors, factor_columns,
-                 y_column, cache=None, keep_residuals=False):
+                 y_column, cache=None):
         self.client = client
-        self.keep_residuals = keep_residuals
         self.partitions = list(partitions)  # scattered or persisted sources stay alive
         columns = dict(x_columns=list(x_columns), z_columns=[list(c) for c in z_columns],
                        factor_columns=list(factor_columns), y_column=y_column)
@@ -263,14 +259,14 @@ class DaskEMData:
             dask.delayed(task, pure=False)(source, *args, **shared)
             for source, *args in zip(self.sources, *per_partition)])
 
-    def local_step(self, *, relative, sigma2, again=False):
+    def local_step(self, *, relative, sigma2, again=False, keep=False):
         client = self.client
         crossed = any(table is not None for table in self.layout.crossed_levels)
         chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
         if again:  # the residuals stay on the workers, in the first pass's results
             self.results = self._each_partition(_e_step_again, self.results, layout=self.layout,
                                                 relative=relative)
-        elif crossed or self.keep_residuals:
+        elif crossed or keep:
             self.results = self._each_partition(_e_step_local, chunks, plan=self.plan,
                                                 layout=self.layout, relative=relative)
         else:  # both passes in one task: nothing is kept between them
