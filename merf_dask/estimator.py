@@ -86,9 +86,12 @@ class MERF(RegressorMixin, BaseEstimator):
         scikit-learn regressors included). None gives a random forest of 100 trees
         (:func:`merf_dask.learners.default_learner`). It is cloned, never modified or shared.
     formula : str, default=None
-        lme4 formula such as ``"y ~ x1 + x2 + (1 + t | g)"``; then ``fit(data)`` and
+        lme4 formula such as ``"y ~ x1 * x2 + (1 + t | g) + (1 | h)"`` (several terms, nested
+        ``a/b`` and crossed factors, ``||``, lme4's fixed-part syntax); then ``fit(data)`` and
         ``predict(data)`` take one DataFrame, and the fit sets ``formula_spec_`` (the parsed
-        formula) and ``encoder_`` (its features' encoder). See :mod:`merf_dask.formula`.
+        formula) and ``design_`` (its fitted design: encodings and stateful transforms). The
+        first term's grouping factor is the one the data are partitioned by. See
+        :mod:`merf_dask.formula` and docs/structures.md.
     max_iterations : int, default=20
         Maximum number of EM iterations.
     tol : float, default=1e-3
@@ -140,16 +143,24 @@ class MERF(RegressorMixin, BaseEstimator):
     ----------
     fe_model_ : estimator
         The fitted fixed-effects learner.
-    b_ : DataFrame of shape (n_clusters, q)
-        Random effects (BLUPs) indexed by cluster id, one column per Z column.
-    b_cov_ : ndarray of shape (n_clusters, q, q)
-        Conditional covariances Var(b_i | y_i), rows in the order of ``b_``.
-    D_ : ndarray of shape (q, q)
-        Covariance of the random effects.
+    random_effects_ : dict of str to DataFrame
+        Per grouping factor (named as lme4 prints it: ``"g"``, ``"a:b"``), its random effects
+        (BLUPs): a DataFrame indexed by level, one column per Z column (lme4's ``ranef``).
+    random_effects_cov_ : dict of str to ndarray of shape (n_levels, q, q)
+        Per grouping factor, the conditional covariances Var(b | y), rows in the order of
+        ``random_effects_`` (``ranef(condVar = TRUE)``).
+    variance_components_ : DataFrame
+        Every variance and covariance in the layout of lme4's ``as.data.frame(VarCorr(m))``:
+        columns ``grp``, ``var1``, ``var2``, ``vcov``, ``sdcor``; the ``Residual`` row last.
+    b_, b_cov_, D_, z_names_
+        With one grouping factor (merf 1.0's names): ``b_`` its random effects indexed by
+        cluster, ``b_cov_`` their conditional covariances, ``D_`` (q, q) their covariance,
+        ``z_names_`` the Z columns' names; absent with several factors.
     sigma2_ : float
         Residual variance.
     gll_history_, sigma2_history_ : list of float
     D_history_ : list of ndarray of shape (q, q)
+        D per iteration (with several grouping factors, the list of every factor's D).
     val_loss_history_ : list of float
         Validation MSE per iteration (empty without validation data).
     history_ : list of IterationRecord
@@ -173,8 +184,6 @@ class MERF(RegressorMixin, BaseEstimator):
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Names of the features (formula columns, or X's DataFrame columns).
-    z_names_ : list of str
-        Names of the random-effect columns.
 
     Examples
     --------
@@ -457,7 +466,8 @@ class MERF(RegressorMixin, BaseEstimator):
         self.history_ = state.history
         self.gll_history_ = [r.gll for r in state.history]
         self.sigma2_history_ = [r.sigma2 for r in state.history]
-        self.D_history_ = [r.D for r in state.history]
+        # merf 1.0's D per iteration with one factor; the list of every factor's D with several
+        self.D_history_ = [r.D[0] if len(r.D) == 1 else list(r.D) for r in state.history]
         self.val_loss_history_ = [r.val_mse for r in state.history if r.val_mse is not None]
         self.n_iter_ = len(state.history)
         self.n_rows_ = state.n_rows
@@ -499,7 +509,7 @@ class MERF(RegressorMixin, BaseEstimator):
     # -------------------------------------------------------------- predict
 
     def predict(self, X, Z=None, clusters=None, *, return_std=False):
-        """Predict f(X) + Z b_i for known clusters and f(X) for new ones.
+        """Predict f(X) + sum_k Z_k b_k, with b = 0 for levels not seen in fit.
 
         Parameters
         ----------
@@ -508,10 +518,10 @@ class MERF(RegressorMixin, BaseEstimator):
         Z : array-like of shape (n_samples, q)
         clusters : array-like of shape (n_samples,)
         return_std : bool, default=False
-            Also return the standard deviation of a new observation at each row:
-            sqrt(sigma2 + z' Var(b_i | y_i) z) for a known cluster and sqrt(sigma2 + z' D z) for a
-            new one. sigma2 comes from out-of-bag residuals, so it includes the forest's own
-            error.
+            Also return the standard deviation of a new observation at each row: the square
+            root of sigma2 plus, for every factor, z' Var(b | y) z at a known level and z' D z
+            at a new one (the factors' conditional covariances are taken as independent).
+            sigma2 comes from out-of-bag residuals, so it includes the forest's own error.
 
         Returns
         -------

@@ -222,6 +222,18 @@ def _pair_sums(codes_i, Zi, codes_j, Zj, n_j):
     return pairs // n_j, pairs % n_j, values
 
 
+def _grams(factors, codes, Zt, n_levels):
+    """Zt_i'Zt_j for every pair i <= j of ``factors`` at the level pairs that share a row:
+    yields ``(i, j, levels_i, levels_j, values)`` (values of shape (n_pairs, q_i, q_j))."""
+    for position, i in enumerate(factors):
+        for j in factors[position:]:
+            if i == j:
+                levels = np.arange(n_levels[i])
+                yield i, j, levels, levels, _level_gram(codes[i], Zt[i], n_levels[i])
+            else:
+                yield i, j, *_pair_sums(codes[i], Zt[i], codes[j], Zt[j], n_levels[j])
+
+
 def _level_gram(codes, Zt, n_levels):
     """Zt_l'Zt_l for every level: (n_levels, q, q), by q(q+1)/2 bincounts."""
     q = Zt.shape[1]
@@ -393,15 +405,8 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets
                                      local)
 
     # A = Zt_L'Zt_L + I, block by block
-    for k_index, i in enumerate(local):
-        for j in local[k_index:]:
-            if i == j:
-                levels_i = levels_j = np.arange(n_levels[i])
-                values = _level_gram(codes[i], Zt[i], n_levels[i])
-            else:
-                levels_i, levels_j, values = _pair_sums(codes[i], Zt[i], codes[j], Zt[j],
-                                                        n_levels[j])
-            _scatter(blocks, unknowns[i][levels_i], unknowns[j][levels_j], values)
+    for i, j, levels_i, levels_j, values in _grams(local, codes, Zt, n_levels):
+        _scatter(blocks, unknowns[i][levels_i], unknowns[j][levels_j], values)
     logdet = 0.0
     for s, dense in blocks.dense.items():
         dense += np.eye(s)
@@ -432,18 +437,11 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets
     B = sp.csr_matrix((np.concatenate(b_values), (np.concatenate(b_rows),
                                                   np.concatenate(b_cols))), shape=(n_local, P))
     e_rows, e_cols, e_values = [], [], []
-    for k_index, i in enumerate(crossed):
-        for j in crossed[k_index:]:
-            if i == j:
-                levels_i = levels_j = np.arange(n_levels[i])
-                values = _level_gram(codes[i], Zt[i], n_levels[i])
-            else:
-                levels_i, levels_j, values = _pair_sums(codes[i], Zt[i], codes[j], Zt[j],
-                                                        n_levels[j])
-            rows, cols = _pair_index(crossed_unknowns[i][levels_i], crossed_unknowns[j][levels_j])
-            e_rows.append(rows), e_cols.append(cols), e_values.append(values.ravel())
-            if i != j:
-                e_rows.append(cols), e_cols.append(rows), e_values.append(values.ravel())
+    for i, j, levels_i, levels_j, values in _grams(crossed, codes, Zt, n_levels):
+        rows, cols = _pair_index(crossed_unknowns[i][levels_i], crossed_unknowns[j][levels_j])
+        e_rows.append(rows), e_cols.append(cols), e_values.append(values.ravel())
+        if i != j:
+            e_rows.append(cols), e_cols.append(rows), e_values.append(values.ravel())
     E = sp.csr_matrix((np.concatenate(e_values), (np.concatenate(e_rows),
                                                   np.concatenate(e_cols))), shape=(P, P))
     crossed_rhs = np.zeros(P)
