@@ -117,7 +117,7 @@ def fit_record(rows: int, metered: dict, model: Path, learner: str = DEFAULT_LEA
                       em_seconds=float(np.sum(per_iteration)),
                       outside_em_seconds=metered["wall_seconds"] - float(np.sum(per_iteration)),
                       model_size_bytes=manifest["model_size_bytes"],
-                      sigma2=history[-1]["sigma2"], var_b=history[-1]["D"][0][0])
+                      sigma2=history[-1]["sigma2"], var_b=history[-1]["D"][0][0][0])
     return record
 
 
