@@ -248,9 +248,11 @@ def test_offset_is_zero_for_unknown_levels():
 def test_variance_components_have_lmes_layout():
     from merf_dask.core.random_effects import FactorEffects
     slope = FactorEffects(RandomFactor("g", ("(Intercept)", "t")), pd.Index([1]),
-                          np.zeros((1, 2)), np.zeros((1, 2, 2)), np.array([[4.0, 1.0], [1.0, 1.0]]))
+                          np.zeros((1, 2)), np.zeros((1, 2, 2)),
+                          np.array([[4.0, 1.0], [1.0, 1.0]]))
     split = FactorEffects(RandomFactor("h", ("(Intercept)", "u"), blocks=((0,), (1,))),
-                          pd.Index([1]), np.zeros((1, 2)), np.zeros((1, 2, 2)), np.diag([9.0, 0.25]))
+                          pd.Index([1]), np.zeros((1, 2)), np.zeros((1, 2, 2)),
+                          np.diag([9.0, 0.25]))
     table = variance_components([slope, split], 2.0)
     assert list(table.columns) == ["grp", "var1", "var2", "vcov", "sdcor"]
     assert table["grp"].tolist() == ["g", "g", "g", "h", "h.1", "Residual"]

@@ -805,5 +805,8 @@ def random_effects_offset(Z, b, codes) -> np.ndarray:
     offset = np.zeros(len(codes[0]) if codes else 0)
     for Zk, bk, ck in zip(Z, b, codes):
         known = ck >= 0
-        offset[known] += np.einsum("nq,nq->n", Zk[known], bk[ck[known]])
+        if known.all():  # every training row: no masked copies
+            offset += np.einsum("nq,nq->n", Zk, bk[ck]) if Zk.shape[1] > 1 else Zk[:, 0] * bk[ck, 0]
+        else:
+            offset[known] += np.einsum("nq,nq->n", Zk[known], bk[ck[known]])
     return offset

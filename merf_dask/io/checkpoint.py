@@ -2,9 +2,10 @@
 
 A checkpoint is one Parquet file: for every grouping factor k, a column ``level<k>`` of its levels
 and columns ``b<k>[j]`` of their b (the factors' columns padded with nulls to the longest), and in
-the file's metadata each factor's number of levels, the iteration, sigma2, every D, the history, the fit's seed and a key naming the fit it belongs to (its
-parameters and data size). It is written to a temporary name and renamed, so a reader sees the previous
-checkpoint or the new one, never half of one; on object stores the upload itself is atomic.
+the file's metadata each factor's number of levels, the iteration, sigma2, every D, the history,
+the fit's seed and a key naming the fit it belongs to (its parameters and data size). It is
+written to a temporary name and renamed, so a reader sees the previous checkpoint or the new one,
+never half of one; on object stores the upload itself is atomic.
 
 Functions
 ---------
