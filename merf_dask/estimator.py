@@ -152,10 +152,11 @@ class MERF(RegressorMixin, BaseEstimator):
     variance_components_ : DataFrame
         Every variance and covariance in the layout of lme4's ``as.data.frame(VarCorr(m))``:
         columns ``grp``, ``var1``, ``var2``, ``vcov``, ``sdcor``; the ``Residual`` row last.
-    b_, b_cov_, D_, z_names_
+    b_, b_cov_, D_, z_names_ : DataFrame, ndarray, ndarray and list of str
         With one grouping factor (merf 1.0's names): ``b_`` its random effects indexed by
-        cluster, ``b_cov_`` their conditional covariances, ``D_`` (q, q) their covariance,
-        ``z_names_`` the Z columns' names; absent with several factors.
+        cluster (n_clusters, q), ``b_cov_`` their conditional covariances (n_clusters, q, q),
+        ``D_`` (q, q) their covariance, ``z_names_`` the Z columns' names; absent with several
+        factors.
     sigma2_ : float
         Residual variance.
     gll_history_, sigma2_history_ : list of float
