@@ -182,6 +182,8 @@ def test_crossed_nested_and_slopes_together_reach_the_ml_estimates():
     np.testing.assert_allclose(model.history_[-1].log_likelihood, reference[2], rtol=1e-6)
     components = model.variance_components_
     assert components["grp"].tolist() == ["a", "a", "a", "b", "a:c", "Residual"]
+    assert not hasattr(model, "b_") and not hasattr(model, "D_")  # merf 1.0's: one factor only
+    assert model.random_effects_cov_["a"].shape == (frame["a"].nunique(), 2, 2)
     assert components.iloc[2][["var1", "var2"]].tolist() == ["(Intercept)", "t"]
 
 
