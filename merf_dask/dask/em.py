@@ -205,6 +205,7 @@ class DaskEMData:
         return sum(self.client.nthreads().values())
 
     def fit_fixed_effects(self, plan, crossed_b):
+        self.results = None  # the last E-step's residuals are not needed any more: let them go
         self.crossed_b = crossed_b
         chunks, chunk_members = self._submit_fits(plan, crossed_b)
         # the E-step tasks need most members, so waiting here costs little and makes the
