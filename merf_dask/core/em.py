@@ -438,11 +438,9 @@ class InMemoryEMData:
         self.b = [None if table is not None else np.zeros((len(ids), f.q))
                   for f, ids, table in zip(factors, self.part.levels, self.layout.crossed_levels)]
         self.b_cov = list(self.b)
-        self.crossed_b = {}
         self.plan = self.fitted = self.step = None
 
     def fit_fixed_effects(self, plan, crossed_b):
-        self.crossed_b = crossed_b
         pieces = m_step_pieces(self.part, self.layout.effects_at(self.part, self.b, crossed_b),
                                plan)
         n_threads = joblib.effective_n_jobs(self.n_jobs)

@@ -1,29 +1,34 @@
-"""MERF's EM over cluster-whole partitions on Dask workers, never all held at once.
+"""MERF's EM over partitions on Dask workers, never all held at once.
 
-Each partition becomes a :class:`merf_dask.core.em.PartitionArrays` (numpy arrays in key order) on a
-worker. When those arrays take at most ``CACHE_SHARE`` of the workers' memory limits together,
-they are made once and kept in worker memory; otherwise every pass makes them again from the
-partition's source (a lake's Parquet file, or a scattered pandas frame) inside the task that
-uses them, so a fit needs worker memory for a few partitions and the model, not for the data: a
-lake larger than the cluster's memory fits. Both give the same model. What stays between passes
-on the driver is small: the b_i of every partition's clusters (q floats per cluster) and the
-plan of the M-step. Every task is a pure function of its inputs, so a lost worker's tasks (and
-kept arrays) are recomputed elsewhere with the same result, and the driver can checkpoint the
-loop after any iteration.
+The partitions hold whole levels of the first grouping factor (the partition factor). Each
+becomes a :class:`merf_dask.core.em.PartitionArrays` (numpy arrays in key order) on a worker.
+When those arrays take at most ``CACHE_SHARE`` of the workers' memory limits together, they are
+made once and kept in worker memory; otherwise every pass makes them again from the partition's
+source (a lake's Parquet file, or a scattered pandas frame) inside the task that uses them, so a
+fit needs worker memory for a few partitions and the model, not for the data: a lake larger than
+the cluster's memory fits. Both give the same model. What stays between passes on the driver is
+small: the b of every partition's local levels, the crossed factors' b tables and the plan of
+the M-step. Every task is a pure function of its inputs, so a lost worker's tasks (and kept
+arrays) are recomputed elsewhere with the same result, and the driver can checkpoint the loop
+after any iteration.
 
-One EM iteration is two passes over the partitions:
+One EM iteration is two or three passes over the partitions:
 
 1. M-step -- each partition cuts out the rows of each member's residue class with the working
-   response y - Z b (:func:`merf_dask.core.em.m_step_pieces`); the members of a class are fitted
-   in a task that gathers that class's pieces (from one partition when the bucket count divides the
-   plan's stride, see :mod:`merf_dask.core.ensemble`); the fits go before the cutting of more
-   partitions, and a partition's pieces are let go once its classes are cut out, so the
-   workers hold a few partitions' pieces at a time, not the data;
+   response y - sum_k Z_k b_k (:func:`merf_dask.core.em.m_step_pieces`); the members of a class
+   are fitted in a task that gathers that class's pieces (from one partition when the bucket
+   count divides the plan's stride, see :mod:`merf_dask.core.ensemble`); the fits go before the
+   cutting of more partitions, and a partition's pieces are let go once its classes are cut
+   out, so the workers hold a few partitions' pieces at a time, not the data;
 2. E-step -- each partition predicts its rows with the members that did not train on them and
-   runs the E-step (:func:`merf_dask.core.em.e_step`); a partition's task is sent only the members
-   that serve its residue classes (:meth:`merf_dask.core.ensemble.MemberPlan.members_serving`), so
-   worker memory holds a few dozen members, not the model. b comes back to the driver, the
-   partial sums are tree-reduced on the workers.
+   eliminates its local random effects (:func:`merf_dask.core.em.e_step_local`); a partition's
+   task is sent only the members that serve its residue classes
+   (:meth:`merf_dask.core.ensemble.MemberPlan.members_serving`), so worker memory holds a few
+   dozen members, not the model. With crossed factors, their shares are tree-reduced and solved
+   on the driver, and a second pass finishes every partition
+   (:func:`merf_dask.core.em.e_step_finish`); without, both run in one task. b comes back to
+   the driver, the partial sums are tree-reduced on the workers. An accelerated iteration
+   evaluates two or three more E-steps from the residuals kept on the workers.
 
 Classes and functions
 ---------------------
@@ -197,7 +202,6 @@ class DaskEMData:
                    for f, ids, table in zip(factors, levels, self.layout.crossed_levels)]
                   for levels in self.levels]
         self.b_cov = []  # futures of every partition's Var(b | y) after an E-step
-        self.crossed_b = {}
         self.plan = self.chunks = self.chunk_members = self.results = None
         self.finished = False
 
@@ -206,7 +210,6 @@ class DaskEMData:
 
     def fit_fixed_effects(self, plan, crossed_b):
         self.results = None  # the last E-step's residuals are not needed any more: let them go
-        self.crossed_b = crossed_b
         chunks, chunk_members = self._submit_fits(plan, crossed_b)
         # the E-step tasks need most members, so waiting here costs little and makes the
         # logged M-step and E-step times mean what they say
