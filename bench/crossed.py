@@ -542,7 +542,7 @@ def _commit_text(source: dict) -> str:
     return text
 
 
-def _model_row(run: dict) -> str:
+def _model_row(run: dict, size_limit_s: int | None = None) -> str:
     fit_time = {"ok": _number(run.get("fit_seconds"), 1),
                 "not finished": f"> {run.get('time_limit_s')}"}.get(run["status"], _DASH)
     cells = [run["label"].replace("|", "\\|"), fit_time, _number(run.get("peak_rss_mb"), 0),
@@ -550,7 +550,10 @@ def _model_row(run: dict) -> str:
              _number(run.get("sigma2"), 3), _number(run.get("var_user"), 3),
              _number(run.get("var_item"), 3),
              _DASH if run.get("iterations") is None else str(run["iterations"]),
-             _number(run.get("seconds_per_iteration"), 1), _notes(run)]
+             _number(run.get("seconds_per_iteration"), 1),
+             "; ".join(filter(None, [f"time limit {run['time_limit_s']} s (rerun)"
+                                     if size_limit_s and run["time_limit_s"] != size_limit_s
+                                     else "", _notes(run)]))]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -563,14 +566,14 @@ def _size_markdown(result: dict) -> list[str]:
              f"item had no training row left out). New users: {data['test_new_rows']:,} rows of "
              f"{data['test_new_users']:,} users never seen ({data['test_new_rows_unseen_item']} "
              f"of them with an item never seen). Time limit {size['time_limit_s']} s per model; "
-             f"run on {result['date']}, {result['wall_seconds'] / 60:.1f} min, load average "
+             f"run finished {result['date']}, {result['wall_seconds'] / 60:.1f} min, load average "
              f"{result['load_average_start'][0]:.1f} at the start and "
              f"{result['load_average_end'][0]:.1f} at the end; merf-dask "
              f"{_commit_text(result.get('merf_dask', {}))}.", "",
              "| Model | Fit time (s) | Peak RSS (MB) | MSE known cells | MSE new users "
              "| sigma2 | Var(user) | Var(item) | Iterations | s / iteration | Notes |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [_model_row(run) for run in result["runs"]]
+    lines += [_model_row(run, size["time_limit_s"]) for run in result["runs"]]
     lines.append(f"| Oracle: true f + b_user + b_item | {_DASH} | {_DASH} | "
                  f"{oracle['mse_known']:.3f} | {oracle['mse_new']:.3f} | 1 (true) | "
                  f"1 (true; realised {oracle['var_user_realised']:.3f}) | 0.5 (true; realised "
@@ -605,7 +608,7 @@ def _size_markdown(result: dict) -> list[str]:
                     f"{r['crossed_fit_seconds']:.1f} / {r['single_fit_seconds']:.1f} | "
                     f"{r['fit_ratio']:.2f} |")
     for later in result.get("later_runs", []):
-        lines += ["", f"* Rerun on {later['date']} (load average {later['load_average_start'][0]:.1f}"
+        lines += ["", f"* Rerun, finished {later['date']} (load average {later['load_average_start'][0]:.1f}"
                   f"-{later['load_average_end'][0]:.1f}, merf-dask "
                   f"{_commit_text(later.get('merf_dask', {}))}), time limit "
                   f"{later['time_limit_s']} s: {', '.join(later['models'])}"]
