@@ -35,7 +35,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import signal
 import subprocess
@@ -44,7 +43,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -53,7 +51,9 @@ import pandas as pd
 
 from measure import FitMeter
 from models import GPBOOST_PARAMS, GPBOOST_ROUNDS, GPBOOST_THREADS, SEED, _warning_names
+from report import _DASH, _number
 from run import CHILD_ENVIRONMENT
+from run import _environment as run_environment
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DATA_SEED = 1
@@ -417,15 +417,7 @@ def _oracle(design: CrossedDesign) -> dict:
 
 
 def _environment() -> dict:
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions,
-            "child_environment": CHILD_ENVIRONMENT, "merf_dask": _library_source()}
+    return {**run_environment(PACKAGES), "merf_dask": _library_source()}
 
 
 def _library_source() -> dict:
@@ -508,13 +500,6 @@ def run_size(size: Size, seed: int, models: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------- report
-
-_DASH = "–"
-
-
-def _number(value, digits: int = 2) -> str:
-    return _DASH if value is None else f"{value:,.{digits}f}"
-
 
 def _notes(run: dict) -> str:
     notes = []

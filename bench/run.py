@@ -120,9 +120,10 @@ def _oracle(rows: int, seed: int) -> dict:
             "var_b_realised": float(design.train.groupby("cluster")["b_true"].first().var())}
 
 
-def _environment() -> dict:
+def _environment(packages=PACKAGES) -> dict:
+    """The machine, the versions of ``packages`` and the children's threading environment."""
     versions = {}
-    for package in PACKAGES:
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
