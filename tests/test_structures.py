@@ -252,13 +252,19 @@ def test_the_default_forest_recovers_crossed_user_and_item_effects(dask_client):
     assert mse["user x item"] < mse["user"]
 
 
-def test_a_crossed_forest_fit_is_the_same_on_any_partitioning(dask_client):
-    """The same seed gives the same crossed model in-process and on 2 or 5 partitions (the
-    crossed table's order and the solved crossed effects do not depend on the partitioning)."""
+@pytest.mark.parametrize("solve", ["dense", "iterative"])
+def test_a_crossed_forest_fit_is_the_same_on_any_partitioning(dask_client, monkeypatch, solve):
+    """The same seed gives the same crossed model, bit for bit, in-process and on 2 or 5
+    partitions of a LocalCluster: the crossed table is ordered by the levels' hashes and every
+    sum over the partition factor's levels that feeds the crossed system is exact, densely
+    solved or (with the dense limit lowered below this design's 60 items) iteratively."""
     import dask.dataframe as dd
     from sklearn.ensemble import RandomForestRegressor
 
+    import merf_dask.core.em
     from merf_dask.simulate import simulate_crossed_frame
+    if solve == "iterative":
+        monkeypatch.setattr(merf_dask.core.em, "DENSE_CROSSED_UNKNOWNS", 0)
     frame = simulate_crossed_frame(n_rows=3_000, n_users=300, n_items=60, seed=4)
     forest = RandomForestRegressor(n_estimators=10, min_samples_leaf=5, random_state=0)
     formula = "y ~ x1 + x2 + x3 + (1 | user) + (1 | item)"
@@ -272,12 +278,36 @@ def test_a_crossed_forest_fit_is_the_same_on_any_partitioning(dask_client):
         with pytest.warns(UserWarning, match="not partitioned by cluster"):
             model = fitted(dd.from_pandas(shuffled, npartitions=n_partitions),
                            client=dask_client)
-        np.testing.assert_allclose(model.predict(frame), reference.predict(frame), rtol=0,
-                                   atol=1e-9)
+        np.testing.assert_array_equal(model.predict(frame), reference.predict(frame))
         assert model.sigma2_history_ == reference.sigma2_history_
         for name, table in reference.random_effects_.items():
-            np.testing.assert_allclose(model.random_effects_[name].loc[table.index], table,
-                                       rtol=0, atol=1e-9)
+            position = model.random_effects_[name].index.get_indexer(table.index)
+            np.testing.assert_array_equal(model.random_effects_[name].to_numpy()[position],
+                                          table.to_numpy())
+            np.testing.assert_array_equal(model.random_effects_cov_[name][position],
+                                          reference.random_effects_cov_[name])
+
+
+def test_beyond_the_dense_limit_a_linear_fit_follows_the_exact_one(monkeypatch):
+    """3,161 items: more crossed random effects than are solved densely, so the E-step runs
+    conjugate gradients with stochastic traces; after 10 EM iterations its variance components
+    are those of the dense solve (the dense limit raised for the reference) to 1e-3."""
+    import merf_dask.core.em
+    from merf_dask.simulate import simulate_crossed_frame
+    frame = simulate_crossed_frame(n_rows=12_000, n_users=1_000, n_items=10_000, seed=2,
+                                   sigma_user2=1.0, sigma_item2=0.5, sigma_e2=1.0)
+    formula = "y ~ x1 + x2 + x3 + (1 | user) + (1 | item)"
+    assert frame["item"].nunique() > merf_dask.core.em.DENSE_CROSSED_UNKNOWNS
+    iterations = dict(max_iterations=10, tol=0)
+    iterative = MERF(LinearRegression(), formula=formula, **iterations).fit(frame)
+    monkeypatch.setattr(merf_dask.core.em, "DENSE_CROSSED_UNKNOWNS", 10_000)
+    dense = MERF(LinearRegression(), formula=formula, **iterations).fit(frame)
+    np.testing.assert_allclose(iterative.sigma2_, dense.sigma2_, rtol=1e-3)
+    for e_iterative, e_dense in zip(iterative.state_.effects, dense.state_.effects):
+        np.testing.assert_allclose(e_iterative.D, e_dense.D, rtol=1e-3)
+        np.testing.assert_allclose(e_iterative.b, e_dense.b, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(iterative.history_[-1].log_likelihood,
+                               dense.history_[-1].log_likelihood, rtol=1e-4)
 
 
 def test_the_cli_fits_a_crossed_lake_and_evaluates_rows_by_the_levels_it_knows(tmp_path):

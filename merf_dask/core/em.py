@@ -50,10 +50,12 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
-from .random_effects import (MAX_CROSSED_UNKNOWNS, CrossedShare, EMSums, FactorEffects,
+from .crossed_solve import (DENSE_CROSSED_UNKNOWNS, CrossedSolution, exact_products,
+                            solve_crossed, solve_iteratively)
+from .random_effects import (CrossedShare, EMSums, FactorEffects,
                              LocalSystem, crossed_effects, crossed_offsets, factor_moments,
                              finish_local, partition_sums, random_effects_offset,
-                             relative_factor, solve_crossed, solve_local,
+                             relative_factor, solve_local,
                              update_variance_components)
 from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_predictions,
                        row_keys, training_pieces)
@@ -152,10 +154,14 @@ class EffectsLayout:
     factors : tuple of RandomFactor
     crossed_levels : tuple of (pandas.Index or None)
         The level table of each crossed factor; None for local factors.
+    dense : bool
+        Whether the crossed unknowns are few enough to be solved densely
+        (:data:`~merf_dask.core.crossed_solve.DENSE_CROSSED_UNKNOWNS`).
     """
 
     factors: tuple
     crossed_levels: tuple
+    dense: bool = True
 
     @property
     def offsets(self) -> np.ndarray:
@@ -203,15 +209,10 @@ def layout_of(factors, parts_levels: list[list[pd.Index]], parents_whole: list[l
         # ordered by the levels' hashes, so that the crossed unknowns (and every sum over them)
         # come in the same order whatever the partitioning
         table = every.unique()
-        table = table[np.argsort(cluster_hashes(table), kind="stable")]
-        if len(table) * factors[k].q > MAX_CROSSED_UNKNOWNS:
-            raise ValueError(
-                f"grouping factor {factors[k].name!r} is crossed with the first factor "
-                f"{factors[0].name!r} and has {len(table)} levels: crossed factors of more than "
-                f"{MAX_CROSSED_UNKNOWNS} random effects are not supported yet; list the factor "
-                "with the most levels first in the formula (the data are partitioned by it)")
-        crossed.append(table)
-    return EffectsLayout(factors=tuple(factors), crossed_levels=tuple(crossed))
+        crossed.append(table[np.argsort(cluster_hashes(table), kind="stable")])
+    n_crossed = sum(len(table) * f.q for f, table in zip(factors, crossed) if table is not None)
+    return EffectsLayout(factors=tuple(factors), crossed_levels=tuple(crossed),
+                         dense=n_crossed <= DENSE_CROSSED_UNKNOWNS)
 
 
 def nested_in_partition_factor(part: PartitionArrays) -> list[bool]:
@@ -327,12 +328,13 @@ def e_step_again(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayou
     system, share, logdet = solve_local(
         codes=list(part.codes), Z=list(part.Z), n_levels=[len(ids) for ids in part.levels],
         r=step.residuals, relative=relative, crossed_position=layout.positions(part),
-        offsets=layout.offsets)
+        offsets=layout.offsets, dense=layout.dense)
     return LocalStep(system, step.residuals, logdet, step.n_in_sample), share
 
 
 def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayout, relative,
-                  sigma2: float, crossed=None) -> tuple[list, list, EMSums]:
+                  sigma2: float, solution: CrossedSolution | None = None
+                  ) -> tuple[list, list, EMSums]:
     """The E-step's second pass over a block, once the crossed unknowns are known.
 
     Parameters
@@ -343,8 +345,8 @@ def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayo
     relative : list of ndarray
     sigma2 : float
         The residual variance the E-step uses.
-    crossed : tuple (u, S^-1) or None
-        From :func:`~merf_dask.core.random_effects.solve_crossed`; None without crossed factors.
+    solution : CrossedSolution, optional
+        None without crossed factors.
 
     Returns
     -------
@@ -353,33 +355,37 @@ def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayo
     b_cov : list of (ndarray of shape (n_levels_k, q_k, q_k) or None)
     sums : EMSums
     """
-    u_crossed, crossed_inverse = crossed if crossed is not None else (None, None)
-    positions = layout.positions(part)
-    u, m_inverse, quadratic = finish_local(step.system, u_crossed=u_crossed,
-                                           crossed_inverse=crossed_inverse,
-                                           crossed_position=positions, offsets=layout.offsets)
-    b, b_cov, corrections = [], [], 0.0
-    for uk, mk, Lk in zip(u, m_inverse, relative):
+    u, m_inverse, stochastic, quadratic = finish_local(
+        step.system, solution=solution, crossed_position=layout.positions(part),
+        offsets=layout.offsets)
+    b, b_cov, cov_sums, corrections = [], [], [], 0.0
+    for uk, mk, rest, Lk in zip(u, m_inverse, stochastic, relative):
         if mk is None:  # crossed: b at this block's levels, for its residuals only
-            b.append(uk @ Lk.T), b_cov.append(None)
+            b.append(uk @ Lk.T), b_cov.append(None), cov_sums.append(None)
             continue
-        bk, covk, correction = factor_moments(uk, mk, Lk, sigma2)
-        b.append(bk), b_cov.append(covk)
+        bk, covk, cov_sum, correction = factor_moments(uk, mk, Lk, sigma2, rest)
+        b.append(bk), b_cov.append(covk), cov_sums.append(cov_sum)
         corrections += correction
     sums = partition_sums(codes=list(part.codes), Z=list(part.Z), r=step.residuals, b=b,
-                          b_cov=b_cov, corrections=corrections, quadratic=quadratic,
+                          cov_sums=cov_sums, corrections=corrections, quadratic=quadratic,
                           logdet=step.logdet)
     sums.n_in_sample = float(step.n_in_sample)
     local_b = [None if mk is None else bk for bk, mk in zip(b, m_inverse)]
     return local_b, b_cov, sums
 
 
+def crossed_products(step: LocalStep, X: np.ndarray, *, term_bound: float):
+    """A block's share of S X (:func:`~merf_dask.core.crossed_solve.exact_products`)."""
+    return exact_products(step.system.crossed, X, term_bound=term_bound)
+
+
 class EMData(Protocol):
     """Where the rows live, as the EM loop sees it.
 
     One E-step is ``local_step`` (every block's first pass; the crossed factors' summed share
-    comes back), the driver's solve for the crossed unknowns, and ``finish_step`` (every
-    block's second pass). ``local_step(again=True)`` evaluates an E-step at other variance
+    comes back), the driver's solve for the crossed unknowns (which asks for
+    ``crossed_product`` -- sum over blocks of :func:`crossed_products` -- when it iterates),
+    and ``finish_step`` (every block's second pass). ``local_step(again=True)`` evaluates an E-step at other variance
     components from the honest residuals of the iteration's first one (which ``keep=True``
     asks to keep), without predicting f again.
     """
@@ -394,7 +400,10 @@ class EMData(Protocol):
     def local_step(self, *, relative: list, sigma2: float, again: bool = False,
                    keep: bool = False) -> CrossedShare | None: ...
 
-    def finish_step(self, *, relative: list, sigma2: float, crossed) -> EMSums: ...
+    def crossed_product(self, X: np.ndarray, *, term_bound: float) -> tuple: ...
+
+    def finish_step(self, *, relative: list, sigma2: float,
+                    solution: CrossedSolution | None) -> EMSums: ...
 
     def fixed_effects_model(self) -> BaseEstimator: ...
 
@@ -459,10 +468,13 @@ class InMemoryEMData:
                                             n_jobs=self.n_jobs)
         return share
 
-    def finish_step(self, *, relative, sigma2, crossed):
+    def crossed_product(self, X, *, term_bound):
+        return crossed_products(self.step, X, term_bound=term_bound)
+
+    def finish_step(self, *, relative, sigma2, solution):
         self.b, self.b_cov, sums = e_step_finish(self.step, self.part, layout=self.layout,
                                                  relative=relative, sigma2=sigma2,
-                                                 crossed=crossed)
+                                                 solution=solution)
         return sums
 
     def fixed_effects_model(self):
@@ -566,8 +578,6 @@ def _relative_change(previous: float, current: float) -> float:
     return abs(current - previous) / max(abs(previous), np.finfo(float).tiny)
 
 
-#: Significant digits kept of the crossed factors' solved unknowns (see :func:`_e_step`).
-_CROSSED_DIGITS = 10
 #: Halvings of SQUAREM's step before it falls back to two plain EM steps.
 _EXTRAPOLATION_BACKOFFS = 8
 #: EM crawls (and "auto" acceleration starts) when this many successive steps of the variance
@@ -578,8 +588,8 @@ _CRAWL_ITERATIONS, _CRAWL_RATIO = 3, 0.9
 def canonical(value, *, digits: int = 13):
     """``value`` rounded to ``digits`` significant digits (13 unless told).
 
-    Partial sums add in an order that depends on the partitioning, so sigma2, D, the crossed
-    factors' b (and a formula's means and standard deviations) can differ in their last bits
+    Partial sums add in an order that depends on the partitioning, so sigma2, D (and a
+    formula's means and standard deviations) can differ in their last bits
     between two partitionings of the same data; a forest grown on a working response that
     differs by one ulp can split differently. Rounding far below any statistical meaning makes
     the next iteration start from the same bits.
@@ -597,18 +607,17 @@ def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False, keep: 
     relative = [relative_factor(Dk, sigma2) for Dk in D]
     share = data.local_step(relative=relative, sigma2=sigma2, again=again, keep=keep)
     if share is None:
-        return data.finish_step(relative=relative, sigma2=sigma2, crossed=None), {}
-    u, inverse, logdet, quadratic = solve_crossed(share)
-    # the crossed unknowns solve a system summed across partitions, whose rounding errors grow
-    # with its condition number: 10 digits, so that two partitionings round to the same value
-    # unless the solution lies within cond * 1e-16 of a rounding boundary (about 1e-5 per
-    # unknown and iteration); rows of each level are summed in the same order everywhere else
-    u = canonical(u, digits=_CROSSED_DIGITS)
+        return data.finish_step(relative=relative, sigma2=sigma2, solution=None), {}
+    if layout.dense:
+        solution = solve_crossed(share)
+    else:
+        solution = solve_iteratively(
+            share, lambda X: data.crossed_product(X, term_bound=share.term_bound),
+            offsets=layout.offsets)
     crossed, crossed_sums = crossed_effects(
-        u, inverse, q=[f.q for f in layout.factors], offsets=layout.offsets,
+        solution, q=[f.q for f in layout.factors], offsets=layout.offsets,
         crossed_levels=list(layout.crossed_levels), relative=relative, sigma2=sigma2)
-    crossed_sums.logdet, crossed_sums.quadratic = logdet, -quadratic
-    sums = data.finish_step(relative=relative, sigma2=sigma2, crossed=(u, inverse))
+    sums = data.finish_step(relative=relative, sigma2=sigma2, solution=solution)
     return sums + crossed_sums, crossed
 
 

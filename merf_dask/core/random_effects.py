@@ -26,13 +26,16 @@ and one EM E-step is:
    with the nested levels: exact block elimination), F = A^-1 B, u0 = A^-1 Zt_L'r, and the
    partition's share of the Schur complement S = I + sum_p (E_p - B_p'F_p) and of its right-hand
    side t = sum_p (Zt_G'r - B_p'u0) (:class:`CrossedShare`, summed like any partial sums);
-2. on the driver (:func:`solve_crossed`): u_G = S^-1 t and S^-1, dense (the crossed factors'
-   unknowns are few: :data:`MAX_CROSSED_UNKNOWNS`);
+2. on the driver (:mod:`merf_dask.core.crossed_solve`): u_G = S^-1 t, and S^-1 where the
+   crossed unknowns are few (dense); at scale by conjugate gradients whose products S x are one
+   more pass over the partitions, with stochastic estimates of the traces the M-step needs;
 3. in every partition again (:func:`finish_local`): u_L = u0 - F u_G, and the diagonal blocks of
    M^-1 at local levels, A^-1 + F S^-1 F'.
 
-With no crossed factor, step 1 is the whole E-step. Everything is exact: the EM reaches the
-maximum-likelihood estimates whatever the design.
+With no crossed factor, step 1 is the whole E-step. The dense path is exact: the EM reaches the
+maximum-likelihood estimates whatever the design. Every sum over levels of the partition factor
+that feeds the crossed system is exact (:class:`~merf_dask.core.exact_sum.ExactSum`), so the
+system is the same bits on any partitioning.
 
 Classes and functions
 ---------------------
@@ -42,11 +45,11 @@ FactorEffects
     The fitted random effects of one factor: levels, b, Var(b | y), D.
 relative_factor
     L with L L' = D / sigma2.
-LocalSystem, CrossedShare, solve_local, solve_crossed, finish_local
-    The E-step above.
+CrossedRows, LocalSystem, CrossedShare, solve_local, finish_local
+    The E-step above (the driver's step is :mod:`merf_dask.core.crossed_solve`).
 EMSums, combine_sums, update_variance_components
     The partial sums that travel, and the driver's M-step for sigma2 and every D_k.
-factor_moments, partition_sums, crossed_effects, crossed_offsets
+probe_sum, factor_moments, partition_sums, crossed_effects, crossed_offsets
     From u-space results to b, Var(b | y) and the sums.
 variance_components
     The components in the layout of lme4's ``as.data.frame(VarCorr(m))``.
@@ -62,15 +65,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .exact_sum import ExactSum
+
 __all__ = ["RandomFactor", "FactorEffects", "relative_factor", "LocalSystem", "CrossedShare",
-           "solve_local", "solve_crossed", "finish_local", "factor_moments", "partition_sums",
+           "solve_local", "finish_local", "factor_moments", "partition_sums",
            "crossed_effects", "crossed_offsets", "EMSums", "combine_sums",
            "update_variance_components", "variance_components", "random_effects_offset",
-           "MAX_CROSSED_UNKNOWNS"]
-
-#: The crossed factors' unknowns (levels x columns) are solved densely on the driver: S takes
-#: 8 P^2 bytes (72 MB at 3,000) and its inverse O(P^3).
-MAX_CROSSED_UNKNOWNS = 3000
+           "CrossedRows", "probe_sum"]
 
 #: Rows of F S^-1 handled at a time when the conditional covariances are finished (bounds the
 #: dense block to this many rows times the crossed unknowns).
@@ -301,6 +302,30 @@ class _Blocks:
 
 
 @dataclass
+class CrossedRows:
+    """What a partition keeps of its coupling to the crossed unknowns, for products with its
+    share of S and for sums that do not depend on the partitioning.
+
+    Attributes
+    ----------
+    coupling : scipy.sparse.csr_matrix of shape (n_local, P)
+        F = A^-1 B (columns sorted).
+    cross_gram : tuple of ndarray (rows, cols, values)
+        B = Zt_L'Zt_G as coordinates: one entry per (local unknown, crossed unknown) pair that
+        shares a row, each summed over the rows of one level of the partition factor.
+    row_unknowns : ndarray of shape (n_rows, Q_G), int
+        Each row's crossed unknowns (every crossed factor's columns side by side).
+    row_values : ndarray of shape (n_rows, Q_G)
+        Zt_G at each row and those unknowns.
+    """
+
+    coupling: sp.csr_matrix
+    cross_gram: tuple
+    row_unknowns: np.ndarray
+    row_values: np.ndarray
+
+
+@dataclass
 class LocalSystem:
     """What the first pass over a partition leaves for the second (kept where it was made).
 
@@ -310,8 +335,8 @@ class LocalSystem:
         Per factor, (n_levels, q) the local unknowns of its levels; None for a crossed factor.
     a_inverse : _Blocks
         A^-1.
-    coupling : scipy.sparse.csr_matrix of shape (n_local, P) or None
-        F = A^-1 B; None with no crossed factor.
+    crossed : CrossedRows or None
+        None with no crossed factor.
     u0 : ndarray of shape (n_local,)
         A^-1 Zt_L'r.
     rhs : ndarray of shape (n_local,)
@@ -322,33 +347,53 @@ class LocalSystem:
 
     unknowns: list
     a_inverse: _Blocks
-    coupling: sp.csr_matrix | None
+    crossed: CrossedRows | None
     u0: np.ndarray
     rhs: np.ndarray
     q: list
 
+    @property
+    def coupling(self) -> sp.csr_matrix | None:
+        """F = A^-1 B, or None."""
+        return None if self.crossed is None else self.crossed.coupling
+
 
 @dataclass
 class CrossedShare:
-    """One or more partitions' share of the crossed factors' system.
+    """One or more partitions' share of the crossed factors' system, summed exactly: the sums
+    are the same bits however the levels of the partition factor are split into partitions.
 
     Attributes
     ----------
-    schur : scipy.sparse.csr_matrix of shape (P, P)
-        sum_p (E_p - B_p'F_p) (without the identity).
-    rhs : ndarray of shape (P,)
+    rhs : ExactSum of shape (P,)
         Zt_G'r.
-    reduced_rhs : ndarray of shape (P,)
+    reduced_rhs : ExactSum of shape (P,)
         Zt_G'r - B'u0.
+    schur : ExactSum of shape (P, P) or None
+        sum_p (E_p - B_p'F_p) (without the identity), when S is solved densely.
+    diagonal : list of (ExactSum of shape (n_levels_k, q_k, q_k) or None) or None
+        The blocks of that sum at each crossed level (None for local factors), when S is
+        solved iteratively (they precondition it).
+    term_bound : float
+        A bound on |term| / max|x| over the terms of the partitions' products S_p x
+        (:func:`merf_dask.core.crossed_solve.exact_products`); the maximum is exact.
     """
 
-    schur: sp.csr_matrix
-    rhs: np.ndarray
-    reduced_rhs: np.ndarray
+    rhs: ExactSum
+    reduced_rhs: ExactSum
+    schur: ExactSum | None = None
+    diagonal: list | None = None
+    term_bound: float = 0.0
 
     def __add__(self, other: "CrossedShare") -> "CrossedShare":
-        return CrossedShare(self.schur + other.schur, self.rhs + other.rhs,
-                            self.reduced_rhs + other.reduced_rhs)
+        def add(a, b):
+            return None if a is None else a + b
+        diagonal = None if self.diagonal is None else [
+            add(a, b) for a, b in zip(self.diagonal, other.diagonal)]
+        return CrossedShare(rhs=self.rhs + other.rhs,
+                            reduced_rhs=self.reduced_rhs + other.reduced_rhs,
+                            schur=add(self.schur, other.schur), diagonal=diagonal,
+                            term_bound=max(self.term_bound, other.term_bound))
 
 
 def crossed_offsets(factors, crossed_levels) -> np.ndarray:
@@ -369,7 +414,7 @@ def crossed_offsets(factors, crossed_levels) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
-def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets
+def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets, dense=True
                 ) -> tuple[LocalSystem, CrossedShare | None, float]:
     """The first pass of the E-step over one partition.
 
@@ -389,6 +434,9 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets
         level table; None for the partition factor and the factors nested in it.
     offsets : ndarray
         :func:`crossed_offsets`.
+    dense : bool, default=True
+        Whether the share carries the whole Schur complement (S solved densely) or only its
+        blocks at each crossed level (S solved iteratively).
 
     Returns
     -------
@@ -408,11 +456,11 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets
     for i, j, levels_i, levels_j, values in _grams(local, codes, Zt, n_levels):
         _scatter(blocks, unknowns[i][levels_i], unknowns[j][levels_j], values)
     logdet = 0.0
-    for s, dense in blocks.dense.items():
-        dense += np.eye(s)
-        sign, logdets = np.linalg.slogdet(dense)
+    for s, block in blocks.dense.items():
+        block += np.eye(s)
+        sign, logdets = np.linalg.slogdet(block)
         logdet += float(logdets.sum())
-        blocks.dense[s] = np.linalg.inv(dense)
+        blocks.dense[s] = np.linalg.inv(block)
 
     n_local = int(blocks.start[-1] + blocks.size[-1]) if len(blocks.size) else 0
     rhs = np.zeros(n_local)
@@ -420,7 +468,7 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets
         rhs[unknowns[k].ravel()] = _level_sums(codes[k], Zt[k], r, n_levels[k]).ravel()
     u0 = blocks.apply(rhs)
     system = LocalSystem(unknowns=[unknowns[k] if k in local else None for k in range(len(Z))],
-                         a_inverse=blocks, coupling=None, u0=u0, rhs=rhs,
+                         a_inverse=blocks, crossed=None, u0=u0, rhs=rhs,
                          q=[Zk.shape[1] for Zk in Z])
     if not crossed:
         return system, None, logdet
@@ -436,25 +484,86 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets
             b_rows.append(rows), b_cols.append(cols), b_values.append(values.ravel())
     B = sp.csr_matrix((np.concatenate(b_values), (np.concatenate(b_rows),
                                                   np.concatenate(b_cols))), shape=(n_local, P))
-    e_rows, e_cols, e_values = [], [], []
-    for i, j, levels_i, levels_j, values in _grams(crossed, codes, Zt, n_levels):
-        rows, cols = _pair_index(crossed_unknowns[i][levels_i], crossed_unknowns[j][levels_j])
-        e_rows.append(rows), e_cols.append(cols), e_values.append(values.ravel())
-        if i != j:
-            e_rows.append(cols), e_cols.append(rows), e_values.append(values.ravel())
-    E = sp.csr_matrix((np.concatenate(e_values), (np.concatenate(e_rows),
-                                                  np.concatenate(e_cols))), shape=(P, P))
-    crossed_rhs = np.zeros(P)
-    for k in crossed:
-        crossed_rhs[crossed_unknowns[k].ravel()] = _level_sums(codes[k], Zt[k], r,
-                                                                n_levels[k]).ravel()
+    B.sort_indices()
     F = (blocks.sparse() @ B).tocsr()
     # columns in the crossed tables' order, so F u_G adds in the same order on any partitioning
     F.sort_indices()
-    system.coupling = F
-    share = CrossedShare(schur=(E - B.T @ F).tocsr(), rhs=crossed_rhs,
-                         reduced_rhs=crossed_rhs - B.T @ u0)
+    B_coo = B.tocoo()
+    row_unknowns = np.hstack([crossed_unknowns[k][codes[k]] for k in crossed])
+    row_values = np.hstack([Zt[k] for k in crossed])
+    system.crossed = CrossedRows(coupling=F, cross_gram=(B_coo.row, B_coo.col, B_coo.data),
+                                 row_unknowns=row_unknowns, row_values=row_values)
+
+    # every sum over levels of the partition factor is exact, term by term: a term is one
+    # row's or one (local unknown, crossed unknown) pair's, the same in any partitioning
+    row_terms = row_values * r[:, None]
+    crossed_rhs = ExactSum.of_terms(row_unknowns.ravel(), row_terms.ravel(), (P,))
+    reduced_rhs = ExactSum.of_terms(
+        np.concatenate([row_unknowns.ravel(), B_coo.col]),
+        np.concatenate([row_terms.ravel(), -B_coo.data * u0[B_coo.row]]), (P,))
+    share = CrossedShare(rhs=crossed_rhs, reduced_rhs=reduced_rhs,
+                         term_bound=_term_bound(system.crossed))
+    if dense:
+        share.schur = _schur_terms(system.crossed, P)
+    else:
+        first_column = np.cumsum([0] + [Zt[k].shape[1] for k in crossed])
+        share.diagonal = [None] * len(Z)
+        for k, start_column in zip(crossed, first_column):
+            q = Zt[k].shape[1]
+            share.diagonal[k] = _diagonal_terms(
+                system.crossed, offset=int(offsets[k]), q=q,
+                n_table=int((offsets[k + 1] - offsets[k]) // q),
+                columns=slice(int(start_column), int(start_column) + q))
     return system, share, logdet
+
+
+def _term_bound(rows: CrossedRows) -> float:
+    """max |term| / max|x| over the terms of S_p x (rows' Gram terms and B'F x terms)."""
+    values = np.abs(rows.row_values)
+    bound = float((values.max(axis=1) * values.sum(axis=1)).max()) if values.size else 0.0
+    B = sp.csr_matrix((np.abs(rows.cross_gram[2]), rows.cross_gram[:2]),
+                      shape=rows.coupling.shape)
+    if B.nnz:
+        row_max = B.max(axis=1).toarray().ravel()
+        row_norm = np.asarray(abs(rows.coupling).sum(axis=1)).ravel()
+        bound = max(bound, float((row_max * row_norm).max()))
+    return bound
+
+
+def _schur_terms(rows: CrossedRows, P: int) -> ExactSum:
+    """E_p - B_p'F_p as exact sums of its rows' and pairs' terms."""
+    ru, rv = rows.row_unknowns, rows.row_values
+    gram_index = (ru[:, :, None] * P + ru[:, None, :]).ravel()
+    gram_values = (rv[:, :, None] * rv[:, None, :]).ravel()
+    b_rows, b_cols, b_values = rows.cross_gram
+    F = rows.coupling
+    # every B entry (i, j) meets every F entry (i, j') of its row: -B_ij F_ij' at (j, j')
+    per_row = np.diff(F.indptr)[b_rows]
+    b_entry = np.repeat(np.arange(len(b_rows)), per_row)
+    f_entry = np.repeat(F.indptr[b_rows] - np.cumsum(per_row) + per_row, per_row) + np.arange(
+        per_row.sum())
+    index = np.concatenate([gram_index, b_cols[b_entry] * P + F.indices[f_entry]])
+    values = np.concatenate([gram_values, -b_values[b_entry] * F.data[f_entry]])
+    return ExactSum.of_terms(index, values, (P, P))
+
+
+def _diagonal_terms(rows: CrossedRows, *, offset: int, q: int, n_table: int, columns: slice
+                    ) -> ExactSum:
+    """The blocks of E_p - B_p'F_p at one crossed factor's levels (its unknowns from
+    ``offset``, its ``columns`` of the rows' crossed unknowns), as exact sums of terms."""
+    ru, rv = rows.row_unknowns[:, columns], rows.row_values[:, columns]
+    level = (ru[:, 0] - offset) // q
+    B = sp.csr_matrix((rows.cross_gram[2], rows.cross_gram[:2]), shape=rows.coupling.shape)
+    first = offset + np.arange(n_table) * q
+    index, values = [], []
+    for a in range(q):
+        for c in range(q):
+            index.append((level * q + a) * q + c)
+            values.append(rv[:, a] * rv[:, c])
+            pairs = B[:, first + a].multiply(rows.coupling[:, first + c]).tocoo()
+            index.append((pairs.col * q + a) * q + c)
+            values.append(-pairs.data)
+    return ExactSum.of_terms(np.concatenate(index), np.concatenate(values), (n_table, q, q))
 
 
 def _crossed_unknowns(offset: int, q: int, position: np.ndarray) -> np.ndarray:
@@ -525,44 +634,15 @@ def _local_layout(codes, q, n_levels, local):
     return blocks, unknowns
 
 
-def solve_crossed(share: CrossedShare) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """The crossed factors' unknowns from every partition's share (the driver's step).
-
-    Parameters
-    ----------
-    share : CrossedShare
-        Summed over all partitions.
-
-    Returns
-    -------
-    u : ndarray of shape (P,)
-        E[u_G | r].
-    inverse : ndarray of shape (P, P)
-        S^-1, the crossed block of M^-1.
-    logdet : float
-        log|S|.
-    quadratic : float
-        u_G'Zt_G'r, its part of the quadratic form.
-    """
-    S = share.schur.toarray() + np.eye(share.schur.shape[0])
-    S = 0.5 * (S + S.T)
-    chol = np.linalg.cholesky(S)
-    inverse = np.linalg.inv(chol)
-    inverse = inverse.T @ inverse
-    u = inverse @ share.reduced_rhs
-    return u, inverse, float(2.0 * np.log(np.diag(chol)).sum()), float(u @ share.rhs)
-
-
-def finish_local(system: LocalSystem, *, u_crossed=None, crossed_inverse=None,
-                 crossed_position=None, offsets=None):
+def finish_local(system: LocalSystem, *, solution=None, crossed_position=None, offsets=None):
     """The second pass: local unknowns and the diagonal blocks of M^-1 at local levels.
 
     Parameters
     ----------
     system : LocalSystem
-    u_crossed : ndarray of shape (P,), optional
-    crossed_inverse : ndarray of shape (P, P), optional
-        S^-1; both None when there is no crossed factor.
+    solution : CrossedSolution, optional
+        The crossed unknowns (:mod:`merf_dask.core.crossed_solve`); None when there is no
+        crossed factor.
     crossed_position, offsets
         As for :func:`solve_local` (to read the crossed unknowns of the partition's levels).
 
@@ -570,20 +650,30 @@ def finish_local(system: LocalSystem, *, u_crossed=None, crossed_inverse=None,
     -------
     u : list of (ndarray of shape (n_levels, q) or None)
         Per factor: E[u | r] at the partition's levels (crossed factors included, read from
-        ``u_crossed``).
+        the solution).
     m_inverse : list of (ndarray of shape (n_levels, q, q) or None)
-        Per local factor, the diagonal blocks of M^-1; None for crossed factors.
+        Per local factor, the diagonal blocks of M^-1 (block-Jacobi in the coupling when the
+        solve was iterative); None for crossed factors.
+    stochastic : list of (ndarray of shape (q, q) or None)
+        Per local factor, the stochastic rest of the sum of those blocks over its levels (None
+        when exact).
     quadratic : float
         u_L'Zt_L'r.
     """
     u_local = system.u0
-    if system.coupling is not None:
-        u_local = u_local - system.coupling @ u_crossed
-    u, m_inverse = [], []
+    F = system.coupling
+    if solution is not None:
+        u_local = u_local - F @ solution.u
+        iterative = solution.inverse is None
+        if iterative:
+            coupled_difference = F @ solution.probe_difference
+            coupled_dual = F @ solution.probe_dual
+    u, m_inverse, stochastic = [], [], []
     for k, unknowns in enumerate(system.unknowns):
         if unknowns is None:
-            u.append(u_crossed[_crossed_unknowns(offsets[k], system.q[k], crossed_position[k])])
-            m_inverse.append(None)
+            u.append(solution.u[_crossed_unknowns(offsets[k], system.q[k],
+                                                  crossed_position[k])])
+            m_inverse.append(None), stochastic.append(None)
             continue
         u.append(u_local[unknowns])
         n, q = unknowns.shape
@@ -591,20 +681,25 @@ def finish_local(system: LocalSystem, *, u_crossed=None, crossed_inverse=None,
         for a in range(q):
             for c in range(q):
                 blocks[:, a, c] = system.a_inverse.entries(unknowns[:, a], unknowns[:, c])
-        if system.coupling is not None:
-            blocks += _coupled_blocks(system.coupling, crossed_inverse, unknowns)
-        m_inverse.append(blocks)
-    return u, m_inverse, float(u_local @ system.rhs)
+        rest = None
+        if solution is not None:
+            blocks += _coupled_blocks(F, solution.block_inverse_matrix if iterative
+                                      else solution.inverse, unknowns)
+            if iterative:
+                rest = probe_sum(coupled_difference[unknowns], coupled_dual[unknowns])
+        m_inverse.append(blocks), stochastic.append(rest)
+    return u, m_inverse, stochastic, float(u_local @ system.rhs)
 
 
-def _coupled_blocks(F: sp.csr_matrix, S_inv: np.ndarray, unknowns: np.ndarray) -> np.ndarray:
-    """The (q, q) diagonal blocks of F S^-1 F' at each level's unknowns, a chunk at a time."""
+def _coupled_blocks(F: sp.csr_matrix, S_inv, unknowns: np.ndarray) -> np.ndarray:
+    """The (q, q) diagonal blocks of F S^-1 F' at each level's unknowns, a chunk at a time
+    (``S_inv`` dense, or sparse block-diagonal)."""
     n, q = unknowns.shape
     out = np.empty((n, q, q))
     for start in range(0, n, _FINISH_CHUNK):
         chunk = unknowns[start:start + _FINISH_CHUNK]
         rows = [F[chunk[:, a]] for a in range(q)]
-        projected = [np.asarray(row @ S_inv) for row in rows]
+        projected = [row @ S_inv for row in rows]
         for a in range(q):
             for c in range(q):
                 out[start:start + len(chunk), a, c] = np.asarray(
@@ -612,33 +707,58 @@ def _coupled_blocks(F: sp.csr_matrix, S_inv: np.ndarray, unknowns: np.ndarray) -
     return out
 
 
-def factor_moments(u: np.ndarray, m_inverse: np.ndarray, relative: np.ndarray, sigma2: float
-                   ) -> tuple[np.ndarray, np.ndarray, float]:
-    """b, Var(b | y) and the sigma2 correction of one factor's levels, from u-space results.
+def probe_sum(difference: np.ndarray, dual: np.ndarray) -> np.ndarray:
+    """sum over levels of the probes' mean of (x - y)_l y_l', symmetrised.
+
+    Parameters
+    ----------
+    difference, dual : ndarray of shape (n_levels, q, n_probes)
+
+    Returns
+    -------
+    ndarray of shape (q, q)
+    """
+    total = np.einsum("lam,lcm->ac", difference, dual) / difference.shape[2]
+    return 0.5 * (total + total.T)
+
+
+def factor_moments(u: np.ndarray, m_inverse: np.ndarray, relative: np.ndarray, sigma2: float,
+                   stochastic: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """b, Var(b | y), their sum and the sigma2 correction of one factor's levels, from u-space
+    results.
 
     Parameters
     ----------
     u : ndarray of shape (n_levels, q)
     m_inverse : ndarray of shape (n_levels, q, q)
-        The levels' diagonal blocks of M^-1.
+        The levels' diagonal blocks of M^-1 (as reported).
     relative : ndarray of shape (q, q)
     sigma2 : float
+    stochastic : ndarray of shape (q, q), optional
+        What the sum of the blocks over the levels lacks (an iterative solve's estimate).
 
     Returns
     -------
     b : ndarray of shape (n_levels, q)
     b_cov : ndarray of shape (n_levels, q, q)
+    cov_sum : ndarray of shape (q, q)
+        The sum of Var(b | y) over the levels that the M-step uses.
     correction : float
         sigma2 (n_levels q - sum tr M^-1_l).
     """
     b = u @ relative.T
     b_cov = sigma2 * np.einsum("ij,kjl,ml->kim", relative, m_inverse, relative)
     b_cov = 0.5 * (b_cov + np.swapaxes(b_cov, 1, 2))  # exactly symmetric, as it is stored
-    correction = sigma2 * (u.size - float(np.einsum("kii->", m_inverse)))
-    return b, b_cov, correction
+    cov_sum = b_cov.sum(axis=0)
+    trace = float(np.einsum("kii->", m_inverse))
+    if stochastic is not None:
+        cov_sum = cov_sum + sigma2 * relative @ stochastic @ relative.T
+        trace += float(np.trace(stochastic))
+    return b, b_cov, cov_sum, sigma2 * (u.size - trace)
 
 
-def partition_sums(*, codes, Z, r, b, b_cov, corrections, quadratic, logdet
+def partition_sums(*, codes, Z, r, b, cov_sums, corrections, quadratic, logdet
                    ) -> EMSums:
     """One partition's :class:`EMSums` from its levels' random effects.
 
@@ -649,8 +769,9 @@ def partition_sums(*, codes, Z, r, b, b_cov, corrections, quadratic, logdet
     r : ndarray of shape (n_rows,)
     b : list of ndarray of shape (n_levels_k, q_k)
         Every factor's b at the partition's levels (crossed factors included).
-    b_cov : list of (ndarray of shape (n_levels_k, q_k, q_k) or None)
-        None for crossed factors (their sums are the driver's).
+    cov_sums : list of (ndarray of shape (q_k, q_k) or None)
+        Each local factor's sum of Var(b | y) over its levels (:func:`factor_moments`); None
+        for crossed factors (their sums are the driver's).
     corrections : float
         The local factors' sigma2 corrections (:func:`factor_moments`).
     quadratic : float
@@ -667,20 +788,19 @@ def partition_sums(*, codes, Z, r, b, b_cov, corrections, quadratic, logdet
     return EMSums(
         n_rows=float(len(r)), residual_ss=float(residual @ residual),
         residual_correction=corrections, quadratic=float(r @ r) - quadratic, logdet=logdet,
-        n_levels=[0.0 if cov is None else float(len(bk)) for bk, cov in zip(b, b_cov)],
-        bbt=[z if cov is None else bk.T @ bk for z, bk, cov in zip(zero, b, b_cov)],
-        conditional_cov=[z if cov is None else cov.sum(axis=0) for z, cov in zip(zero, b_cov)],
+        n_levels=[0.0 if cov is None else float(len(bk)) for bk, cov in zip(b, cov_sums)],
+        bbt=[z if cov is None else bk.T @ bk for z, bk, cov in zip(zero, b, cov_sums)],
+        conditional_cov=[z if cov is None else cov for z, cov in zip(zero, cov_sums)],
         design_gram=[Zk.T @ Zk for Zk in Z])
 
 
-def crossed_effects(u: np.ndarray, inverse: np.ndarray, *, q, offsets, crossed_levels,
-                    relative, sigma2) -> tuple[dict, EMSums]:
+def crossed_effects(solution, *, q, offsets, crossed_levels, relative, sigma2
+                    ) -> tuple[dict, EMSums]:
     """The crossed factors' b and Var(b | y), and their entries of the sums (driver side).
 
     Parameters
     ----------
-    u, inverse
-        From :func:`solve_crossed`.
+    solution : CrossedSolution
     q : list of int
     offsets : ndarray
     crossed_levels : list of (pandas.Index or None)
@@ -692,22 +812,25 @@ def crossed_effects(u: np.ndarray, inverse: np.ndarray, *, q, offsets, crossed_l
     effects : dict
         Factor index -> (b, b_cov) over its whole level table.
     sums : EMSums
-        Its per-factor entries and sigma2 correction (rows and residuals are the partitions').
+        Its per-factor entries, sigma2 correction, log|S| and quadratic form (rows and
+        residuals are the partitions').
     """
     effects = {}
     zero = [np.zeros((qk, qk)) for qk in q]
-    sums = EMSums(n_rows=0.0, residual_ss=0.0, residual_correction=0.0, quadratic=0.0,
-                  logdet=0.0, n_levels=[0.0] * len(q), bbt=list(zero),
-                  conditional_cov=list(zero), design_gram=list(zero))
+    sums = EMSums(n_rows=0.0, residual_ss=0.0, residual_correction=0.0,
+                  quadratic=-solution.quadratic, logdet=solution.logdet,
+                  n_levels=[0.0] * len(q), bbt=list(zero), conditional_cov=list(zero),
+                  design_gram=list(zero))
     for k, levels in enumerate(crossed_levels):
         if levels is None:
             continue
         index = _crossed_unknowns(offsets[k], q[k], np.arange(len(levels)))
-        m_inverse = inverse[index[:, :, None], index[:, None, :]]
-        b, b_cov, correction = factor_moments(u[index], m_inverse, relative[k], sigma2)
+        m_inverse, stochastic = solution.level_blocks(index, k)
+        b, b_cov, cov_sum, correction = factor_moments(solution.u[index], m_inverse,
+                                                       relative[k], sigma2, stochastic)
         effects[k] = (b, b_cov)
         sums.n_levels[k] = float(len(levels))
-        sums.bbt[k], sums.conditional_cov[k] = b.T @ b, b_cov.sum(axis=0)
+        sums.bbt[k], sums.conditional_cov[k] = b.T @ b, cov_sum
         sums.residual_correction += correction
     return effects, sums
 

@@ -51,8 +51,8 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from ..core.em import (EffectsLayout, PartitionArrays, align_random_effects, e_step_again,
-                       e_step_finish, e_step_local, layout_of, m_step_pieces,
+from ..core.em import (EffectsLayout, PartitionArrays, align_random_effects, crossed_products,
+                       e_step_again, e_step_finish, e_step_local, layout_of, m_step_pieces,
                        nested_in_partition_factor)
 from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, assemble_model, fit_members
@@ -108,9 +108,19 @@ def _e_step_again(part: PartitionArrays, step_and_share, *, layout, relative):
     return e_step_again(step_and_share[0], part, layout=layout, relative=relative)
 
 
-def _e_step_finish(part: PartitionArrays, step_and_share, *, layout, relative, sigma2, crossed):
+def _e_step_finish(part: PartitionArrays, step_and_share, *, layout, relative, sigma2, solution):
     return e_step_finish(step_and_share[0], part, layout=layout, relative=relative,
-                         sigma2=sigma2, crossed=crossed)
+                         sigma2=sigma2, solution=solution)
+
+
+def _crossed_products(step_and_share, X, *, term_bound):
+    return crossed_products(step_and_share[0], X, term_bound=term_bound)
+
+
+def _add_pairs(*pairs: tuple) -> tuple:
+    """The sum of (high, low) pairs of :func:`merf_dask.core.crossed_solve.exact_products`
+    (integers: exact in any order)."""
+    return tuple(sum(values[i] for values in pairs) for i in range(2))
 
 
 def _e_step_whole(part: PartitionArrays, chunks, *, plan, layout, relative, sigma2):
@@ -285,14 +295,21 @@ class DaskEMData:
         shares = [client.submit(operator.itemgetter(1), r) for r in self.results]
         return _tree_reduce(client, shares, _add_shares).result()
 
-    def finish_step(self, *, relative, sigma2, crossed):
+    def crossed_product(self, X, *, term_bound):
+        client = self.client
+        X = client.scatter(X, broadcast=True)
+        products = [client.submit(_crossed_products, result, X, term_bound=term_bound,
+                                  pure=False) for result in self.results]
+        return _tree_reduce(client, products, _add_pairs).result()
+
+    def finish_step(self, *, relative, sigma2, solution):
         client = self.client
         results = self.results
         if not self.finished:
-            if crossed is not None:
-                crossed = client.scatter(crossed, broadcast=True)
+            if solution is not None:
+                solution = client.scatter(solution, broadcast=True)
             results = self._each_partition(_e_step_finish, results, layout=self.layout,
-                                           relative=relative, sigma2=sigma2, crossed=crossed)
+                                           relative=relative, sigma2=sigma2, solution=solution)
         sums = _tree_reduce(client, [client.submit(operator.itemgetter(2), r) for r in results],
                             combine_sums)
         self.b = client.gather([client.submit(operator.itemgetter(0), r) for r in results])
