@@ -8,9 +8,11 @@ builds the whole marginal covariance V = sum_k Z_k (I kron D_k) Z_k' + sigma2 I.
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
-from merf_dask.core.crossed_solve import (DENSE_CROSSED_UNKNOWNS, _from_fixed, exact_products,
-                                          solve_crossed, solve_iteratively)
+from merf_dask.core.crossed_solve import (DENSE_CROSSED_UNKNOWNS, _from_limbs, _grid,
+                                          exact_products, exact_schur, solve_crossed,
+                                          solve_iteratively)
 from merf_dask.core.random_effects import (EMSums, RandomFactor, crossed_effects,
                                            crossed_offsets, factor_moments, finish_local,
                                            partition_sums, random_effects_offset,
@@ -32,7 +34,8 @@ def e_step(codes, Z, r, D, sigma2, crossed_levels, dense=True):
                                         offsets=offsets, dense=dense)
     solution = extra = None
     if share is not None and dense:
-        solution = solve_crossed(share)
+        solution = solve_crossed(share, exact_schur(system.crossed, int(offsets[-1]),
+                                                    term_bound=share.term_bound))
     elif share is not None:
         solution = solve_iteratively(
             share, lambda X: exact_products(system.crossed, X, term_bound=share.term_bound),
@@ -218,31 +221,46 @@ def test_blocks_sum_to_the_whole_bit_for_bit(dense):
         return np.ascontiguousarray(values).view(np.int64)
 
     whole = share(np.ones(len(r), dtype=bool))
+    P = int(offsets[-1])
     for n_blocks in (2, 3):
         block_of_level = rng.integers(0, n_blocks, codes[0].max() + 1)
         parts = [share(block_of_level[codes[0]] == block) for block in range(n_blocks)]
         total = parts[0][1]
         for part in parts[1:][::-1]:
             total = total + part[1]
+        assert total.term_bound == whole[1].term_bound
         if dense:
-            assert np.array_equal(bits(total.schur.to_dense()), bits(whole[1].schur.to_dense()))
+            schur = [sum(limbs).toarray() for limbs in zip(*(
+                exact_schur(part[0].crossed, P, term_bound=total.term_bound) for part in parts))]
+            expected = exact_schur(whole[0].crossed, P, term_bound=total.term_bound)
+            for limb, limb_expected in zip(schur, expected):
+                assert np.array_equal(bits(limb), bits(limb_expected.toarray()))
         else:
             assert np.array_equal(bits(total.diagonal[2].to_dense()),
                                   bits(whole[1].diagonal[2].to_dense()))
         for name in ("rhs", "reduced_rhs"):
             assert np.array_equal(bits(getattr(total, name).to_dense()),
                                   bits(getattr(whole[1], name).to_dense()))
-        assert total.term_bound == whole[1].term_bound
-        products = [exact_products(part[0].crossed, X, term_bound=total.term_bound)
-                    for part in parts]
+        products = [sum(limbs) for limbs in zip(*(
+            exact_products(part[0].crossed, X, term_bound=total.term_bound) for part in parts))]
         expected = exact_products(whole[0].crossed, X, term_bound=total.term_bound)
-        for i in range(2):
-            assert np.array_equal(bits(sum(p[i] for p in products)), bits(expected[i]))
-        np.testing.assert_allclose(parts[0][2] + parts[1][2] + (parts[2][2] if n_blocks == 3
-                                                                else 0.0), whole[2], rtol=1e-12)
-    if dense:  # and the products are S_p X: the Schur complement's, without the identity
-        np.testing.assert_allclose(_from_fixed(*expected, X, whole[1].term_bound),
-                                   whole[1].schur.to_dense() @ X, rtol=1e-10, atol=1e-12)
+        for limb, limb_expected in zip(products, expected):
+            assert np.array_equal(bits(limb), bits(limb_expected))
+        np.testing.assert_allclose(sum(part[2] for part in parts), whole[2], rtol=1e-12)
+    # the sums are E_p - B_p'F_p and its products, against scipy's (float) algebra
+    rows = whole[0].crossed
+    B = sp.csr_matrix((rows.cross_gram[2], rows.cross_gram[:2]), shape=rows.coupling.shape)
+    rows_design = sp.csr_matrix((rows.row_values.ravel(), (np.repeat(np.arange(len(r)),
+                                 rows.row_unknowns.shape[1]), rows.row_unknowns.ravel())),
+                                shape=(len(r), P))
+    S_p = (rows_design.T @ rows_design - B.T @ rows.coupling).toarray()
+    np.testing.assert_allclose(_from_limbs(expected, _grid(whole[1].term_bound
+                                                           * np.abs(X).max(axis=0))),
+                               S_p @ X, rtol=1e-10, atol=1e-12)
+    if dense:
+        upper = _from_limbs([limb.toarray() for limb in exact_schur(
+            rows, P, term_bound=whole[1].term_bound)], _grid(whole[1].term_bound))
+        np.testing.assert_allclose(upper, np.triu(S_p), rtol=1e-10, atol=1e-12)
 
 
 def test_the_iterative_solve_is_exact_in_b_and_close_in_the_traces():

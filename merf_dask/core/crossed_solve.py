@@ -15,8 +15,13 @@ at most :data:`DENSE_CROSSED_UNKNOWNS`, S is summed on the driver and inverted
 - log|S| = log|P_c| + tr log(C^-1 S C^-T), the trace by stochastic Lanczos quadrature from the
   same PCG runs (their coefficients are the Lanczos tridiagonal of C^-1 S C^-T started at z);
 - the probes are the same in every E-step (a fixed seed), so the M-step is a deterministic map
-  and EM converges to a fixed point next to the maximum-likelihood estimates, the same on any
-  partitioning: each S_p x is a fixed-point sum of terms that do not depend on the partitioning.
+  and EM converges to a fixed point next to the maximum-likelihood estimates.
+
+Both paths sum across partitions in fixed point: every term of S_p (or of S_p x) is one row's
+or one (local unknown, crossed unknown) pair's, the same in any partitioning; counted in units of
+2**-75 of a bound on all of them (:attr:`CrossedShare.term_bound`, a maximum, so exact) as three
+integers of 25 bits, they add exactly in any order, and S (or S x) is the same bits on any
+partitioning.
 
 The per-level conditional covariances reported for such a fit are the block-Jacobi ones
 (P_c^-1 at crossed levels, A^-1 + F P_c^-1 F' at local levels): the covariance of a level's
@@ -27,8 +32,8 @@ Classes and functions
 ---------------------
 CrossedSolution
     u_G, log|S| and what the partitions need for their conditional covariances.
-solve_crossed
-    The dense solve.
+exact_schur, solve_crossed
+    One partition's S_p as exact fixed-point sums; the dense solve.
 exact_products
     One partition's S_p x as exact fixed-point sums (the iterative solve's product).
 solve_iteratively
@@ -43,9 +48,10 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .random_effects import CrossedRows, CrossedShare, probe_sum
+from .random_effects import CrossedRows, CrossedShare, probe_sum, schur_terms
 
-__all__ = ["CrossedSolution", "solve_crossed", "exact_products", "solve_iteratively",
+__all__ = ["CrossedSolution", "exact_schur", "solve_crossed", "exact_products",
+           "solve_iteratively",
            "DENSE_CROSSED_UNKNOWNS", "TRACE_PROBES"]
 
 logger = logging.getLogger("merf_dask")
@@ -59,9 +65,9 @@ TRACE_PROBES = 16
 _TOLERANCE = 1e-9
 _MAX_PCG_ITERATIONS = 1000
 _PROBE_SEED = 20140101
-#: A product's terms are rounded to 2**-_FIXED_BITS of their bound and split in two halves of
-#: _HALF_BITS bits: sums of up to 2**(52 - _HALF_BITS) terms per entry are exact in float64.
-_FIXED_BITS, _HALF_BITS = 50, 25
+#: Terms summed across partitions are counted in units of 2**-75 of a bound on them, as three
+#: integers of _LIMB_BITS bits: sums of up to 2**(53 - _LIMB_BITS) terms per entry are exact.
+_LIMB_BITS = 25
 
 
 @dataclass
@@ -117,16 +123,18 @@ class CrossedSolution:
                                                 self.probe_dual[index])
 
 
-def solve_crossed(share: CrossedShare) -> CrossedSolution:
+def solve_crossed(share: CrossedShare, schur: list) -> CrossedSolution:
     """The crossed unknowns by a dense Cholesky factorisation of S (the exact path).
 
     Parameters
     ----------
     share : CrossedShare
-        Summed over all partitions, with its Schur complement.
+        Summed over all partitions.
+    schur : list of scipy.sparse.csr_matrix of shape (P, P)
+        :func:`exact_schur` summed over all partitions.
     """
-    S = share.schur.to_dense() + np.eye(share.schur.shape[0])
-    S = 0.5 * (S + S.T)
+    upper = _from_limbs([limb.toarray() for limb in schur], _grid(share.term_bound))
+    S = upper + np.triu(upper, 1).T + np.eye(len(upper))
     chol = np.linalg.cholesky(S)
     inverse = np.linalg.inv(chol)
     inverse = inverse.T @ inverse
@@ -135,14 +143,58 @@ def solve_crossed(share: CrossedShare) -> CrossedSolution:
                            quadratic=float(u @ share.rhs.to_dense()))
 
 
-def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """One partition's S_p X, as two arrays of integers whose sums over partitions are exact.
+def _limbs(terms: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three integers of at most 25 bits with terms = (l2 2^50 + l1 2^25 + l0) grid up to a
+    rounding below grid (every operation is exact: grid is a power of two)."""
+    units = np.rint(terms * (1.0 / grid))
+    top = np.floor(units * 2.0 ** -(2 * _LIMB_BITS))
+    units -= top * 2.0 ** (2 * _LIMB_BITS)
+    middle = np.floor(units * 2.0 ** -_LIMB_BITS)
+    units -= middle * 2.0 ** _LIMB_BITS
+    return top, middle, units
+
+
+def _from_limbs(limbs, grid) -> np.ndarray:
+    """The value of summed limbs (a deterministic function of the integers)."""
+    top, middle, low = limbs
+    return ((top * 2.0 ** _LIMB_BITS + middle) * 2.0 ** _LIMB_BITS + low) * grid
+
+
+def _grid(bound) -> np.ndarray:
+    """The power of two that terms bounded by ``bound`` are counted in (2**-75 of the bound)."""
+    bound = np.asarray(bound, dtype=float)
+    exponent = np.frexp(np.where(bound > 0, bound, 1.0))[1]
+    return np.ldexp(1.0, exponent - 3 * _LIMB_BITS)
+
+
+def exact_schur(rows: CrossedRows, P: int, *, term_bound: float) -> list:
+    """One partition's E_p - B_p'F_p on and above the diagonal, as integers whose sums over
+    partitions are exact.
+
+    Its terms (:func:`~merf_dask.core.random_effects.schur_terms`) do not depend on how the
+    rows are split into partitions; each is counted in units of 2**-75 ``term_bound`` (a bound
+    on every term of every partition) as three integers of 25 bits, which float64 adds exactly
+    for up to 2**28 terms per entry.
+
+    Returns
+    -------
+    list of 3 scipy.sparse.csr_matrix of shape (P, P)
+        The limbs (:func:`solve_crossed` turns their sums into S).
+    """
+    index, values = schur_terms(rows, P)
+    # P is small on this path: count into all P^2 entries, keep those some term touched
+    limbs = [np.bincount(index, limb, P * P) for limb in _limbs(values, _grid(term_bound))]
+    touched = np.flatnonzero(np.bincount(index, minlength=P * P))
+    return [sp.csr_matrix((limb[touched], (touched // P, touched % P)), shape=(P, P))
+            for limb in limbs]
+
+
+def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float) -> np.ndarray:
+    """One partition's S_p X, as integers whose sums over partitions are exact.
 
     S_p X = E_p X - B_p'(F_p X) is a sum of terms, one per row (E) and one per entry of B; a
-    term does not depend on how the rows are split into partitions. Each is rounded to a grid
-    of 2**-50 times ``term_bound`` * max|X[:, c]| (a bound on any term of column c, the same for
-    every partition) and split into two integers of 25 bits, which float64 adds exactly.
+    term does not depend on how the rows are split into partitions. Column c's terms are
+    counted as in :func:`exact_schur`, in units set by ``term_bound`` * max|X[:, c]|.
 
     Parameters
     ----------
@@ -153,8 +205,8 @@ def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float
 
     Returns
     -------
-    high, low : ndarray of shape (P, m)
-        S_p X = (high * 2**25 + low) * grid, summed over partitions first (:func:`_from_fixed`).
+    list of 3 ndarray of shape (P, m)
+        The limbs; :func:`_from_limbs` of their sum over partitions is S X - X.
     """
     P, m = X.shape
     ru, rv = rows.row_unknowns, rows.row_values
@@ -164,26 +216,9 @@ def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float
     index = np.concatenate([ru.ravel(), b_cols])
     terms = np.concatenate([(rv[:, :, None] * row_products[:, None, :]).reshape(-1, m),
                             -b_values[:, None] * (rows.coupling @ X)[b_rows]])
-    grid = _grid(X, term_bound)
-    units = np.rint(terms / grid)
-    high = np.floor(units * 2.0 ** -_HALF_BITS)
-    low = units - high * 2.0 ** _HALF_BITS
+    limbs = _limbs(terms, _grid(term_bound * np.abs(X).max(axis=0)))
     flat = (index[:, None] * m + np.arange(m)).ravel()
-    return (np.bincount(flat, high.ravel(), P * m).reshape(P, m),
-            np.bincount(flat, low.ravel(), P * m).reshape(P, m))
-
-
-def _grid(X: np.ndarray, term_bound: float) -> np.ndarray:
-    """(m,) the power of two that :func:`exact_products` rounds column c's terms to."""
-    bound = term_bound * np.abs(X).max(axis=0)
-    exponent = np.frexp(np.where(bound > 0, bound, 1.0))[1]
-    return np.ldexp(1.0, exponent - _FIXED_BITS)
-
-
-def _from_fixed(high: np.ndarray, low: np.ndarray, X: np.ndarray, term_bound: float
-                ) -> np.ndarray:
-    """S x from the partitions' summed :func:`exact_products`."""
-    return (high * 2.0 ** _HALF_BITS + low) * _grid(X, term_bound)
+    return [np.bincount(flat, limb.ravel(), P * m).reshape(P, m) for limb in limbs]
 
 
 def _block_diagonal(share: CrossedShare, offsets) -> list:
@@ -235,8 +270,8 @@ def solve_iteratively(share: CrossedShare, product, *, offsets, n_probes: int = 
     share : CrossedShare
         Summed over all partitions, with its blocks at each crossed level.
     product : callable
-        ``product(X)`` gives sum_p S_p X for X of shape (P, m) (one pass over the partitions),
-        as the summed pair of :func:`exact_products`.
+        ``product(X)`` gives :func:`exact_products` summed over the partitions for X of shape
+        (P, m) (one pass over them).
     offsets : ndarray
         :func:`~merf_dask.core.random_effects.crossed_offsets`.
     n_probes : int
@@ -254,8 +289,7 @@ def solve_iteratively(share: CrossedShare, product, *, offsets, n_probes: int = 
     rhs = np.column_stack([share.reduced_rhs.to_dense(), W])
 
     def apply_s(X):
-        high, low = product(X)
-        return X + _from_fixed(high, low, X, share.term_bound)
+        return X + _from_limbs(product(X), _grid(share.term_bound * np.abs(X).max(axis=0)))
 
     def precondition(R):
         return _block_apply(block_inverse, offsets, R, lambda b, r: np.einsum("lij,ljm->lim",

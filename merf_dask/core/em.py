@@ -26,7 +26,7 @@ PartitionArrays
     order of their stable keys.
 EffectsLayout, layout_of, nested_in_partition_factor
     Which factors are local to the blocks and which are crossed.
-m_step_pieces, honest_residuals, e_step_local, e_step_finish
+m_step_pieces, honest_residuals, e_step_local, e_step_finish, crossed_schur, crossed_products
     The per-block steps (pure numpy; the Dask backend runs them on the workers).
 EMData
     The protocol above.
@@ -51,7 +51,7 @@ import pandas as pd
 from sklearn.base import BaseEstimator
 
 from .crossed_solve import (DENSE_CROSSED_UNKNOWNS, CrossedSolution, exact_products,
-                            solve_crossed, solve_iteratively)
+                            exact_schur, solve_crossed, solve_iteratively)
 from .random_effects import (CrossedShare, EMSums, FactorEffects,
                              LocalSystem, crossed_effects, crossed_offsets, factor_moments,
                              finish_local, partition_sums, random_effects_offset,
@@ -374,18 +374,28 @@ def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayo
     return local_b, b_cov, sums
 
 
-def crossed_products(step: LocalStep, X: np.ndarray, *, term_bound: float):
+def crossed_products(step: LocalStep, X: np.ndarray, *, term_bound: float) -> np.ndarray:
     """A block's share of S X (:func:`~merf_dask.core.crossed_solve.exact_products`)."""
     return exact_products(step.system.crossed, X, term_bound=term_bound)
+
+
+def crossed_schur(step: LocalStep, P: int, *, term_bound: float) -> list:
+    """A block's share of S (:func:`~merf_dask.core.crossed_solve.exact_schur`)."""
+    return exact_schur(step.system.crossed, P, term_bound=term_bound)
+
+
+def add_limbs(*shares):
+    """The sum of blocks' shares of S or S X (integers: exact in any order)."""
+    return [sum(limbs) for limbs in zip(*shares)]
 
 
 class EMData(Protocol):
     """Where the rows live, as the EM loop sees it.
 
     One E-step is ``local_step`` (every block's first pass; the crossed factors' summed share
-    comes back), the driver's solve for the crossed unknowns (which asks for
-    ``crossed_product`` -- sum over blocks of :func:`crossed_products` -- when it iterates),
-    and ``finish_step`` (every block's second pass). ``local_step(again=True)`` evaluates an E-step at other variance
+    comes back), the driver's solve for the crossed unknowns (which asks for the sum over
+    blocks of :func:`crossed_schur` with ``crossed_schur``, or of :func:`crossed_products` with
+    ``crossed_product`` when it iterates), and ``finish_step`` (every block's second pass). ``local_step(again=True)`` evaluates an E-step at other variance
     components from the honest residuals of the iteration's first one (which ``keep=True``
     asks to keep), without predicting f again.
     """
@@ -400,7 +410,9 @@ class EMData(Protocol):
     def local_step(self, *, relative: list, sigma2: float, again: bool = False,
                    keep: bool = False) -> CrossedShare | None: ...
 
-    def crossed_product(self, X: np.ndarray, *, term_bound: float) -> tuple: ...
+    def crossed_schur(self, *, term_bound: float) -> list: ...
+
+    def crossed_product(self, X: np.ndarray, *, term_bound: float) -> list: ...
 
     def finish_step(self, *, relative: list, sigma2: float,
                     solution: CrossedSolution | None) -> EMSums: ...
@@ -467,6 +479,9 @@ class InMemoryEMData:
                                             layout=self.layout, relative=relative,
                                             n_jobs=self.n_jobs)
         return share
+
+    def crossed_schur(self, *, term_bound):
+        return crossed_schur(self.step, int(self.layout.offsets[-1]), term_bound=term_bound)
 
     def crossed_product(self, X, *, term_bound):
         return crossed_products(self.step, X, term_bound=term_bound)
@@ -609,7 +624,7 @@ def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False, keep: 
     if share is None:
         return data.finish_step(relative=relative, sigma2=sigma2, solution=None), {}
     if layout.dense:
-        solution = solve_crossed(share)
+        solution = solve_crossed(share, data.crossed_schur(term_bound=share.term_bound))
     else:
         solution = solve_iteratively(
             share, lambda X: data.crossed_product(X, term_bound=share.term_bound),

@@ -45,7 +45,7 @@ FactorEffects
     The fitted random effects of one factor: levels, b, Var(b | y), D.
 relative_factor
     L with L L' = D / sigma2.
-CrossedRows, LocalSystem, CrossedShare, solve_local, finish_local
+CrossedRows, LocalSystem, CrossedShare, solve_local, schur_terms, finish_local
     The E-step above (the driver's step is :mod:`merf_dask.core.crossed_solve`).
 EMSums, combine_sums, update_variance_components
     The partial sums that travel, and the driver's M-step for sigma2 and every D_k.
@@ -71,7 +71,7 @@ __all__ = ["RandomFactor", "FactorEffects", "relative_factor", "LocalSystem", "C
            "solve_local", "finish_local", "factor_moments", "partition_sums",
            "crossed_effects", "crossed_offsets", "EMSums", "combine_sums",
            "update_variance_components", "variance_components", "random_effects_offset",
-           "CrossedRows", "probe_sum"]
+           "CrossedRows", "probe_sum", "schur_terms"]
 
 #: Rows of F S^-1 handled at a time when the conditional covariances are finished (bounds the
 #: dense block to this many rows times the crossed unknowns).
@@ -369,19 +369,17 @@ class CrossedShare:
         Zt_G'r.
     reduced_rhs : ExactSum of shape (P,)
         Zt_G'r - B'u0.
-    schur : ExactSum of shape (P, P) or None
-        sum_p (E_p - B_p'F_p) (without the identity), when S is solved densely.
     diagonal : list of (ExactSum of shape (n_levels_k, q_k, q_k) or None) or None
         The blocks of that sum at each crossed level (None for local factors), when S is
         solved iteratively (they precondition it).
     term_bound : float
-        A bound on |term| / max|x| over the terms of the partitions' products S_p x
-        (:func:`merf_dask.core.crossed_solve.exact_products`); the maximum is exact.
+        A bound on every term of S_p (and on |term| / max|x| over the terms of the products
+        S_p x) in every partition; the maximum is exact
+        (:mod:`merf_dask.core.crossed_solve` sums those terms on a grid set by it).
     """
 
     rhs: ExactSum
     reduced_rhs: ExactSum
-    schur: ExactSum | None = None
     diagonal: list | None = None
     term_bound: float = 0.0
 
@@ -391,8 +389,7 @@ class CrossedShare:
         diagonal = None if self.diagonal is None else [
             add(a, b) for a, b in zip(self.diagonal, other.diagonal)]
         return CrossedShare(rhs=self.rhs + other.rhs,
-                            reduced_rhs=self.reduced_rhs + other.reduced_rhs,
-                            schur=add(self.schur, other.schur), diagonal=diagonal,
+                            reduced_rhs=self.reduced_rhs + other.reduced_rhs, diagonal=diagonal,
                             term_bound=max(self.term_bound, other.term_bound))
 
 
@@ -435,8 +432,9 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets, d
     offsets : ndarray
         :func:`crossed_offsets`.
     dense : bool, default=True
-        Whether the share carries the whole Schur complement (S solved densely) or only its
-        blocks at each crossed level (S solved iteratively).
+        Whether S is solved densely (its terms are summed in a later pass,
+        :func:`schur_terms`) or iteratively (the share carries S's blocks at each crossed
+        level, its preconditioner).
 
     Returns
     -------
@@ -503,9 +501,7 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets, d
         np.concatenate([row_terms.ravel(), -B_coo.data * u0[B_coo.row]]), (P,))
     share = CrossedShare(rhs=crossed_rhs, reduced_rhs=reduced_rhs,
                          term_bound=_term_bound(system.crossed))
-    if dense:
-        share.schur = _schur_terms(system.crossed, P)
-    else:
+    if not dense:
         first_column = np.cumsum([0] + [Zt[k].shape[1] for k in crossed])
         share.diagonal = [None] * len(Z)
         for k, start_column in zip(crossed, first_column):
@@ -530,21 +526,32 @@ def _term_bound(rows: CrossedRows) -> float:
     return bound
 
 
-def _schur_terms(rows: CrossedRows, P: int) -> ExactSum:
-    """E_p - B_p'F_p as exact sums of its rows' and pairs' terms."""
+def schur_terms(rows: CrossedRows, P: int) -> tuple[np.ndarray, np.ndarray]:
+    """The terms of E_p - B_p'F_p on and above the diagonal: one per row and pair of its
+    crossed unknowns, one per B entry (i, j) and F entry (i, j') of its row (-B_ij F_ij').
+
+    Returns
+    -------
+    index : ndarray of shape (n_terms,), int
+        Flat index j * P + j' (j <= j').
+    values : ndarray of shape (n_terms,)
+    """
     ru, rv = rows.row_unknowns, rows.row_values
-    gram_index = (ru[:, :, None] * P + ru[:, None, :]).ravel()
-    gram_values = (rv[:, :, None] * rv[:, None, :]).ravel()
+    a, c = np.triu_indices(ru.shape[1])
+    first, second = np.minimum(ru[:, a], ru[:, c]), np.maximum(ru[:, a], ru[:, c])
+    gram_index, gram_values = (first * P + second).ravel(), (rv[:, a] * rv[:, c]).ravel()
     b_rows, b_cols, b_values = rows.cross_gram
     F = rows.coupling
-    # every B entry (i, j) meets every F entry (i, j') of its row: -B_ij F_ij' at (j, j')
-    per_row = np.diff(F.indptr)[b_rows]
-    b_entry = np.repeat(np.arange(len(b_rows)), per_row)
-    f_entry = np.repeat(F.indptr[b_rows] - np.cumsum(per_row) + per_row, per_row) + np.arange(
-        per_row.sum())
+    # each B entry (i, j) meets the F entries (i, j') of its row with j' >= j: F's entries
+    # from the first at or after column j (rows and columns sorted) to the row's end
+    f_rows = np.repeat(np.arange(F.shape[0]), np.diff(F.indptr))
+    first = np.searchsorted(f_rows * P + F.indices, b_rows * P + b_cols)
+    count = F.indptr[b_rows + 1] - first
+    b_entry = np.repeat(np.arange(len(b_rows)), count)
+    f_entry = np.arange(count.sum()) + np.repeat(first - np.cumsum(count) + count, count)
     index = np.concatenate([gram_index, b_cols[b_entry] * P + F.indices[f_entry]])
     values = np.concatenate([gram_values, -b_values[b_entry] * F.data[f_entry]])
-    return ExactSum.of_terms(index, values, (P, P))
+    return index, values
 
 
 def _diagonal_terms(rows: CrossedRows, *, offset: int, q: int, n_table: int, columns: slice

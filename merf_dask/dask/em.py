@@ -51,9 +51,9 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from ..core.em import (EffectsLayout, PartitionArrays, align_random_effects, crossed_products,
-                       e_step_again, e_step_finish, e_step_local, layout_of, m_step_pieces,
-                       nested_in_partition_factor)
+from ..core.em import (EffectsLayout, PartitionArrays, add_limbs, align_random_effects,
+                       crossed_products, crossed_schur, e_step_again, e_step_finish,
+                       e_step_local, layout_of, m_step_pieces, nested_in_partition_factor)
 from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, assemble_model, fit_members
 
@@ -117,10 +117,8 @@ def _crossed_products(step_and_share, X, *, term_bound):
     return crossed_products(step_and_share[0], X, term_bound=term_bound)
 
 
-def _add_pairs(*pairs: tuple) -> tuple:
-    """The sum of (high, low) pairs of :func:`merf_dask.core.crossed_solve.exact_products`
-    (integers: exact in any order)."""
-    return tuple(sum(values[i] for values in pairs) for i in range(2))
+def _crossed_schur(step_and_share, P, *, term_bound):
+    return crossed_schur(step_and_share[0], P, term_bound=term_bound)
 
 
 def _e_step_whole(part: PartitionArrays, chunks, *, plan, layout, relative, sigma2):
@@ -295,12 +293,18 @@ class DaskEMData:
         shares = [client.submit(operator.itemgetter(1), r) for r in self.results]
         return _tree_reduce(client, shares, _add_shares).result()
 
+    def crossed_schur(self, *, term_bound):
+        P = int(self.layout.offsets[-1])
+        shares = [self.client.submit(_crossed_schur, result, P, term_bound=term_bound,
+                                     pure=False) for result in self.results]
+        return _tree_reduce(self.client, shares, add_limbs).result()
+
     def crossed_product(self, X, *, term_bound):
         client = self.client
         X = client.scatter(X, broadcast=True)
         products = [client.submit(_crossed_products, result, X, term_bound=term_bound,
                                   pure=False) for result in self.results]
-        return _tree_reduce(client, products, _add_pairs).result()
+        return _tree_reduce(client, products, add_limbs).result()
 
     def finish_step(self, *, relative, sigma2, solution):
         client = self.client
