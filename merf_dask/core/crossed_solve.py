@@ -19,9 +19,10 @@ at most :data:`DENSE_CROSSED_UNKNOWNS`, S is summed on the driver and inverted
 
 Both paths sum across partitions in fixed point: every term of S_p (or of S_p x) is one row's
 or one (local unknown, crossed unknown) pair's, the same in any partitioning; counted in units of
-2**-75 of a bound on all of them (:attr:`CrossedShare.term_bound`, a maximum, so exact) as three
-integers of 25 bits, they add exactly in any order, and S (or S x) is the same bits on any
-partitioning.
+2**-52 of a bound on all of them (:attr:`CrossedShare.term_bound`, a maximum, so exact) as two
+integers of 26 bits, they add exactly in any order, and S (or S x) is the same bits on any
+partitioning. The rounding is relative to the largest term, not to each sum, as float sums'
+would be to their partial sums.
 
 The per-level conditional covariances reported for such a fit are the block-Jacobi ones
 (P_c^-1 at crossed levels, A^-1 + F P_c^-1 F' at local levels): the covariance of a level's
@@ -65,9 +66,9 @@ TRACE_PROBES = 16
 _TOLERANCE = 1e-9
 _MAX_PCG_ITERATIONS = 1000
 _PROBE_SEED = 20140101
-#: Terms summed across partitions are counted in units of 2**-75 of a bound on them, as three
+#: Terms summed across partitions are counted in units of 2**-52 of a bound on them, as two
 #: integers of _LIMB_BITS bits: sums of up to 2**(53 - _LIMB_BITS) terms per entry are exact.
-_LIMB_BITS = 25
+_LIMB_BITS = 26
 
 
 @dataclass
@@ -143,28 +144,26 @@ def solve_crossed(share: CrossedShare, schur: list) -> CrossedSolution:
                            quadratic=float(u @ share.rhs.to_dense()))
 
 
-def _limbs(terms: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Three integers of at most 25 bits with terms = (l2 2^50 + l1 2^25 + l0) grid up to a
-    rounding below grid (every operation is exact: grid is a power of two)."""
+def _limbs(terms: np.ndarray, grid) -> tuple[np.ndarray, np.ndarray]:
+    """Two integers of at most 26 bits with terms = (high 2^26 + low) grid up to a rounding
+    below grid (every operation is exact: grid is a power of two)."""
     units = np.rint(terms * (1.0 / grid))
-    top = np.floor(units * 2.0 ** -(2 * _LIMB_BITS))
-    units -= top * 2.0 ** (2 * _LIMB_BITS)
-    middle = np.floor(units * 2.0 ** -_LIMB_BITS)
-    units -= middle * 2.0 ** _LIMB_BITS
-    return top, middle, units
+    high = np.floor(units * 2.0 ** -_LIMB_BITS)
+    units -= high * 2.0 ** _LIMB_BITS
+    return high, units
 
 
 def _from_limbs(limbs, grid) -> np.ndarray:
     """The value of summed limbs (a deterministic function of the integers)."""
-    top, middle, low = limbs
-    return ((top * 2.0 ** _LIMB_BITS + middle) * 2.0 ** _LIMB_BITS + low) * grid
+    high, low = limbs
+    return (high * 2.0 ** _LIMB_BITS + low) * grid
 
 
 def _grid(bound) -> np.ndarray:
-    """The power of two that terms bounded by ``bound`` are counted in (2**-75 of the bound)."""
+    """The power of two that terms bounded by ``bound`` are counted in (2**-52 of the bound)."""
     bound = np.asarray(bound, dtype=float)
     exponent = np.frexp(np.where(bound > 0, bound, 1.0))[1]
-    return np.ldexp(1.0, exponent - 3 * _LIMB_BITS)
+    return np.ldexp(1.0, exponent - 2 * _LIMB_BITS)
 
 
 def exact_schur(rows: CrossedRows, P: int, *, term_bound: float) -> list:
@@ -172,13 +171,13 @@ def exact_schur(rows: CrossedRows, P: int, *, term_bound: float) -> list:
     partitions are exact.
 
     Its terms (:func:`~merf_dask.core.random_effects.schur_terms`) do not depend on how the
-    rows are split into partitions; each is counted in units of 2**-75 ``term_bound`` (a bound
-    on every term of every partition) as three integers of 25 bits, which float64 adds exactly
-    for up to 2**28 terms per entry.
+    rows are split into partitions; each is counted in units of 2**-52 ``term_bound`` (a bound
+    on every term of every partition) as two integers of 26 bits, which float64 adds exactly
+    for up to 2**27 terms per entry.
 
     Returns
     -------
-    list of 3 scipy.sparse.csr_matrix of shape (P, P)
+    list of 2 scipy.sparse.csr_matrix of shape (P, P)
         The limbs (:func:`solve_crossed` turns their sums into S).
     """
     index, values = schur_terms(rows, P)
@@ -192,9 +191,11 @@ def exact_schur(rows: CrossedRows, P: int, *, term_bound: float) -> list:
 def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float) -> np.ndarray:
     """One partition's S_p X, as integers whose sums over partitions are exact.
 
-    S_p X = E_p X - B_p'(F_p X) is a sum of terms, one per row (E) and one per entry of B; a
-    term does not depend on how the rows are split into partitions. Column c's terms are
-    counted as in :func:`exact_schur`, in units set by ``term_bound`` * max|X[:, c]|.
+    S_p X = E_p X - B_p'(F_p X) is summed first within each cell (one level of the partition
+    factor and one crossed unknown: :class:`~merf_dask.core.random_effects.CrossedRows`, the
+    same sums in the same order on any partitioning), then across cells as in
+    :func:`exact_schur`, in units set by ``term_bound`` * max|X[:, c]| (a bound on every
+    cell's sum).
 
     Parameters
     ----------
@@ -205,19 +206,13 @@ def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float) -> np
 
     Returns
     -------
-    list of 3 ndarray of shape (P, m)
+    list of 2 ndarray of shape (P, m)
         The limbs; :func:`_from_limbs` of their sum over partitions is S X - X.
     """
     P, m = X.shape
-    ru, rv = rows.row_unknowns, rows.row_values
-    b_rows, b_cols, b_values = rows.cross_gram
-    # E terms: each row's z_a (z'x) at its unknown a; B terms: -B_ij (F x)_i at unknown j
-    row_products = np.einsum("na,nam->nm", rv, X[ru])
-    index = np.concatenate([ru.ravel(), b_cols])
-    terms = np.concatenate([(rv[:, :, None] * row_products[:, None, :]).reshape(-1, m),
-                            -b_values[:, None] * (rows.coupling @ X)[b_rows]])
-    limbs = _limbs(terms, _grid(term_bound * np.abs(X).max(axis=0)))
-    flat = (index[:, None] * m + np.arange(m)).ravel()
+    cell_sums = rows.cell_gram @ X - rows.cell_coupling @ (rows.coupling @ X)
+    flat = (rows.cell_unknown[:, None] * m + np.arange(m)).ravel()
+    limbs = _limbs(cell_sums, _grid(term_bound * np.abs(X).max(axis=0)))
     return [np.bincount(flat, limb.ravel(), P * m).reshape(P, m) for limb in limbs]
 
 

@@ -317,12 +317,23 @@ class CrossedRows:
         Each row's crossed unknowns (every crossed factor's columns side by side).
     row_values : ndarray of shape (n_rows, Q_G)
         Zt_G at each row and those unknowns.
+    cell_gram : scipy.sparse.csr_matrix of shape (n_cells, P)
+        E_p by cells: a cell is one level of the partition factor and one crossed unknown j
+        (the same in any partitioning); its row holds the sums over that level's rows of
+        Zt_j Zt_j' at every crossed unknown j'.
+    cell_coupling : scipy.sparse.csr_matrix of shape (n_cells, n_local)
+        B_p' by cells: B_ij at (cell of i's level and j, i).
+    cell_unknown : ndarray of shape (n_cells,), int
+        The crossed unknown of each cell.
     """
 
     coupling: sp.csr_matrix
     cross_gram: tuple
     row_unknowns: np.ndarray
     row_values: np.ndarray
+    cell_gram: sp.csr_matrix
+    cell_coupling: sp.csr_matrix
+    cell_unknown: np.ndarray
 
 
 @dataclass
@@ -489,8 +500,10 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets, d
     B_coo = B.tocoo()
     row_unknowns = np.hstack([crossed_unknowns[k][codes[k]] for k in crossed])
     row_values = np.hstack([Zt[k] for k in crossed])
-    system.crossed = CrossedRows(coupling=F, cross_gram=(B_coo.row, B_coo.col, B_coo.data),
-                                 row_unknowns=row_unknowns, row_values=row_values)
+    system.crossed = _cells(F, (B_coo.row, B_coo.col, B_coo.data), row_unknowns, row_values,
+                            block_of_row=codes[local[0]],
+                            block_of_unknown=np.repeat(np.arange(len(blocks.start)), blocks.size),
+                            P=P)
 
     # every sum over levels of the partition factor is exact, term by term: a term is one
     # row's or one (local unknown, crossed unknown) pair's, the same in any partitioning
@@ -513,17 +526,39 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets, d
     return system, share, logdet
 
 
+def _cells(F, cross_gram, row_unknowns, row_values, *, block_of_row, block_of_unknown, P
+           ) -> CrossedRows:
+    """:class:`CrossedRows` with E_p and B_p' summed by cells, each sum over one level's
+    rows or unknowns in their order (the same in any partitioning)."""
+    b_rows, b_cols, b_values = cross_gram
+    n_rows, width = row_unknowns.shape
+    cell_keys = np.concatenate([(np.repeat(block_of_row, width) * P + row_unknowns.ravel()),
+                                block_of_unknown[b_rows] * P + b_cols])
+    keys, cell = np.unique(cell_keys, return_inverse=True)
+    row_cell, b_cell = cell[:n_rows * width].reshape(n_rows, width), cell[n_rows * width:]
+    # E by cells: every (a, c) pair of a row's unknowns, summed per (cell of a, unknown c)
+    a, c = np.meshgrid(np.arange(width), np.arange(width), indexing="ij")
+    pair_keys = (row_cell[:, a.ravel()] * P + row_unknowns[:, c.ravel()]).ravel()
+    pair_values = (row_values[:, a.ravel()] * row_values[:, c.ravel()]).ravel()
+    entries, entry = np.unique(pair_keys, return_inverse=True)
+    cell_gram = sp.csr_matrix((np.bincount(entry, pair_values, len(entries)),
+                               (entries // P, entries % P)), shape=(len(keys), P))
+    cell_coupling = sp.csr_matrix((b_values, (b_cell, b_rows)), shape=(len(keys), F.shape[0]))
+    return CrossedRows(coupling=F, cross_gram=cross_gram, row_unknowns=row_unknowns,
+                       row_values=row_values, cell_gram=cell_gram, cell_coupling=cell_coupling,
+                       cell_unknown=keys % P)
+
+
 def _term_bound(rows: CrossedRows) -> float:
-    """max |term| / max|x| over the terms of S_p x (rows' Gram terms and B'F x terms)."""
+    """A bound on every term of S_p (|Zt_a Zt_c| of a row, |B_ij F_ij'|) and on max|x|^-1
+    times every cell's entry of S_p x."""
+    row_norm = np.asarray(abs(rows.coupling).sum(axis=1)).ravel()
+    cells = (np.asarray(abs(rows.cell_gram).sum(axis=1)).ravel()
+             + abs(rows.cell_coupling) @ row_norm)
     values = np.abs(rows.row_values)
-    bound = float((values.max(axis=1) * values.sum(axis=1)).max()) if values.size else 0.0
-    B = sp.csr_matrix((np.abs(rows.cross_gram[2]), rows.cross_gram[:2]),
-                      shape=rows.coupling.shape)
-    if B.nnz:
-        row_max = B.max(axis=1).toarray().ravel()
-        row_norm = np.asarray(abs(rows.coupling).sum(axis=1)).ravel()
-        bound = max(bound, float((row_max * row_norm).max()))
-    return bound
+    terms = [cells, values.max(axis=1) * values.max(axis=1),
+             np.abs(rows.cross_gram[2]) * row_norm[rows.cross_gram[0]]]
+    return float(max((t.max() for t in terms if len(t)), default=0.0))
 
 
 def schur_terms(rows: CrossedRows, P: int) -> tuple[np.ndarray, np.ndarray]:
