@@ -3,7 +3,10 @@
 Commands
 --------
 simulate   write the paper's data-generating process as a lake bucketed by cluster
-fit        fit a formula on a lake, on a Dask cluster, and write a model directory
+bucket     write a copy of any Parquet dataset bucketed by a column
+fit        fit a formula on a lake, on a Dask cluster, and write a model directory (a lake
+           not bucketed by the first grouping factor through its bucketed copy in a scratch
+           location, written once)
 predict    add ``prediction`` (and ``prediction_std``) to every row of a lake
 evaluate   MSE and R^2 on a labelled lake, for rows of known and of new clusters
 show       the summary of a model directory
@@ -46,6 +49,8 @@ from .core.em import IterationRecord
 from .learners import LEARNERS, make_learner
 
 __all__ = ["cli", "main"]
+
+logger = logging.getLogger("merf_dask")
 
 _EXPECTED_ERRORS = (ValueError, TypeError, OSError, KeyError, ImportError)
 
@@ -190,21 +195,51 @@ def _scheduler_lost(client, error: BaseException | None = None) -> bool:
         client.scheduler_comm.comm is None or client.scheduler_comm.comm.closed()
 
 
+def _default_scratch(lake: str) -> str | None:
+    """Where bucketed copies of ``lake`` go without ``--scratch``: $MERF_DASK_SCRATCH, else the
+    user's cache directory for a lake on the local disk (workers elsewhere could not read a
+    copy there: a lake behind a URL needs --scratch)."""
+    if os.environ.get("MERF_DASK_SCRATCH"):
+        return os.environ["MERF_DASK_SCRATCH"]
+    if "://" in str(lake):
+        return None
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "merf-dask", "lakes")
+
+
+def _training_source(lake: str, column: str, scratch: str | None) -> str:
+    """``lake`` when it is bucketed by ``column``, else its bucketed copy under the scratch
+    location, written once (``lake`` itself, shuffled into worker memory, when there is none)."""
+    from .io.lake import bucketed_by, bucketed_copy
+    if bucketed_by(lake) == column:
+        return lake
+    scratch = scratch or _default_scratch(lake)
+    if scratch is None:
+        logger.warning("%s is not bucketed by %r and no --scratch (or MERF_DASK_SCRATCH) is set "
+                       "for a bucketed copy: it is shuffled into worker memory", lake, column)
+        return lake
+    return bucketed_copy(lake, cluster_column=column, scratch=scratch)
+
+
 def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-forest",
-         overwrite=False, quiet=False, seed=0):
+         overwrite=False, quiet=False, seed=0, scratch=None):
     """Fit ``formula`` on ``lake`` with ``client`` and write the model directory ``output``.
 
-    The fit checkpoints after every EM iteration next to ``output`` and resumes from there when
-    run again after being killed or losing its scheduler.
+    A lake not bucketed by the first grouping factor is read from its bucketed copy under
+    ``scratch`` (:func:`_training_source`). The fit checkpoints after every EM iteration next
+    to ``output`` and resumes from there when run again after being killed or losing its
+    scheduler.
     """
-    from .io.artifacts import data_fingerprint
+    from .io.filesystem import data_fingerprint
     from .estimator import MERF
     from .formula import parse_formula
     from .io.lake import read_lake
 
     frame = read_lake(lake)
     spec = parse_formula(formula, columns=list(frame.columns))
-    frame = read_lake(lake, columns=list(spec.columns), cluster_column=_partition_column(spec))
+    column = _partition_column(spec)
+    frame = read_lake(_training_source(lake, column, scratch), columns=list(spec.columns),
+                      cluster_column=column)
     checkpoint = checkpoint_path(output)
     model = MERF(make_learner(learner, random_state=seed), formula=formula,
                  max_iterations=max_iterations, random_state=seed, checkpoint=checkpoint,
@@ -328,6 +363,9 @@ def _job_options(ctx: click.Context, job: str) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing model directory.")
 @click.option("--quiet", is_flag=True, help="No progress (bar or lines) and no summary.")
+@click.option("--scratch", help="Where to write (once) and find again a copy of a LAKE not "
+              "bucketed by the first grouping factor [default: $MERF_DASK_SCRATCH, else "
+              "~/.cache/merf-dask/lakes for a local LAKE].")
 @click.option("--job", type=click.Path(exists=True, dir_okay=False),
               help="YAML job spec whose keys stand for the flags (flags win).")
 @click.pass_context
@@ -353,6 +391,33 @@ def fit(ctx, job, **options):
     with connect({"address": scheduler} if scheduler else cluster_config, n_workers=n_workers,
                  memory_limit=memory_limit) as client:
         _fit(client=client, **options)
+
+
+@cli.command()
+@click.argument("lake")
+@click.option("--cluster", "cluster_column", required=True,
+              help="Column to bucket by (a formula's first grouping factor).")
+@click.option("--output", required=True, help="Lake to write (path or URL).")
+@click.option("--buckets", type=click.IntRange(min=1),
+              help="Number of buckets [default: about one per million rows, a few per worker "
+              "thread].")
+@click.option("--scheduler", help="Address of a running scheduler.")
+@click.option("--n-workers", type=click.IntRange(min=1), help="Workers of the embedded cluster.")
+@click.option("--memory-limit", help="Memory per worker of the embedded cluster, e.g. 1GiB.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def bucket(lake, cluster_column, output, buckets, scheduler, n_workers, memory_limit, overwrite):
+    """Write a copy of LAKE (any Parquet dataset) bucketed by a column: fits read it out of core.
+
+    The rows are shuffled once through Dask's disk-backed shuffle; no process holds the data.
+    """
+    from .dask.cluster import connect
+    from .io.lake import bucket_lake
+    _refuse_existing(output, overwrite)
+    with connect({"address": scheduler} if scheduler else None, n_workers=n_workers,
+                 memory_limit=memory_limit):
+        bucket_lake(lake, output, cluster_column=cluster_column, n_buckets=buckets,
+                    overwrite=overwrite)
+    click.echo(f"wrote {output}, bucketed by {cluster_column!r}")
 
 
 def _with_predictions(part: pd.DataFrame, *, model, intervals: bool) -> pd.DataFrame:
@@ -425,8 +490,8 @@ def _squared_errors(part: pd.DataFrame, *, model) -> pd.DataFrame:
 def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
     """MSE and R^2 of ``model`` on a labelled lake, by known / new cluster and overall."""
     from .io.lake import read_lake
-    frame = read_lake(lake, columns=list(model.formula_spec_.columns),
-                      cluster_column=_partition_column(model.formula_spec_))
+    # every row's error stands alone: any layout is read as it is
+    frame = read_lake(lake, columns=list(model.formula_spec_.columns))
     meta = pd.DataFrame({"rows": pd.Series(dtype=object), "n": pd.Series(dtype="int64"),
                          "sse": pd.Series(dtype=float), "sum_y": pd.Series(dtype=float),
                          "sum_y2": pd.Series(dtype=float)})

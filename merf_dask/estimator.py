@@ -430,8 +430,9 @@ class MERF(RegressorMixin, BaseEstimator):
             aligned = ensure_cluster_partitions(frame, _factor_column(0))
             if aligned is not frame:
                 warnings.warn("the data is not partitioned by cluster: it was shuffled once and "
-                              "is held in worker memory; write a lake bucketed by cluster "
-                              "(merf_dask.io.lake.write_lake) to fit data larger than memory",
+                              "is held in worker memory; to fit data larger than memory, fit a "
+                              "lake bucketed by cluster (merf_dask.io.lake.bucket_lake, "
+                              "`merf-dask bucket`; `merf-dask fit` writes such a copy itself)",
                               UserWarning, stacklevel=3)
                 aligned = client.persist(aligned)
             partitions = aligned.to_delayed()

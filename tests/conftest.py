@@ -1,4 +1,5 @@
-"""Shared fixtures: a real multi-process Dask cluster (helpers live in ``helpers.py``)."""
+"""Shared fixtures: a real multi-process Dask cluster, a scratch location for bucketed copies
+(helpers live in ``helpers.py``)."""
 
 import pytest
 
@@ -10,3 +11,10 @@ def dask_client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         yield client
+
+
+@pytest.fixture(autouse=True)
+def scratch_location(tmp_path_factory, monkeypatch):
+    """Bucketed copies of foreign lakes (``merf-dask fit``) go to a temporary directory, never
+    to the user's cache."""
+    monkeypatch.setenv("MERF_DASK_SCRATCH", str(tmp_path_factory.mktemp("scratch")))

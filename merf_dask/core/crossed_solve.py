@@ -216,7 +216,7 @@ def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float) -> np
     return [np.bincount(flat, limb.ravel(), P * m).reshape(P, m) for limb in limbs]
 
 
-def _block_diagonal(share: CrossedShare, offsets) -> list:
+def _block_diagonal(share: CrossedShare) -> list:
     """P_c = I + the summed blocks of S_p at each crossed level (None for local factors)."""
     blocks = []
     for k, diagonal in enumerate(share.diagonal):
@@ -276,7 +276,7 @@ def solve_iteratively(share: CrossedShare, product, *, offsets, n_probes: int = 
     CrossedSolution
     """
     P = int(offsets[-1])
-    blocks = _block_diagonal(share, offsets)
+    blocks = _block_diagonal(share)
     factors = [None if b is None else np.linalg.cholesky(b) for b in blocks]
     block_inverse = [None if b is None else np.linalg.inv(b) for b in blocks]
     probes = np.random.default_rng(_PROBE_SEED).choice([-1.0, 1.0], size=(P, n_probes))

@@ -32,8 +32,6 @@ Functions
 save_model, load_model
 read_manifest
     The manifest alone (for ``merf-dask show``).
-data_fingerprint
-    A cheap fingerprint of a lake (its files' paths and sizes).
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ from .filesystem import atomic_directory, check_complete, open_filesystem
 from .learner_file import PICKLE_FILE, SKOPS_FILE, dump_learner, load_learner
 from .report import render_report
 
-__all__ = ["save_model", "load_model", "read_manifest", "data_fingerprint", "MANIFEST",
+__all__ = ["save_model", "load_model", "read_manifest", "MANIFEST",
            "random_effects_file"]
 
 MANIFEST = "manifest.json"
@@ -176,7 +174,8 @@ def save_model(state, params: dict, url, *, overwrite: bool = False,
         Replace an existing directory.
     storage_options : dict, optional
     fingerprint : dict, optional
-        Description of the training data to record (see :func:`data_fingerprint`).
+        Description of the training data to record
+        (:func:`merf_dask.io.filesystem.data_fingerprint`).
     summary : str, optional
         The model's text summary; with it, the HTML report (:mod:`merf_dask.io.report`) is
         written too when matplotlib is installed.
@@ -362,12 +361,3 @@ def load_model(url, *, storage_options: dict | None = None, trusted: bool = Fals
         z_named=schema["z_named"], formula_spec=formula_spec, design=design,
         n_partitions=manifest["n_partitions"], resumed_from=manifest["resumed_from"])
     return params, state, manifest
-
-
-def data_fingerprint(url, *, storage_options: dict | None = None) -> dict:
-    """A cheap fingerprint of a lake: SHA-256 over its files' paths and sizes (no data is read)."""
-    filesystem, root = open_filesystem(url, storage_options=storage_options)
-    files = sorted((path[len(root):], info["size"])
-                   for path, info in filesystem.find(root, detail=True).items())
-    digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()
-    return {"source": str(url), "n_files": len(files), "sha256": digest}

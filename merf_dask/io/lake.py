@@ -25,6 +25,14 @@ read_lake
     Read a lake (or any Parquet dataset) into a Dask DataFrame with every cluster in one
     partition, after checking the footers: missing, empty, corrupt or mixed-schema input and unknown
     columns fail with a message naming the file or column.
+bucketed_by
+    The column a lake was bucketed by (None for any other Parquet dataset).
+bucket_lake
+    Write a bucketed copy of any Parquet dataset (one shuffle, through Dask's disk-backed P2P
+    shuffle on a distributed cluster).
+bucketed_copy
+    The bucketed copy of a dataset in a scratch location: written once, found again by the
+    source's fingerprint.
 
 Publishing is atomic (:func:`merf_dask.io.filesystem.atomic_directory`): :func:`read_lake` refuses
 a directory holding the marker of an interrupted publish.
@@ -33,6 +41,9 @@ a directory holding the marker of an interrupted publish.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import math
 import os
 import posixpath
@@ -56,7 +67,8 @@ from fsspec.implementations.local import LocalFileSystem
 from ..core.hashing import cluster_hashes
 from ..dask.partitioning import ensure_cluster_partitions
 from ..simulate import simulate_frame
-from .filesystem import atomic_directory, check_complete, open_filesystem, url_of
+from .filesystem import (atomic_directory, check_complete, data_fingerprint, open_filesystem,
+                         url_of)
 
 __all__ = [
     "BUCKET_COLUMN",
@@ -65,6 +77,9 @@ __all__ = [
     "write_simulated_lake",
     "write_dataset",
     "read_lake",
+    "bucketed_by",
+    "bucket_lake",
+    "bucketed_copy",
 ]
 
 #: Hive partition key of the bucket directories (``bucket=K``); no data column may use this name.
@@ -83,6 +98,8 @@ _BUCKET_FILE_NAME = "part-0.parquet"
 _TARGET_ROWS_PER_BUCKET = 1_000_000
 _BUCKETS_PER_THREAD = 4
 _MIN_ROWS_PER_BUCKET = 10_000
+
+logger = logging.getLogger("merf_dask")
 
 # Footers are read concurrently because each costs a round trip or two on an object store.
 _FOOTER_READERS = 16
@@ -315,6 +332,80 @@ def read_lake(url: str | os.PathLike, *, columns: Sequence[str] | None = None,
     if cluster_column is None or cluster_column == bucketed_by:
         return lake
     return ensure_cluster_partitions(lake, cluster_column)
+
+
+def bucketed_by(url: str | os.PathLike, *, storage_options: dict | None = None) -> str | None:
+    """The column ``url`` was bucketed by (:func:`write_lake`), or None for any other dataset.
+
+    Reads the footers only (the same checks as :func:`read_lake`).
+    """
+    filesystem, root = open_filesystem(url, storage_options=storage_options)
+    files = _data_files(filesystem, root, url=url)
+    check_complete(url, storage_options=storage_options)
+    if _files_by_bucket(root, files) is None:
+        return None
+    schema = _common_schema(filesystem, files, _read_footers(filesystem, files))
+    return (schema.metadata or {}).get(_BUCKETED_BY_KEY, b"").decode() or None
+
+
+def bucket_lake(source: str | os.PathLike, output: str | os.PathLike, *, cluster_column: str,
+                n_buckets: int | None = None, storage_options: dict | None = None,
+                overwrite: bool = False) -> None:
+    """Write a copy of any Parquet dataset bucketed by ``cluster_column`` (a lake).
+
+    The rows are read file by file and shuffled once into buckets (on a distributed cluster
+    through Dask's P2P shuffle, which spills to disk), and each bucket is written by the worker
+    holding it: no process holds the dataset. The copy is published atomically.
+
+    Parameters
+    ----------
+    source : str or path-like
+        Any Parquet dataset :func:`read_lake` reads (hive-partitioned or flat, local or URL).
+    output : str or path-like
+        The lake to write.
+    cluster_column : str
+    n_buckets : int, optional
+        As for :func:`write_lake`.
+    storage_options : dict, optional
+        For both the source and the output.
+    overwrite : bool
+        Replace an existing output instead of raising ``FileExistsError``.
+    """
+    frame = read_lake(source, storage_options=storage_options)
+    _require_columns([cluster_column], list(frame.columns), source=source)
+    write_lake(frame, output, cluster_column=cluster_column, n_buckets=n_buckets,
+               storage_options=storage_options, overwrite=overwrite)
+
+
+def bucketed_copy(source: str | os.PathLike, *, cluster_column: str, scratch: str | os.PathLike,
+                  storage_options: dict | None = None) -> str:
+    """The copy of ``source`` bucketed by ``cluster_column`` under ``scratch``, written by
+    :func:`bucket_lake` when it is not there yet.
+
+    The copy's directory is named by a hash of the source's fingerprint (its files' paths,
+    sizes and modification marks, :func:`~merf_dask.io.filesystem.data_fingerprint`) and the
+    column, so a later fit of the same, unchanged source finds it, and a changed source gets a
+    new copy. Removing the directory (or all of ``scratch``) is always safe.
+
+    Returns
+    -------
+    str
+        The copy's URL.
+    """
+    fingerprint = data_fingerprint(source, storage_options=storage_options)
+    key = hashlib.sha256(json.dumps([fingerprint, cluster_column]).encode()).hexdigest()[:24]
+    filesystem, root = open_filesystem(scratch, storage_options=storage_options)
+    url = url_of(filesystem, posixpath.join(root, f"bucketed-{key}"))
+    if filesystem.exists(posixpath.join(root, f"bucketed-{key}")):
+        with contextlib.suppress(ValueError):  # an interrupted publish is written again
+            check_complete(url, storage_options=storage_options)
+            logger.info("reading the bucketed copy of %s at %s", source, url)
+            return url
+    logger.info("writing a copy of %s bucketed by %r to %s (once: later fits of the same data "
+                "read it)", source, cluster_column, url)
+    bucket_lake(source, url, cluster_column=cluster_column, storage_options=storage_options,
+                overwrite=True)
+    return url
 
 
 # ---------------------------------------------------------------- writing
