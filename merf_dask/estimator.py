@@ -23,8 +23,11 @@ Input is either merf 1.0's ``fit(X, Z, clusters, y)`` or, with ``formula=``, one
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import posixpath
+import uuid
 import warnings
 from numbers import Integral, Real
 
@@ -66,6 +69,23 @@ class SingularFitWarning(UserWarning):
 
 def _is_dask(obj) -> bool:
     return hasattr(obj, "dask") and hasattr(obj, "npartitions")
+
+
+@contextlib.contextmanager
+def _bucketed_frame(frame, column: str, scratch):
+    """``frame`` written under ``scratch`` as a lake bucketed by ``column`` and read back (one
+    partition per bucket, streamed); the lake is removed on exit."""
+    from .io.filesystem import open_filesystem, url_of
+    from .io.lake import read_lake, write_lake
+    filesystem, root = open_filesystem(scratch)
+    path = posixpath.join(root, f".merf-dask-fit-{uuid.uuid4().hex}")
+    url = url_of(filesystem, path)
+    logger.info("writing the training frame bucketed by cluster to %s for the fit", url)
+    write_lake(frame, url, cluster_column=column)
+    try:
+        yield read_lake(url, cluster_column=column)
+    finally:
+        filesystem.rm(path, recursive=True)
 
 
 def _active_client():
@@ -138,6 +158,12 @@ class MERF(RegressorMixin, BaseEstimator):
     client : distributed.Client, default=None
         Client of the cluster to fit on, for any input. None fits numpy / pandas input in this
         process and Dask collections on the active client.
+    scratch : str or path-like, default=None
+        Where a Dask DataFrame whose clusters span partitions (``dd.read_parquet`` of a lake
+        laid out by day, say) is written once as a lake bucketed by the first grouping factor,
+        for the fit to read out of core; a local path or URL every worker can reach. The copy
+        is removed when the fit ends. None shuffles such a frame into worker memory (with a
+        warning).
 
     Attributes
     ----------
@@ -209,11 +235,13 @@ class MERF(RegressorMixin, BaseEstimator):
         "random_state": ["random_state"],
         "checkpoint": [str, os.PathLike, None],
         "client": [HasMethods(["submit", "gather"]), None],
+        "scratch": [str, os.PathLike, None],
     }
 
     def __init__(self, fixed_effects_model=None, *, formula=None, max_iterations=20, tol=1e-3,
                  gll_early_stop_threshold=None, oob="auto", n_folds=2, member_rows="auto",
-                 accelerate="auto", random_state=None, checkpoint=None, client=None):
+                 accelerate="auto", random_state=None, checkpoint=None, client=None,
+                 scratch=None):
         self.fixed_effects_model = fixed_effects_model
         self.formula = formula
         self.max_iterations = max_iterations
@@ -226,6 +254,7 @@ class MERF(RegressorMixin, BaseEstimator):
         self.random_state = random_state
         self.checkpoint = checkpoint
         self.client = client
+        self.scratch = scratch
 
     # A client is shared, never copied: sklearn's clone deep-copies non-estimator parameters.
     def __sklearn_clone__(self):
@@ -274,9 +303,11 @@ class MERF(RegressorMixin, BaseEstimator):
         if not data["x_names"]:
             logger.info("the model has no features: f is a constant, the mean of y - Z b")
             learner, honest = DummyRegressor(), False
+        # a bucketed copy of the training frame lives until the fit ends
+        copies = contextlib.ExitStack()
         if data["distributed"] or self.client is not None:
             em_data, n_partitions = self._distributed_em_data(data, self.client or
-                                                              _active_client())
+                                                              _active_client(), copies)
         else:
             em_data = InMemoryEMData(X=data["X"], y=data["y"], Z=data["Z"], codes=data["codes"],
                                      levels=data["levels"], factors=data["factors"],
@@ -288,9 +319,10 @@ class MERF(RegressorMixin, BaseEstimator):
         plan = plan_members(learner, honest=honest, n_rows=em_data.n_rows,
                             n_folds=self.n_folds, member_rows=self.member_rows, seed=seed,
                             cluster_hashes=em_data.cluster_hashes)
-        result = run_em(em_data, plan=plan, max_iterations=self.max_iterations, tol=tol,
-                        validation_mse=validation, start=start, on_state=on_state,
-                        accelerate=self.accelerate)
+        with copies:
+            result = run_em(em_data, plan=plan, max_iterations=self.max_iterations, tol=tol,
+                            validation_mse=validation, start=start, on_state=on_state,
+                            accelerate=self.accelerate)
         if self.checkpoint is not None:
             remove_checkpoint(self.checkpoint)
         self._set_state(ModelState(
@@ -321,7 +353,7 @@ class MERF(RegressorMixin, BaseEstimator):
         if self.checkpoint is None:
             return seed, None, None
         parameters = {k: v for k, v in self.get_params(deep=False).items()
-                      if k not in ("client", "checkpoint")}
+                      if k not in ("client", "checkpoint", "scratch")}
         key = fit_key(parameters, n_rows=em_data.n_rows, n_clusters=em_data.n_clusters)
         found = read_checkpoint(self.checkpoint, key=key)
         start = None
@@ -419,7 +451,7 @@ class MERF(RegressorMixin, BaseEstimator):
             return float(np.mean((y_val - prediction) ** 2))
         return validation_mse
 
-    def _distributed_em_data(self, data, client):
+    def _distributed_em_data(self, data, client, copies: contextlib.ExitStack):
         from .dask.em import DaskEMData
         from .dask.partitioning import ensure_cluster_partitions
         if client is None:
@@ -428,11 +460,14 @@ class MERF(RegressorMixin, BaseEstimator):
         if data["distributed"]:
             frame, x_columns, z_columns = data["frame"], data["x_columns"], data["z_columns"]
             aligned = ensure_cluster_partitions(frame, _factor_column(0))
-            if aligned is not frame:
+            if aligned is not frame and self.scratch is not None:
+                aligned = copies.enter_context(_bucketed_frame(frame, _factor_column(0),
+                                                               self.scratch))
+            elif aligned is not frame:
                 warnings.warn("the data is not partitioned by cluster: it was shuffled once and "
-                              "is held in worker memory; to fit data larger than memory, fit a "
-                              "lake bucketed by cluster (merf_dask.io.lake.bucket_lake, "
-                              "`merf-dask bucket`; `merf-dask fit` writes such a copy itself)",
+                              "is held in worker memory; to fit data larger than memory, pass "
+                              "scratch= (a bucketed copy is written there for the fit) or fit "
+                              "a lake bucketed by cluster (merf_dask.io.lake.bucket_lake)",
                               UserWarning, stacklevel=3)
                 aligned = client.persist(aligned)
             partitions = aligned.to_delayed()

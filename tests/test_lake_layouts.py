@@ -140,3 +140,30 @@ def test_bucketed_copy_is_written_once_per_source_and_column(tmp_path, frame):
     assert other != first and bucketed_by(other) == "x1"
     with pytest.raises(ValueError, match="'user'"):
         bucket_lake(tmp_path / "by_day", tmp_path / "lake", cluster_column="user")
+
+
+def test_the_estimator_fits_a_foreign_frame_through_a_bucketed_copy(tmp_path, frame,
+                                                                     dask_client):
+    """`MERF(scratch=...)` on `dd.read_parquet` of the by-day lake: no shuffle into worker
+    memory (no warning), the model of the bucketed lake, and the copy gone after the fit."""
+    import warnings
+
+    import dask.dataframe as dd
+    from sklearn.ensemble import RandomForestRegressor
+
+    write_by_day(frame, tmp_path / "by_day")
+    write_lake(frame, tmp_path / "bucketed", cluster_column="cluster", n_buckets=3)
+    forest = RandomForestRegressor(n_estimators=20, min_samples_leaf=5, random_state=0)
+
+    def fitted(data, **kwargs):
+        return MERF(forest, formula=FORMULA, max_iterations=2, random_state=0,
+                    client=dask_client, **kwargs).fit(data)
+    reference = fitted(read_lake(tmp_path / "bucketed", cluster_column="cluster"))
+    (tmp_path / "scratch").mkdir()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the data is not partitioned by cluster")
+        model = fitted(dd.read_parquet(tmp_path / "by_day"), scratch=tmp_path / "scratch")
+    assert_same_model(model, reference)
+    assert list((tmp_path / "scratch").iterdir()) == []
+    with pytest.warns(UserWarning, match="held in worker memory"):  # without a scratch location
+        assert_same_model(fitted(dd.read_parquet(tmp_path / "by_day")), reference)

@@ -101,6 +101,9 @@ _MIN_ROWS_PER_BUCKET = 10_000
 
 logger = logging.getLogger("merf_dask")
 
+#: Rows of a Dask frame read to type its object columns (Dask's placeholders have no type).
+_SCHEMA_SAMPLE_ROWS = 1000
+
 # Footers are read concurrently because each costs a round trip or two on an object store.
 _FOOTER_READERS = 16
 
@@ -432,6 +435,12 @@ def _arrow_schema(frame: pd.DataFrame | dd.DataFrame, *, bucketed_by: str | None
     # get a different type there and the lake would fail its schema check. Dask's non-empty meta
     # stands for the data because an empty object column would be inferred as null.
     sample = frame if isinstance(frame, pd.DataFrame) else frame._meta_nonempty
+    objects = [name for name, dtype in sample.dtypes.items() if dtype == object]
+    if objects and not isinstance(frame, pd.DataFrame):
+        # Dask makes up object values that Arrow cannot type: take them from the data
+        head = frame[objects].head(_SCHEMA_SAMPLE_ROWS, npartitions=-1)
+        sample = sample.assign(**{name: head[name].dropna().iloc[:1].tolist() * len(sample)
+                                  or sample[name] for name in objects})
     schema = pa.Schema.from_pandas(sample, preserve_index=False)
     if bucketed_by is None:
         return schema
