@@ -445,3 +445,21 @@ def test_predict_fixed_effects_of_a_forest_equals_its_predict(forest_fit):
     new_rows = np.random.default_rng(5).normal(size=(300, X.shape[1]))
     np.testing.assert_array_equal(predict_fixed_effects(forest, new_rows),
                                   forest.predict(new_rows))
+
+
+def test_a_forest_predicts_the_same_bits_on_any_number_of_threads():
+    """scikit-learn adds a forest's trees in the order its threads finish; merf-dask adds them
+    in their order (threads split the rows), so predictions repeat bit for bit."""
+    from sklearn.ensemble import RandomForestRegressor
+
+    from merf_dask.core.ensemble import predict_fixed_effects
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60_000, 3))
+    y = X[:, 0] + rng.standard_normal(len(X))
+    forest = RandomForestRegressor(n_estimators=30, min_samples_leaf=5, random_state=0,
+                                   n_jobs=2).fit(X[:5_000], y[:5_000])
+    predictions = [predict_fixed_effects(forest.set_params(n_jobs=n_jobs), X)
+                   for n_jobs in (2, 2, 1, 3)]
+    for prediction in predictions[1:]:
+        np.testing.assert_array_equal(prediction, predictions[0])
+    np.testing.assert_allclose(predictions[0], forest.predict(X), rtol=1e-12)

@@ -62,6 +62,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import joblib
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin, clone
 from sklearn.ensemble._forest import BaseForest
@@ -82,6 +83,9 @@ FOLD_MEMBER_ROWS = 1_000_000
 #: Below this many clusters per residue class, classes are dealt rather than hashed
 #: (:func:`plan_members`): with a handful of clusters, hash residues often leave a class empty.
 DEALT_CLUSTERS_PER_CLASS = 64
+#: A forest's prediction gives each thread at least this many rows (a tree's predict call has a
+#: fixed cost).
+_ROWS_PER_THREAD = 10_000
 _TREE_PARAMS = ("criterion", "max_depth", "min_samples_split", "min_samples_leaf",
                 "min_weight_fraction_leaf", "max_features", "max_leaf_nodes",
                 "min_impurity_decrease", "ccp_alpha", "monotonic_cst")
@@ -540,7 +544,8 @@ def honest_predictions(plan: MemberPlan, fitted: list[tuple[int, BaseEstimator]]
 
 def predict_fixed_effects(model: BaseEstimator, X: np.ndarray) -> np.ndarray:
     """``model.predict(X)`` as a float vector; a bagged forest predicts the rows in the leaf
-    order of its first tree (faster on many rows, see :func:`_prediction_order`), same values.
+    order of its first tree (faster on many rows, see :func:`_prediction_order`) and adds its
+    trees in their order (:func:`_forest_mean`), so a prediction is the same bits every time.
 
     Parameters
     ----------
@@ -556,8 +561,26 @@ def predict_fixed_effects(model: BaseEstimator, X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float32)
     order = np.argsort(model.estimators_[0].apply(X, check_input=False), kind="stable")
     prediction = np.empty(len(X))
-    prediction[order] = model.predict(X[order])
+    prediction[order] = _forest_mean(model, X[order])
     return prediction
+
+
+def _forest_mean(model: BaseEstimator, X: np.ndarray) -> np.ndarray:
+    """The mean of a forest's trees at X (float32), the trees added in their order.
+
+    scikit-learn's ``predict`` adds the trees in the order its threads finish, so its last bits
+    vary from call to call; here the threads split the rows instead, and each adds every tree.
+    """
+    n_jobs = min(joblib.effective_n_jobs(model.n_jobs), max(1, len(X) // _ROWS_PER_THREAD))
+    bounds = np.linspace(0, len(X), n_jobs + 1).astype(int)
+
+    def mean(rows: slice) -> np.ndarray:
+        total = np.zeros(rows.stop - rows.start)
+        for tree in model.estimators_:
+            total += tree.predict(X[rows], check_input=False)
+        return total / len(model.estimators_)
+    return np.concatenate(joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
+        joblib.delayed(mean)(slice(start, stop)) for start, stop in zip(bounds[:-1], bounds[1:])))
 
 
 class FoldEnsemble(RegressorMixin, BaseEstimator):
