@@ -4,6 +4,8 @@ Usage (from the repository root)::
 
     .venv/bin/python bench/crossed.py --quick          # 20,000 rows, 180 s limits (a few minutes)
     .venv/bin/python bench/crossed.py --rows 200000    # 20,000 users x 1,000 items
+    .venv/bin/python bench/crossed.py --rows 1000000 --models merf_crossed merf_crossed_cluster \
+        merf_users merf_users_cluster gpboost         # 100,000 users x 50,000 items (iterative)
     .venv/bin/python bench/crossed.py --rows 2000000   # 100,000 users x 2,000 items (~40 min)
     .venv/bin/python bench/crossed.py --rows 200000 --models merf_crossed gpboost
     .venv/bin/python bench/crossed.py --rows 2000000 --timing-repeat --models merf_crossed \
@@ -26,12 +28,17 @@ with single-threaded BLAS/OpenMP (``run.CHILD_ENVIRONMENT``) and killed at its t
 ``run.py``. Results of every size run so far are kept in ``bench/results/crossed.json`` and
 ``crossed.md`` (a run replaces the sizes it ran, or with ``--models`` those models' records;
 ``--timing-repeat`` adds the merf-dask fits' timings as a repeat); ``--quick`` writes ``crossed_quick.json`` and
-``crossed_quick.md`` instead (not committed).
+``crossed_quick.md`` instead (not committed). Every record carries SHA-256 digests of its
+predictions (a merf-dask forest predicts on one thread for them: scikit-learn's threaded predict
+adds the trees in the order its threads finish), so that the report can say whether the
+in-process and LocalCluster fits agree bit for bit; ``--save-predictions DIR`` also compares
+their predictions and random effects element by element.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -85,6 +92,9 @@ class Size:
 
 
 SIZES = {200_000: Size(200_000, 20_000, 1_000, 1_000, 600),
+         # 50,000 Zipf items: many more distinct items in training than DENSE_CROSSED_UNKNOWNS
+         # (3,000), so the crossed E-step is the iterative one (PCG, stochastic traces)
+         1_000_000: Size(1_000_000, 100_000, 50_000, 1_000, 1500),
          2_000_000: Size(2_000_000, 100_000, 2_000, 1_000, 900)}
 QUICK = Size(20_000, 2_000, 200, 200, 180)
 
@@ -166,10 +176,26 @@ def _mse(frame: pd.DataFrame, prediction) -> float:
     return float(np.mean((frame["y"].to_numpy() - np.asarray(prediction, dtype=float)) ** 2))
 
 
+def _digest(prediction) -> str:
+    """The first 16 hex digits of the SHA-256 of the predictions' float64 bytes."""
+    values = np.ascontiguousarray(np.asarray(prediction, dtype=np.float64))
+    return hashlib.sha256(values.tobytes()).hexdigest()[:16]
+
+
+#: with ``--save-predictions DIR`` (passed to the children in this variable), each child writes
+#: its predictions (and a merf-dask fit its random effects) to DIR/KEY.npz, and the parent
+#: compares the in-process and LocalCluster fits' arrays
+PREDICTIONS_ENV = "CROSSED_BENCH_PREDICTIONS"
+_ARRAYS: dict = {}
+
+
 def _scored(meter: FitMeter, design: CrossedDesign, predict: Callable, **fields) -> dict:
+    known, new = predict(design.test_known), predict(design.test_new)
+    _ARRAYS.update(known=np.asarray(known, dtype=float), new=np.asarray(new, dtype=float))
     return {**meter.as_dict(), "train_rows": len(design.train),
-            "mse_known": _mse(design.test_known, predict(design.test_known)),
-            "mse_new": _mse(design.test_new, predict(design.test_new)), **fields}
+            "mse_known": _mse(design.test_known, known), "mse_new": _mse(design.test_new, new),
+            "prediction_digest_known": _digest(known), "prediction_digest_new": _digest(new),
+            **fields}
 
 
 # ------------------------------------------------------------------------------------- models
@@ -179,11 +205,25 @@ def _merf_record(model, meter: FitMeter, design: CrossedDesign, caught) -> dict:
     variances = components[components["var2"].isna()].set_index("grp")["vcov"]
     m_step = [r.m_step_seconds for r in model.history_]
     e_step = [r.e_step_seconds for r in model.history_]
+    # scikit-learn's threaded forest predict adds the trees' predictions in the order its threads
+    # finish, so two predict calls of one model can differ in the last bits; one thread makes the
+    # predictions (and their digests) a function of the fitted model only
+    if "n_jobs" in model.fe_model_.get_params():
+        model.fe_model_.set_params(n_jobs=1)
+    for name, b in model.random_effects_.items():
+        b = b.sort_index()
+        _ARRAYS[f"b_{name}"] = b.to_numpy(dtype=float)
+        _ARRAYS[f"levels_{name}"] = np.asarray(b.index.astype(str), dtype=str)
+    crossed_solve = None
+    if "item" in variances:
+        from merf_dask.core.crossed_solve import DENSE_CROSSED_UNKNOWNS
+        n_items = len(model.random_effects_["item"])
+        crossed_solve = ("dense" if n_items <= DENSE_CROSSED_UNKNOWNS else "iterative")
     return _scored(
         meter, design, lambda frame: model.predict(_model_columns(frame)),
         sigma2=float(model.sigma2_), var_user=float(variances["user"]),
         var_item=float(variances["item"]) if "item" in variances else None,
-        iterations=model.n_iter_, converged=bool(model.converged_),
+        crossed_solve=crossed_solve, iterations=model.n_iter_, converged=bool(model.converged_),
         m_step_seconds=float(sum(m_step)), e_step_seconds=float(sum(e_step)),
         seconds_per_iteration=float(sum(m_step) + sum(e_step)) / model.n_iter_,
         history=[{"iteration": r.iteration, "m_step_seconds": r.m_step_seconds,
@@ -467,6 +507,28 @@ def _ratios(runs: list[dict]) -> list[dict]:
     return ratios
 
 
+def _array_agreement(directory: Path, runs: list[dict]) -> list[dict]:
+    """Largest differences between the in-process and LocalCluster fits' saved arrays."""
+    ok = {run["key"] for run in runs if run["status"] == "ok"}
+    out = []
+    for local, cluster in (("merf_crossed", "merf_crossed_cluster"),
+                           ("merf_users", "merf_users_cluster")):
+        paths = [directory / f"{key}.npz" for key in (local, cluster)]
+        if not ({local, cluster} <= ok and all(p.exists() for p in paths)):
+            continue
+        a, b = (np.load(p, allow_pickle=False) for p in paths)
+        record = {"local": local, "cluster": cluster}
+        for name in a.files:
+            if name.startswith("levels_"):
+                record[f"same_{name}"] = bool(np.array_equal(a[name], b[name]))
+                continue
+            record[f"max_abs_diff_{name}"] = float(np.max(np.abs(a[name] - b[name])))
+            record[f"differing_{name}"] = int(np.sum(a[name] != b[name]))
+            record[f"count_{name}"] = int(a[name].size)
+        out.append(record)
+    return out
+
+
 def run_size(size: Size, seed: int, models: list[str]) -> dict:
     """Every model (or ``models``) at one size, one after the other, and the oracle."""
     start = time.perf_counter()
@@ -490,8 +552,11 @@ def run_size(size: Size, seed: int, models: list[str]) -> dict:
              + (f", fit {run['fit_seconds']:.1f} s" if run["status"] == "ok" else
                 f" ({run.get('note', '')})"))
         runs.append(run)
+    arrays = []
+    if os.environ.get(PREDICTIONS_ENV):
+        arrays = _array_agreement(Path(os.environ[PREDICTIONS_ENV]), runs)
     return {"size": asdict(size), "seed": seed, "data": data, "oracle": oracle, "runs": runs,
-            "ratios": _ratios(runs), "not_run": [{"what": MODELS[k].label,
+            "ratios": _ratios(runs), "array_agreement": arrays, "not_run": [{"what": MODELS[k].label,
                                                   "reason": "left out of this run (--models)"}
                                                  for k in MODELS if k not in models],
             "load_average_start": load_start, "load_average_end": os.getloadavg(),
@@ -510,6 +575,8 @@ def _notes(run: dict) -> str:
     if run.get("matrix_inversion_method"):
         notes.append(f"matrix_inversion_method={run['matrix_inversion_method']} (GPBoost: "
                      "iterative methods where possible, as for several grouped effects)")
+    if run.get("crossed_solve"):
+        notes.append(f"{run['crossed_solve']} crossed solve")
     if run.get("converged") is False:
         notes.append("not converged")
     notes += [f"warned {name}" for name in run.get("warnings", [])]
@@ -542,6 +609,66 @@ def _model_row(run: dict, size_limit_s: int | None = None) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _agreement(runs: list[dict], arrays: list[dict] = (), prefix: str = "") -> list[str]:
+    """Whether each in-process fit and its LocalCluster twin agree bit for bit."""
+    arrays = {a["local"]: a for a in arrays}
+    by_key = {run["key"]: run for run in runs if run["status"] == "ok"}
+    lines = []
+    for local, cluster, what in (("merf_crossed", "merf_crossed_cluster", "(1 | user) + (1 | item)"),
+                                 ("merf_users", "merf_users_cluster", "(1 | user) only")):
+        if local not in by_key or cluster not in by_key:
+            continue
+        a, b = by_key[local], by_key[cluster]
+        same, differ = [], []
+        for field, name in (("sigma2", "sigma2"), ("var_user", "Var(user)"),
+                            ("var_item", "Var(item)"), ("mse_known", "MSE known"),
+                            ("mse_new", "MSE new")):
+            if a.get(field) is None and b.get(field) is None:
+                continue
+            (same if a[field] == b[field] else differ).append(
+                name if a[field] == b[field] else f"{name} by {abs(a[field] - b[field]):.1e}")
+        lik_a = [h["log_likelihood"] for h in a.get("history", [])]
+        lik_b = [h["log_likelihood"] for h in b.get("history", [])]
+        if lik_a and lik_b:
+            if lik_a == lik_b:
+                same.append(f"all {len(lik_a)} iterations' log-likelihoods")
+            else:
+                first = next((k for k, (x, y) in enumerate(zip(lik_a, lik_b)) if x != y),
+                             min(len(lik_a), len(lik_b)))
+                gap = max(abs(x - y) for x, y in zip(lik_a, lik_b))
+                differ.append(f"log-likelihoods by up to {gap:.1e} (from iteration {first + 1}"
+                              f" of {len(lik_a)} / {len(lik_b)})")
+        if "prediction_digest_known" in a and "prediction_digest_known" in b:
+            digests = all(a[f"prediction_digest_{s}"] == b[f"prediction_digest_{s}"]
+                          for s in ("known", "new"))
+            (same if digests else differ).append(
+                "predictions (SHA-256 of the known-cell and new-user predictions)")
+        else:
+            differ.append("predictions not compared (records without digests)")
+        saved = arrays.get(local)
+        if saved:
+            for field, name in (("known", "known-cell predictions"),
+                                ("new", "new-user predictions"),
+                                ("b_user", "user effects"), ("b_item", "item effects")):
+                if f"count_{field}" not in saved:
+                    continue
+                if saved[f"differing_{field}"] == 0:
+                    same.append(f"all {saved[f'count_{field}']:,} {name}")
+                else:
+                    differ.append(f"{saved[f'differing_{field}']:,} of "
+                                  f"{saved[f'count_{field}']:,} {name} by up to "
+                                  f"{saved[f'max_abs_diff_{field}']:.1e}")
+        text = (f"* {prefix}In-process against LocalCluster ({b.get('partitions', '?')} "
+                f"partitions), {what}: ")
+        if not differ:
+            text += "**bit-identical**: " + ", ".join(same) + " equal to every bit."
+        else:
+            text += ("equal to every bit: " + (", ".join(same) or "nothing") + "; differ: "
+                     + ", ".join(differ) + ".")
+        lines.append(text.replace("|", "\\|"))
+    return lines
+
+
 def _size_markdown(result: dict) -> list[str]:
     size, data, oracle = result["size"], result["data"], result["oracle"]
     lines = [f"### {data['train_rows']:,} training rows: {data['train_users']:,} users x "
@@ -566,6 +693,12 @@ def _size_markdown(result: dict) -> list[str]:
     lines.append(f"| Oracle for new users: true f + b_item (b_user unknowable) | {_DASH} | "
                  f"{_DASH} | {_DASH} | {oracle['mse_new_without_user_effect']:.3f} | {_DASH} | "
                  f"{_DASH} | {_DASH} | {_DASH} | {_DASH} | the floor for new users |")
+    agreement = _agreement(result["runs"], result.get("array_agreement", []))
+    for k, repeat in enumerate(result.get("timing_repeats", [])):
+        agreement += _agreement(repeat["runs"], repeat.get("array_agreement", []),
+                                prefix=f"Timing repeat {k + 1}: ")
+    if agreement:
+        lines += ["", *agreement]
     repeats = result.get("timing_repeats", [])
     if _ratios(result["runs"]):
         lines += ["", "Per-iteration cost of the crossed fit against the users-only fit "
@@ -609,11 +742,16 @@ HEADER = """# Crossed random effects: users x items
 `y = 0.6 g(x) + b_user + b_item + e`, **sigma_user2 = 1.0, sigma_item2 = 0.5, sigma_e2 = 1.0**,
 g the paper's f), one simulated frame split into training rows, 10 % held-out rows of the
 training users ("known cells": user and item both seen) and all rows of extra users never seen
-("new users": 1,000 at 200k and 2M rows, same item effects). Every model runs in its own subprocess with
+("new users": 1,000 at every size, same item effects). Every model runs in its own subprocess with
 `OPENBLAS/MKL/OMP_NUM_THREADS=1`, killed at its time limit. merf-dask: the default forest (100
 trees, min_samples_leaf 5, OOB, `n_jobs=-1`, i.e. 2 threads in-process; 1 thread per worker on
 the LocalCluster), `random_state=0`, default `max_iterations=20`, `tol=1e-3`; the LocalCluster fits
-read a lake written by `write_lake(..., cluster_column="user")`. GPBoost: `bench/models.py`'s
+read a lake written by `write_lake(..., cluster_column="user")`. The item factor is the crossed
+one (the data are partitioned by user): up to 3,000 items (`DENSE_CROSSED_UNKNOWNS`) its system
+is solved densely on the driver, beyond (the 1M-row design's 50,000 Zipf items) iteratively:
+PCG whose products are passes over the partitions, the M-step's traces by 16 Hutchinson probes,
+log|S| by stochastic Lanczos quadrature (measured against the dense solve in
+`crossed_traces.md`); the notes say which. GPBoost: `bench/models.py`'s
 parameters (learning rate 0.05, max depth 6, 64 leaves, min_data_in_leaf 20, **250 rounds
 fixed, 1 thread**: 2 OpenMP threads were ~10 x slower on this VM) with `group_data` = integer
 codes of user and item; new users get 0 for their effect in every model. MixedLM: statsmodels,
@@ -664,6 +802,10 @@ def write_results(new: dict, quick: bool, timing_repeat: bool = False) -> Path:
             runs = {run["key"]: run for run in old["runs"]}
             runs.update({run["key"]: run for run in result["runs"]})
             old["runs"] = [runs[key] for key in MODELS if key in runs]
+            rerun = {agreement["local"] for agreement in result["array_agreement"]}
+            old["array_agreement"] = [agreement for agreement in old.get("array_agreement", [])
+                                      if agreement["local"] not in rerun
+                                      ] + result["array_agreement"]
             old["not_run"] = [item for item in old["not_run"]
                               if item["what"] not in {MODELS[run["key"]].label
                                                       for run in result["runs"]}]
@@ -692,8 +834,9 @@ def _arguments() -> argparse.Namespace:
                         help=f"{QUICK.rows:,} rows ({QUICK.users:,} users, {QUICK.items} items), "
                              f"{QUICK.time_limit_s} s limits; writes crossed_quick.*")
     parser.add_argument("--rows", type=int, nargs="+",
-                        help="expected training rows (200000: 20k users x 1k items; 2000000: "
-                             "100k users x 2k items; others: rows/10 users, rows/200 items)")
+                        help="expected training rows (200000: 20k users x 1k items; 1000000: "
+                             "100k users x 50k items; 2000000: 100k users x 2k items; others: "
+                             "rows/10 users, rows/200 items)")
     parser.add_argument("--seed", type=int, default=DATA_SEED, help="data seed")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), metavar="KEY",
                         help=f"run only these models (default: all of {', '.join(MODELS)})")
@@ -701,6 +844,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--timing-repeat", action="store_true",
                         help="add this run to the sizes' timing repeats instead of replacing "
                              "them (e.g. with --models merf_crossed merf_users ...)")
+    parser.add_argument("--save-predictions", metavar="DIR",
+                        help="keep every fit's predictions and random effects in DIR/KEY.npz "
+                             "and compare the in-process and LocalCluster fits' arrays")
     parser.add_argument("--one", choices=sorted(MODELS), help=argparse.SUPPRESS)
     parser.add_argument("--users", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--items", type=int, help=argparse.SUPPRESS)
@@ -713,12 +859,17 @@ def main() -> None:
     if args.one:
         size = Size(args.rows[0], args.users, args.items, args.new_users, 0)
         record = MODELS[args.one].run(crossed_design(size, args.seed))
+        if os.environ.get(PREDICTIONS_ENV):
+            np.savez(Path(os.environ[PREDICTIONS_ENV]) / f"{args.one}.npz", **_ARRAYS)
         print(json.dumps(record, default=_jsonable))
         return
     sizes = [QUICK] if args.quick else [size_for(rows) for rows in (args.rows or sorted(SIZES))]
     if args.time_limit:
         sizes = [Size(s.rows, s.users, s.items, s.new_users, args.time_limit) for s in sizes]
     models = args.models or list(MODELS)
+    if args.save_predictions:
+        Path(args.save_predictions).mkdir(parents=True, exist_ok=True)
+        os.environ[PREDICTIONS_ENV] = str(Path(args.save_predictions).resolve())
     new = {}
     for size in sizes:
         new[str(size.rows)] = run_size(size, args.seed, models)
