@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crossed import _library_source
+from crossed import _existing_findings, _library_source
 from run import CHILD_ENVIRONMENT
 from run import _environment as run_environment
 
@@ -200,13 +200,6 @@ def markdown(result: dict, findings: str) -> str:
                 f"| {_format_ratio(c['cond_var_item_ratio'])} |")
     text = "\n".join(lines) + "\n"
     return text + ("\n" + findings.strip() + "\n" if findings.strip() else "")
-
-
-def _existing_findings(path: Path) -> str:
-    if not path.exists():
-        return ""
-    text = path.read_text()
-    return text[text.index("## Findings"):] if "## Findings" in text else ""
 
 
 def main() -> None:
