@@ -306,14 +306,9 @@ def read_lake(url: str | os.PathLike, *, columns: Sequence[str] | None = None,
         is not valid Parquet, files disagree on a column's type or presence, or a requested
         column (in ``columns``, ``filters`` or ``cluster_column``) does not exist.
     """
-    filesystem, root = open_filesystem(url, storage_options=storage_options)
-    files = _data_files(filesystem, root, url=url)
-    check_complete(url, storage_options=storage_options)
-    footers = _read_footers(filesystem, files)
-    schema = _common_schema(filesystem, files, footers)
+    filesystem, root, files, footers, schema, buckets = _inspect(url, storage_options)
     if sum(footer.num_rows for footer in footers) == 0:
         raise ValueError(f"{url} holds no rows: its {len(files)} Parquet files are all empty")
-    buckets = _files_by_bucket(root, files)
     available = schema.names + (_hive_keys(root, files) if buckets is None else [BUCKET_COLUMN])
     requested = [*(columns or []), *_filter_columns(filters)]
     if cluster_column is not None:
@@ -331,8 +326,7 @@ def read_lake(url: str | os.PathLike, *, columns: Sequence[str] | None = None,
     lake = _read_buckets(filesystem, buckets, file_schema=schema,
                          columns=list(columns) if columns is not None else schema.names,
                          filters=filters)
-    bucketed_by = (schema.metadata or {}).get(_BUCKETED_BY_KEY, b"").decode()
-    if cluster_column is None or cluster_column == bucketed_by:
+    if cluster_column is None or cluster_column == _bucketed_by(schema):
         return lake
     return ensure_cluster_partitions(lake, cluster_column)
 
@@ -342,12 +336,24 @@ def bucketed_by(url: str | os.PathLike, *, storage_options: dict | None = None) 
 
     Reads the footers only (the same checks as :func:`read_lake`).
     """
+    *_, schema, buckets = _inspect(url, storage_options)
+    return None if buckets is None else _bucketed_by(schema)
+
+
+def _inspect(url, storage_options):
+    """What :func:`read_lake` and :func:`bucketed_by` learn from the listing and the footers,
+    after checking them: the filesystem, the root, the data files, their footers, the common
+    schema and the files of each bucket (None for a dataset that is not bucketed)."""
     filesystem, root = open_filesystem(url, storage_options=storage_options)
     files = _data_files(filesystem, root, url=url)
     check_complete(url, storage_options=storage_options)
-    if _files_by_bucket(root, files) is None:
-        return None
-    schema = _common_schema(filesystem, files, _read_footers(filesystem, files))
+    footers = _read_footers(filesystem, files)
+    schema = _common_schema(filesystem, files, footers)
+    return filesystem, root, files, footers, schema, _files_by_bucket(root, files)
+
+
+def _bucketed_by(schema: pa.Schema) -> str | None:
+    """The column recorded in a lake's schema as the one it was bucketed by."""
     return (schema.metadata or {}).get(_BUCKETED_BY_KEY, b"").decode() or None
 
 
@@ -398,8 +404,9 @@ def bucketed_copy(source: str | os.PathLike, *, cluster_column: str, scratch: st
     fingerprint = data_fingerprint(source, storage_options=storage_options)
     key = hashlib.sha256(json.dumps([fingerprint, cluster_column]).encode()).hexdigest()[:24]
     filesystem, root = open_filesystem(scratch, storage_options=storage_options)
-    url = url_of(filesystem, posixpath.join(root, f"bucketed-{key}"))
-    if filesystem.exists(posixpath.join(root, f"bucketed-{key}")):
+    path = posixpath.join(root, f"bucketed-{key}")
+    url = url_of(filesystem, path)
+    if filesystem.exists(path):
         with contextlib.suppress(ValueError):  # an interrupted publish is written again
             check_complete(url, storage_options=storage_options)
             logger.info("reading the bucketed copy of %s at %s", source, url)
