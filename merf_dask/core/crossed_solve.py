@@ -188,7 +188,7 @@ def exact_schur(rows: CrossedRows, P: int, *, term_bound: float) -> list:
             for limb in limbs]
 
 
-def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float) -> np.ndarray:
+def exact_products(rows: CrossedRows, X: np.ndarray, *, term_bound: float) -> list:
     """One partition's S_p X, as integers whose sums over partitions are exact.
 
     S_p X = E_p X - B_p'(F_p X) is summed first within each cell (one level of the partition

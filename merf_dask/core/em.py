@@ -374,7 +374,7 @@ def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayo
     return local_b, b_cov, sums
 
 
-def crossed_products(step: LocalStep, X: np.ndarray, *, term_bound: float) -> np.ndarray:
+def crossed_products(step: LocalStep, X: np.ndarray, *, term_bound: float) -> list:
     """A block's share of S X (:func:`~merf_dask.core.crossed_solve.exact_products`)."""
     return exact_products(step.system.crossed, X, term_bound=term_bound)
 

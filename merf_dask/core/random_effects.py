@@ -317,13 +317,14 @@ class CrossedRows:
         Each row's crossed unknowns (every crossed factor's columns side by side).
     row_values : ndarray of shape (n_rows, Q_G)
         Zt_G at each row and those unknowns.
-    cell_gram : scipy.sparse.csr_matrix of shape (n_cells, P)
+    cell_gram : scipy.sparse.csr_matrix of shape (n_cells, P) or None
         E_p by cells: a cell is one level of the partition factor and one crossed unknown j
         (the same in any partitioning); its row holds the sums over that level's rows of
-        Zt_j Zt_j' at every crossed unknown j'.
-    cell_coupling : scipy.sparse.csr_matrix of shape (n_cells, n_local)
+        Zt_j Zt_j' at every crossed unknown j'. Only where S is solved iteratively (its
+        products use the cells); None otherwise, as the next two.
+    cell_coupling : scipy.sparse.csr_matrix of shape (n_cells, n_local) or None
         B_p' by cells: B_ij at (cell of i's level and j, i).
-    cell_unknown : ndarray of shape (n_cells,), int
+    cell_unknown : ndarray of shape (n_cells,), int, or None
         The crossed unknown of each cell.
     """
 
@@ -331,9 +332,9 @@ class CrossedRows:
     cross_gram: tuple
     row_unknowns: np.ndarray
     row_values: np.ndarray
-    cell_gram: sp.csr_matrix
-    cell_coupling: sp.csr_matrix
-    cell_unknown: np.ndarray
+    cell_gram: sp.csr_matrix | None = None
+    cell_coupling: sp.csr_matrix | None = None
+    cell_unknown: np.ndarray | None = None
 
 
 @dataclass
@@ -500,10 +501,11 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets, d
     B_coo = B.tocoo()
     row_unknowns = np.hstack([crossed_unknowns[k][codes[k]] for k in crossed])
     row_values = np.hstack([Zt[k] for k in crossed])
-    system.crossed = _cells(F, (B_coo.row, B_coo.col, B_coo.data), row_unknowns, row_values,
-                            block_of_row=codes[local[0]],
-                            block_of_unknown=np.repeat(np.arange(len(blocks.start)), blocks.size),
-                            P=P)
+    system.crossed = CrossedRows(coupling=F, cross_gram=(B_coo.row, B_coo.col, B_coo.data),
+                                 row_unknowns=row_unknowns, row_values=row_values)
+    if not dense:
+        _add_cells(system.crossed, block_of_row=codes[local[0]],
+                   block_of_unknown=np.repeat(np.arange(len(blocks.start)), blocks.size), P=P)
 
     # every sum over levels of the partition factor is exact, term by term: a term is one
     # row's or one (local unknown, crossed unknown) pair's, the same in any partitioning
@@ -526,11 +528,11 @@ def solve_local(*, codes, Z, n_levels, r, relative, crossed_position, offsets, d
     return system, share, logdet
 
 
-def _cells(F, cross_gram, row_unknowns, row_values, *, block_of_row, block_of_unknown, P
-           ) -> CrossedRows:
-    """:class:`CrossedRows` with E_p and B_p' summed by cells, each sum over one level's
-    rows or unknowns in their order (the same in any partitioning)."""
-    b_rows, b_cols, b_values = cross_gram
+def _add_cells(rows: CrossedRows, *, block_of_row, block_of_unknown, P) -> None:
+    """Sum ``rows``' E_p and B_p' by cells, each sum over one level's rows or unknowns in their
+    order (the same in any partitioning)."""
+    b_rows, b_cols, b_values = rows.cross_gram
+    row_unknowns, row_values = rows.row_unknowns, rows.row_values
     n_rows, width = row_unknowns.shape
     cell_keys = np.concatenate([(np.repeat(block_of_row, width) * P + row_unknowns.ravel()),
                                 block_of_unknown[b_rows] * P + b_cols])
@@ -541,23 +543,22 @@ def _cells(F, cross_gram, row_unknowns, row_values, *, block_of_row, block_of_un
     pair_keys = (row_cell[:, a.ravel()] * P + row_unknowns[:, c.ravel()]).ravel()
     pair_values = (row_values[:, a.ravel()] * row_values[:, c.ravel()]).ravel()
     entries, entry = np.unique(pair_keys, return_inverse=True)
-    cell_gram = sp.csr_matrix((np.bincount(entry, pair_values, len(entries)),
-                               (entries // P, entries % P)), shape=(len(keys), P))
-    cell_coupling = sp.csr_matrix((b_values, (b_cell, b_rows)), shape=(len(keys), F.shape[0]))
-    return CrossedRows(coupling=F, cross_gram=cross_gram, row_unknowns=row_unknowns,
-                       row_values=row_values, cell_gram=cell_gram, cell_coupling=cell_coupling,
-                       cell_unknown=keys % P)
+    rows.cell_gram = sp.csr_matrix((np.bincount(entry, pair_values, len(entries)),
+                                    (entries // P, entries % P)), shape=(len(keys), P))
+    rows.cell_coupling = sp.csr_matrix((b_values, (b_cell, b_rows)),
+                                       shape=(len(keys), rows.coupling.shape[0]))
+    rows.cell_unknown = keys % P
 
 
 def _term_bound(rows: CrossedRows) -> float:
-    """A bound on every term of S_p (|Zt_a Zt_c| of a row, |B_ij F_ij'|) and on max|x|^-1
-    times every cell's entry of S_p x."""
+    """A bound on every term of S_p (|Zt_a Zt_c| of a row, |B_ij F_ij'|) and, with cells, on
+    max|x|^-1 times every cell's entry of S_p x."""
     row_norm = np.asarray(abs(rows.coupling).sum(axis=1)).ravel()
-    cells = (np.asarray(abs(rows.cell_gram).sum(axis=1)).ravel()
-             + abs(rows.cell_coupling) @ row_norm)
-    values = np.abs(rows.row_values)
-    terms = [cells, values.max(axis=1) * values.max(axis=1),
+    terms = [np.abs(rows.row_values).max(axis=1) ** 2,
              np.abs(rows.cross_gram[2]) * row_norm[rows.cross_gram[0]]]
+    if rows.cell_gram is not None:
+        terms.append(np.asarray(abs(rows.cell_gram).sum(axis=1)).ravel()
+                     + abs(rows.cell_coupling) @ row_norm)
     return float(max((t.max() for t in terms if len(t)), default=0.0))
 
 
