@@ -462,4 +462,6 @@ def test_a_forest_predicts_the_same_bits_on_any_number_of_threads():
                    for n_jobs in (2, 2, 1, 3)]
     for prediction in predictions[1:]:
         np.testing.assert_array_equal(prediction, predictions[0])
-    np.testing.assert_allclose(predictions[0], forest.predict(X), rtol=1e-12)
+    # scikit-learn's own sum is order-dependent in the last bits, so near-zero predictions
+    # differ from it relatively more than 1e-12: compare on the scale of the predictions.
+    np.testing.assert_allclose(predictions[0], forest.predict(X), rtol=0, atol=1e-12)
