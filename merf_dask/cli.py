@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from .core.em import IterationRecord
+from .core.em import MAX_CLUSTER_ROWS, IterationRecord
 from .learners import LEARNERS, make_learner
 
 __all__ = ["cli", "main"]
@@ -207,7 +207,7 @@ def _default_scratch(lake: str) -> str | None:
     return os.path.join(cache, "merf-dask", "lakes")
 
 
-def _training_source(lake: str, column: str, scratch: str | None) -> str:
+def _training_source(lake: str, column: str, scratch: str | None, max_cluster_rows: int) -> str:
     """``lake`` when it is bucketed by ``column``, else its bucketed copy under the scratch
     location, written once (``lake`` itself, shuffled into worker memory, when there is none)."""
     from .io.lake import bucketed_by, bucketed_copy
@@ -218,11 +218,12 @@ def _training_source(lake: str, column: str, scratch: str | None) -> str:
         logger.warning("%s is not bucketed by %r and no --scratch (or MERF_DASK_SCRATCH) is set "
                        "for a bucketed copy: it is shuffled into worker memory", lake, column)
         return lake
-    return bucketed_copy(lake, cluster_column=column, scratch=scratch)
+    return bucketed_copy(lake, cluster_column=column, scratch=scratch,
+                         max_cluster_rows=max_cluster_rows)
 
 
 def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-forest",
-         overwrite=False, quiet=False, seed=0, scratch=None):
+         overwrite=False, quiet=False, seed=0, scratch=None, max_cluster_rows=MAX_CLUSTER_ROWS):
     """Fit ``formula`` on ``lake`` with ``client`` and write the model directory ``output``.
 
     A lake not bucketed by the first grouping factor is read from its bucketed copy under
@@ -238,12 +239,12 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     frame = read_lake(lake)
     spec = parse_formula(formula, columns=list(frame.columns))
     column = _partition_column(spec)
-    frame = read_lake(_training_source(lake, column, scratch), columns=list(spec.columns),
-                      cluster_column=column)
+    frame = read_lake(_training_source(lake, column, scratch, max_cluster_rows),
+                      columns=list(spec.columns), cluster_column=column)
     checkpoint = checkpoint_path(output)
     model = MERF(make_learner(learner, random_state=seed), formula=formula,
-                 max_iterations=max_iterations, random_state=seed, checkpoint=checkpoint,
-                 client=client)
+                 max_iterations=max_iterations, max_cluster_rows=max_cluster_rows,
+                 random_state=seed, checkpoint=checkpoint, client=client)
     # Once the scheduler is lost, the client logs its failed reconnection (after the connect
     # timeout) and, when closed, its cancelled one with a traceback: the error below says it all.
     client_log = logging.getLogger("distributed.client")
@@ -348,6 +349,12 @@ def _job_options(ctx: click.Context, job: str) -> dict:
     return options
 
 
+_max_cluster_rows = click.option(
+    "--max-cluster-rows", type=click.IntRange(min=1), default=MAX_CLUSTER_ROWS,
+    show_default=True, help="A cluster with more rows is spread over partitions (and buckets) "
+    "by row rather than held by one task.")
+
+
 @cli.command()
 @click.argument("lake", required=False)
 @click.option("--formula", help='lme4 formula, e.g. "y ~ x1 + x2 + (1 + t | g)".')
@@ -366,6 +373,7 @@ def _job_options(ctx: click.Context, job: str) -> dict:
 @click.option("--scratch", help="Where to write (once) and find again a copy of a LAKE not "
               "bucketed by the first grouping factor [default: $MERF_DASK_SCRATCH, else "
               "~/.cache/merf-dask/lakes for a local LAKE].")
+@_max_cluster_rows
 @click.option("--job", type=click.Path(exists=True, dir_okay=False),
               help="YAML job spec whose keys stand for the flags (flags win).")
 @click.pass_context
@@ -404,8 +412,10 @@ def fit(ctx, job, **options):
 @click.option("--scheduler", help="Address of a running scheduler.")
 @click.option("--n-workers", type=click.IntRange(min=1), help="Workers of the embedded cluster.")
 @click.option("--memory-limit", help="Memory per worker of the embedded cluster, e.g. 1GiB.")
+@_max_cluster_rows
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def bucket(lake, cluster_column, output, buckets, scheduler, n_workers, memory_limit, overwrite):
+def bucket(lake, cluster_column, output, buckets, scheduler, n_workers, memory_limit,
+           max_cluster_rows, overwrite):
     """Write a copy of LAKE (any Parquet dataset) bucketed by a column: fits read it out of core.
 
     The rows are shuffled once through Dask's disk-backed shuffle; no process holds the data.
@@ -416,7 +426,7 @@ def bucket(lake, cluster_column, output, buckets, scheduler, n_workers, memory_l
     with connect({"address": scheduler} if scheduler else None, n_workers=n_workers,
                  memory_limit=memory_limit):
         bucket_lake(lake, output, cluster_column=cluster_column, n_buckets=buckets,
-                    overwrite=overwrite)
+                    max_cluster_rows=max_cluster_rows, overwrite=overwrite)
     click.echo(f"wrote {output}, bucketed by {cluster_column!r}")
 
 

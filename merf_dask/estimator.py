@@ -46,7 +46,7 @@ from .core import validation as check
 from .core.random_effects import RandomFactor, random_effects_offset, variance_components
 from .io.report import format_variance_components
 from .io.checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
-from .core.em import InMemoryEMData, logger, run_em
+from .core.em import MAX_CLUSTER_ROWS, InMemoryEMData, logger, run_em
 from .core.state import ModelState
 from .core.ensemble import is_bagged_forest, plan_members, predict_fixed_effects
 from .learners import default_learner, is_linear_model
@@ -72,7 +72,7 @@ def _is_dask(obj) -> bool:
 
 
 @contextlib.contextmanager
-def _bucketed_frame(frame, column: str, scratch):
+def _bucketed_frame(frame, column: str, scratch, max_cluster_rows: int):
     """``frame`` written under ``scratch`` as a lake bucketed by ``column`` and read back (one
     partition per bucket, streamed); the lake is removed on exit."""
     from .io.filesystem import open_filesystem, url_of
@@ -81,7 +81,7 @@ def _bucketed_frame(frame, column: str, scratch):
     path = posixpath.join(root, f".merf-dask-fit-{uuid.uuid4().hex}")
     url = url_of(filesystem, path)
     logger.info("writing the training frame bucketed by cluster to %s for the fit", url)
-    write_lake(frame, url, cluster_column=column)
+    write_lake(frame, url, cluster_column=column, max_cluster_rows=max_cluster_rows)
     try:
         yield read_lake(url, cluster_column=column)
     finally:
@@ -139,6 +139,14 @@ class MERF(RegressorMixin, BaseEstimator):
         forest grows at least one tree per sample, so above ``n_estimators * member_rows`` rows
         it has more than ``n_estimators`` trees (256 at 20M rows by default) and every cluster
         trains it.
+    max_cluster_rows : int, default=250,000
+        A cluster (level of the first grouping factor) with more rows is *spread*: its rows
+        are split over partitions and members by row, rather than held by one task, so a
+        cluster with 40% of a lake's rows fits on workers with little memory. Its random
+        effects are estimated exactly as any other's (its sums add across partitions, see
+        :func:`merf_dask.core.em.spread_part`); its rows train the members of every residue
+        class. The same on every backend and layout; lakes written by
+        :func:`merf_dask.io.lake.write_lake` spread such clusters over buckets.
     accelerate : "auto" or bool, default="auto"
         Take a SQUAREM step (Varadhan & Roland 2008) on the variance components in EM
         iterations: two more E-steps from the iteration's honest residuals (no prediction of
@@ -231,6 +239,7 @@ class MERF(RegressorMixin, BaseEstimator):
         "oob": [StrOptions({"auto"}), "boolean"],
         "n_folds": [Interval(Integral, 2, None, closed="left")],
         "member_rows": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "max_cluster_rows": [Interval(Integral, 1, None, closed="left")],
         "accelerate": [StrOptions({"auto"}), "boolean"],
         "random_state": ["random_state"],
         "checkpoint": [str, os.PathLike, None],
@@ -240,8 +249,8 @@ class MERF(RegressorMixin, BaseEstimator):
 
     def __init__(self, fixed_effects_model=None, *, formula=None, max_iterations=20, tol=1e-3,
                  gll_early_stop_threshold=None, oob="auto", n_folds=2, member_rows="auto",
-                 accelerate="auto", random_state=None, checkpoint=None, client=None,
-                 scratch=None):
+                 max_cluster_rows=MAX_CLUSTER_ROWS, accelerate="auto", random_state=None,
+                 checkpoint=None, client=None, scratch=None):
         self.fixed_effects_model = fixed_effects_model
         self.formula = formula
         self.max_iterations = max_iterations
@@ -250,6 +259,7 @@ class MERF(RegressorMixin, BaseEstimator):
         self.oob = oob
         self.n_folds = n_folds
         self.member_rows = member_rows
+        self.max_cluster_rows = max_cluster_rows
         self.accelerate = accelerate
         self.random_state = random_state
         self.checkpoint = checkpoint
@@ -311,6 +321,7 @@ class MERF(RegressorMixin, BaseEstimator):
         else:
             em_data = InMemoryEMData(X=data["X"], y=data["y"], Z=data["Z"], codes=data["codes"],
                                      levels=data["levels"], factors=data["factors"],
+                                     max_cluster_rows=self.max_cluster_rows,
                                      # a forest's trees are fitted on threads here; any
                                      # other learner parallelises itself, one member at a time
                                      n_jobs=learner.n_jobs if is_bagged_forest(learner) else None)
@@ -459,10 +470,11 @@ class MERF(RegressorMixin, BaseEstimator):
                              "create one (Client()) or pass client=")
         if data["distributed"]:
             frame, x_columns, z_columns = data["frame"], data["x_columns"], data["z_columns"]
-            aligned = ensure_cluster_partitions(frame, _factor_column(0))
+            aligned = ensure_cluster_partitions(frame, _factor_column(0),
+                                                max_cluster_rows=self.max_cluster_rows)
             if aligned is not frame and self.scratch is not None:
-                aligned = copies.enter_context(_bucketed_frame(frame, _factor_column(0),
-                                                               self.scratch))
+                aligned = copies.enter_context(_bucketed_frame(
+                    frame, _factor_column(0), self.scratch, self.max_cluster_rows))
             elif aligned is not frame:
                 warnings.warn("the data is not partitioned by cluster: it was shuffled once and "
                               "is held in worker memory; to fit data larger than memory, pass "
@@ -480,7 +492,7 @@ class MERF(RegressorMixin, BaseEstimator):
         em_data = DaskEMData(client=client, partitions=partitions, x_columns=x_columns,
                              z_columns=z_columns, factors=data["factors"],
                              factor_columns=[_factor_column(k) for k in range(len(z_columns))],
-                             y_column=_RESPONSE)
+                             y_column=_RESPONSE, max_cluster_rows=self.max_cluster_rows)
         return em_data, len(partitions)
 
     def _set_state(self, state: ModelState) -> "MERF":

@@ -26,6 +26,9 @@ PartitionArrays
     order of their stable keys.
 EffectsLayout, layout_of, nested_in_partition_factor
     Which factors are local to the blocks and which are crossed.
+spread_clusters, spread_part
+    Clusters too big for one task: their rows spread over blocks, as a tied crossed part of
+    the partition factor.
 m_step_pieces, honest_residuals, e_step_local, e_step_finish, crossed_schur, crossed_products
     The per-block steps (pure numpy; the Dask backend runs them on the workers).
 EMData
@@ -40,6 +43,7 @@ run_em
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -62,12 +66,17 @@ from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_pr
 from .hashing import cluster_hashes
 
 __all__ = ["PartitionArrays", "EffectsLayout", "layout_of", "nested_in_partition_factor",
+           "MAX_CLUSTER_ROWS", "spread_clusters", "spread_part",
            "m_step_pieces", "LocalStep", "honest_residuals", "e_step_local", "e_step_again",
            "e_step_finish",
            "EMData", "InMemoryEMData", "align_random_effects",
            "IterationRecord", "EMState", "EMResult", "run_em", "canonical"]
 
 logger = logging.getLogger("merf_dask")
+
+#: ``max_cluster_rows`` by default: a cluster with more rows is spread over partitions by row
+#: (:func:`spread_part`). A quarter of a default lake bucket (a million rows).
+MAX_CLUSTER_ROWS = 250_000
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class PartitionArrays:
         Stable hash of each level of the partition factor (the clusters).
     keys : ndarray of shape (n_rows,), uint64
         Stable key of each row (:func:`merf_dask.core.ensemble.row_keys`).
+    spread : ndarray of shape (n_clusters,), bool, or None
+        Which clusters are spread (:func:`spread_part`); None when the model has none.
     """
 
     X: np.ndarray
@@ -97,6 +108,7 @@ class PartitionArrays:
     levels: tuple
     hashes: np.ndarray
     keys: np.ndarray
+    spread: np.ndarray | None = None
 
     @classmethod
     def from_arrays(cls, *, X, y, Z, codes, levels) -> "PartitionArrays":
@@ -140,8 +152,51 @@ class PartitionArrays:
         return sum(a.nbytes for a in (self.X, self.y, self.keys, *self.Z, *self.codes))
 
     def residues(self, plan: MemberPlan) -> np.ndarray:
-        """Residue class of every row's cluster in ``plan`` (:meth:`MemberPlan.residue_of`)."""
-        return plan.residue_of(self.hashes)[self.codes[0]]
+        """Residue class of every row in ``plan``: its cluster's
+        (:meth:`MemberPlan.residue_of`), its own for rows of spread clusters
+        (:meth:`MemberPlan.row_residues`)."""
+        residues = plan.residue_of(self.hashes)[self.codes[0]]
+        if self.spread is not None:
+            rows = self.spread[self.codes[0]]
+            residues[rows] = plan.row_residues(self.keys[rows])
+        return residues
+
+
+def spread_part(part: PartitionArrays, spread_levels: pd.Index) -> PartitionArrays:
+    """``part`` with the rows of spread clusters moved to one more, crossed factor.
+
+    A cluster with more rows than a task should hold (``max_cluster_rows``) is spread over
+    partitions by row, so it is not a local level of the partition factor. Its rows keep their
+    level of the partition factor with a zero Z there (a placeholder level: no data, left out
+    of every sum, b = 0), and get the same Z in a last factor whose levels are the spread
+    clusters: a crossed factor (its sums add across partitions) whose covariance is tied to the
+    partition factor's (:class:`EffectsLayout`). The other rows have a zero Z in the last
+    factor. The same in every backend and on any partitioning, whether or not a spread
+    cluster's rows happen to lie in one partition.
+
+    Parameters
+    ----------
+    part : PartitionArrays
+        Its keys are those of the rows as they are (the last factor does not enter them).
+    spread_levels : pandas.Index
+        Every spread cluster of the fit.
+
+    Returns
+    -------
+    PartitionArrays
+    """
+    spread = part.levels[0].isin(spread_levels)
+    rows = spread[part.codes[0]]
+    present = part.levels[0][spread]
+    # a partition without spread rows still has a level of the last factor: every row points
+    # at one, with a zero Z
+    levels = present if len(present) else spread_levels[:1]
+    codes = np.where(rows, levels.get_indexer(part.levels[0])[part.codes[0]], 0)
+    local_z = np.where(rows[:, None], 0.0, part.Z[0])
+    spread_z = np.where(rows[:, None], part.Z[0], 0.0)
+    return dataclasses.replace(part, Z=(local_z, *part.Z[1:], spread_z),
+                               codes=(*part.codes, codes.astype(np.int64)),
+                               levels=(*part.levels, pd.Index(levels)), spread=spread)
 
 
 @dataclass(frozen=True)
@@ -149,19 +204,65 @@ class EffectsLayout:
     """Where every factor's levels live: in the partitions (the partition factor, and factors
     nested in it) or in a table shared by all partitions (crossed factors).
 
+    With spread clusters (:func:`spread_part`) the E-step sees one factor more than the model:
+    the last is the spread part of the partition factor, crossed, with the partition factor's
+    covariance (:meth:`expand`); its sums join the partition factor's (:meth:`pooled`).
+
     Attributes
     ----------
     factors : tuple of RandomFactor
+        The E-step's factors: the model's, then the spread part when there is one.
     crossed_levels : tuple of (pandas.Index or None)
         The level table of each crossed factor; None for local factors.
     dense : bool
         Whether the crossed unknowns are few enough to be solved densely
         (:data:`~merf_dask.core.crossed_solve.DENSE_CROSSED_UNKNOWNS`).
+    spread_levels : pandas.Index or None
+        The spread clusters (the last factor's table), None when there are none.
     """
 
     factors: tuple
     crossed_levels: tuple
     dense: bool = True
+    spread_levels: pd.Index | None = None
+
+    @property
+    def model_factors(self) -> tuple:
+        """The model's factors (without the spread part)."""
+        return self.factors if self.spread_levels is None else self.factors[:-1]
+
+    def model_factor(self, k: int) -> int:
+        """The model factor whose b the E-step's factor ``k`` holds."""
+        return 0 if self.spread_levels is not None and k == len(self.factors) - 1 else k
+
+    def expand(self, D: list) -> list:
+        """The model's covariances, one per E-step factor."""
+        return [D[self.model_factor(k)] for k in range(len(self.factors))]
+
+    def pooled(self, sums: EMSums) -> EMSums:
+        """The E-step's sums per model factor: the spread part's added to the partition
+        factor's."""
+        if self.spread_levels is None:
+            return sums
+
+        def pool(values):
+            return [values[0] + values[-1], *values[1:-1]]
+        return dataclasses.replace(
+            sums, n_levels=pool(sums.n_levels), bbt=pool(sums.bbt),
+            conditional_cov=pool(sums.conditional_cov), design_gram=pool(sums.design_gram))
+
+    def with_spread(self, spread_levels: pd.Index) -> "EffectsLayout":
+        """This layout with the spread part of the partition factor added (unchanged when
+        ``spread_levels`` is empty)."""
+        if not len(spread_levels):
+            return self
+        table = pd.Index(spread_levels).unique()
+        table = table[np.argsort(cluster_hashes(table), kind="stable")]
+        factors = (*self.factors, self.factors[0])
+        crossed = (*self.crossed_levels, table)
+        return EffectsLayout(factors=factors, crossed_levels=crossed,
+                             dense=_solved_densely(factors, crossed), spread_levels=table)
+
 
     @property
     def offsets(self) -> np.ndarray:
@@ -179,6 +280,12 @@ class EffectsLayout:
         return [local_b[k] if table is None else crossed_b[k][position]
                 for k, (table, position) in enumerate(zip(self.crossed_levels,
                                                           self.positions(part)))]
+
+
+def _solved_densely(factors, crossed_levels) -> bool:
+    """Whether the crossed unknowns are at most
+    :data:`~merf_dask.core.crossed_solve.DENSE_CROSSED_UNKNOWNS`."""
+    return int(crossed_offsets(factors, crossed_levels)[-1]) <= DENSE_CROSSED_UNKNOWNS
 
 
 def layout_of(factors, parts_levels: list[list[pd.Index]], parents_whole: list[list[bool]]
@@ -210,9 +317,29 @@ def layout_of(factors, parts_levels: list[list[pd.Index]], parents_whole: list[l
         # come in the same order whatever the partitioning
         table = every.unique()
         crossed.append(table[np.argsort(cluster_hashes(table), kind="stable")])
-    n_crossed = sum(len(table) * f.q for f, table in zip(factors, crossed) if table is not None)
     return EffectsLayout(factors=tuple(factors), crossed_levels=tuple(crossed),
-                         dense=n_crossed <= DENSE_CROSSED_UNKNOWNS)
+                         dense=_solved_densely(factors, crossed))
+
+
+def spread_clusters(rows: pd.Series, *, max_cluster_rows: int) -> pd.Index:
+    """The clusters to spread: those with more than ``max_cluster_rows`` rows.
+
+    Parameters
+    ----------
+    rows : Series
+        Rows of each cluster (indexed by cluster id; one entry per cluster).
+    max_cluster_rows : int
+
+    Returns
+    -------
+    pandas.Index
+    """
+    spread = rows.index[rows.to_numpy() > max_cluster_rows]
+    if len(spread):
+        logger.info("%d clusters have more than max_cluster_rows=%d rows (the largest %d): "
+                    "their rows are spread over partitions and members", len(spread),
+                    max_cluster_rows, int(rows.max()))
+    return spread
 
 
 def nested_in_partition_factor(part: PartitionArrays) -> list[bool]:
@@ -359,16 +486,25 @@ def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayo
         step.system, solution=solution, crossed_position=layout.positions(part),
         offsets=layout.offsets)
     b, b_cov, cov_sums, corrections = [], [], [], 0.0
-    for uk, mk, rest, Lk in zip(u, m_inverse, stochastic, relative):
+    for k, (uk, mk, rest, Lk) in enumerate(zip(u, m_inverse, stochastic, relative)):
         if mk is None:  # crossed: b at this block's levels, for its residuals only
             b.append(uk @ Lk.T), b_cov.append(None), cov_sums.append(None)
             continue
-        bk, covk, cov_sum, correction = factor_moments(uk, mk, Lk, sigma2, rest)
+        if k == 0 and part.spread is not None:
+            # the spread clusters' placeholder levels hold no data: b = 0, and no sum sees them
+            kept = ~part.spread
+            bk, covk = np.zeros(uk.shape), np.zeros(mk.shape)
+            bk[kept], covk[kept], cov_sum, correction = factor_moments(uk[kept], mk[kept], Lk,
+                                                                       sigma2, rest)
+        else:
+            bk, covk, cov_sum, correction = factor_moments(uk, mk, Lk, sigma2, rest)
         b.append(bk), b_cov.append(covk), cov_sums.append(cov_sum)
         corrections += correction
     sums = partition_sums(codes=list(part.codes), Z=list(part.Z), r=step.residuals, b=b,
                           cov_sums=cov_sums, corrections=corrections, quadratic=quadratic,
                           logdet=step.logdet)
+    if part.spread is not None:
+        sums.n_levels[0] = float(np.count_nonzero(~part.spread))
     sums.n_in_sample = float(step.n_in_sample)
     local_b = [None if mk is None else bk for bk, mk in zip(b, m_inverse)]
     return local_b, b_cov, sums
@@ -445,19 +581,27 @@ class InMemoryEMData:
         Each row's level of every factor, in ``[0, len(levels[k]))``.
     levels : list of pandas.Index
     factors : list of RandomFactor
+    max_cluster_rows : int
+        Clusters with more rows are spread (:func:`spread_part`), as on Dask.
     n_jobs : int or None
         Threads that fit members and predict rows (joblib convention; -1 is every core).
     """
 
-    def __init__(self, *, X, y, Z, codes, levels, factors, n_jobs=None):
-        self.part = PartitionArrays.from_arrays(X=X, y=y, Z=Z, codes=codes, levels=levels)
-        self.layout = layout_of(factors, [list(self.part.levels)],
-                                [nested_in_partition_factor(self.part)])
+    def __init__(self, *, X, y, Z, codes, levels, factors, max_cluster_rows=MAX_CLUSTER_ROWS,
+                 n_jobs=None):
+        part = PartitionArrays.from_arrays(X=X, y=y, Z=Z, codes=codes, levels=levels)
+        layout = layout_of(factors, [list(part.levels)], [nested_in_partition_factor(part)])
+        spread = spread_clusters(
+            pd.Series(np.bincount(part.codes[0], minlength=len(part.levels[0])),
+                      index=part.levels[0]), max_cluster_rows=max_cluster_rows)
+        self.layout = layout.with_spread(spread)
+        self.part = part if self.layout is layout else spread_part(part, self.layout.spread_levels)
         self.n_rows, self.n_clusters = len(y), len(levels[0])
         self.cluster_hashes = self.part.hashes
         self.n_jobs = n_jobs
         self.b = [None if table is not None else np.zeros((len(ids), f.q))
-                  for f, ids, table in zip(factors, self.part.levels, self.layout.crossed_levels)]
+                  for f, ids, table in zip(self.layout.factors, self.part.levels,
+                                           self.layout.crossed_levels)]
         self.b_cov = list(self.b)
         self.plan = self.fitted = self.step = None
 
@@ -619,7 +763,7 @@ def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False, keep: 
     """One E-step over ``data``: the blocks' first pass, the crossed unknowns on the driver,
     the blocks' second pass. Returns the sums and the crossed factors' (b, b_cov)."""
     layout = data.layout
-    relative = [relative_factor(Dk, sigma2) for Dk in D]
+    relative = [relative_factor(Dk, sigma2) for Dk in layout.expand(D)]
     share = data.local_step(relative=relative, sigma2=sigma2, again=again, keep=keep)
     if share is None:
         return data.finish_step(relative=relative, sigma2=sigma2, solution=None), {}
@@ -633,7 +777,7 @@ def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False, keep: 
         solution, q=[f.q for f in layout.factors], offsets=layout.offsets,
         crossed_levels=list(layout.crossed_levels), relative=relative, sigma2=sigma2)
     sums = data.finish_step(relative=relative, sigma2=sigma2, solution=solution)
-    return sums + crossed_sums, crossed
+    return layout.pooled(sums + crossed_sums), crossed
 
 
 class _CrawlDetector:
@@ -708,12 +852,18 @@ def _accelerated_step(data: EMData, factors, *, sigma2: float, D: list, sums: EM
 
 
 def _all_effects(data: EMData, crossed: dict, D: list) -> list[FactorEffects]:
-    """Every factor's :class:`FactorEffects`, local ones from the blocks, crossed from the
-    driver's tables."""
+    """Every model factor's :class:`FactorEffects`, local ones from the blocks, crossed from
+    the driver's tables; the spread clusters after the partition factor's local levels."""
+    layout = data.layout
     local = data.local_effects()
     effects = []
-    for k, (factor, table) in enumerate(zip(data.layout.factors, data.layout.crossed_levels)):
+    for k, (factor, table) in enumerate(zip(layout.model_factors, layout.crossed_levels)):
         levels, b, b_cov = local[k] if table is None else (table, *crossed[k])
+        if k == 0 and layout.spread_levels is not None:
+            kept = ~levels.isin(layout.spread_levels)  # not the placeholders
+            spread_b, spread_cov = crossed[len(layout.factors) - 1]
+            levels = levels[kept].append(layout.spread_levels)
+            b, b_cov = np.vstack([b[kept], spread_b]), np.vstack([b_cov[kept], spread_cov])
         effects.append(FactorEffects(factor=factor, levels=levels, b=b, b_cov=b_cov, D=D[k]))
     return effects
 
@@ -757,7 +907,7 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
     EMResult
     """
     layout = data.layout
-    sigma2, D, history = 1.0, [np.eye(f.q) for f in layout.factors], []
+    sigma2, D, history = 1.0, [np.eye(f.q) for f in layout.model_factors], []
     crossed = {k: (np.zeros((len(table), f.q)), np.zeros((len(table), f.q, f.q)))
                for k, (f, table) in enumerate(zip(layout.factors, layout.crossed_levels))
                if table is not None}
@@ -765,7 +915,7 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
         sigma2, D, history = start.sigma2, list(start.D), list(start.history)
         data.set_local_effects(start.effects)
         for k in crossed:
-            levels, b = start.effects[k]
+            levels, b = start.effects[layout.model_factor(k)]
             crossed[k] = (align_random_effects(layout.crossed_levels[k], levels, b),
                           crossed[k][1])
     first = len(history) + 1
@@ -781,10 +931,10 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
         m_step_done = time.perf_counter()
         sums, crossed = _e_step(data, sigma2=sigma2, D=D, keep=crawl.active)
         if crawl.active:
-            sums, crossed, sigma2 = _accelerated_step(data, layout.factors, sigma2=sigma2, D=D,
-                                                      sums=sums, crossed=crossed)
+            sums, crossed, sigma2 = _accelerated_step(data, layout.model_factors, sigma2=sigma2,
+                                                      D=D, sums=sums, crossed=crossed)
         new_sigma2, D, gll, log_likelihood = update_variance_components(
-            sums, layout.factors, sigma2=sigma2)
+            sums, layout.model_factors, sigma2=sigma2)
         sigma2, D, gll = canonical(new_sigma2), [canonical(Dk) for Dk in D], canonical(gll)
         crawl.update([sigma2, *D])
         # residuals of exactly zero (or a zero or NaN variance): nothing is left to decompose

@@ -195,6 +195,22 @@ class MemberPlan:
         table_hashes, table_classes = self.class_table
         return table_classes[np.searchsorted(table_hashes, hashes)]
 
+    def row_residues(self, keys: np.ndarray) -> np.ndarray:
+        """The residue class of rows of spread clusters (clusters too big for one member or
+        partition, :func:`merf_dask.core.em.spread_part`): their row key modulo ``stride``, so
+        such a cluster's rows train every class's members.
+
+        Parameters
+        ----------
+        keys : ndarray of shape (n_rows,), uint64
+            :func:`row_keys` of the rows.
+
+        Returns
+        -------
+        ndarray of shape (n_rows,), int64
+        """
+        return (np.asarray(keys, dtype=np.uint64) % np.uint64(self.stride)).astype(np.int64)
+
     @property
     def feature_dtype(self):
         return np.float32 if self.trees else np.float64  # trees split on float32 anyway
@@ -418,11 +434,17 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
     The pieces are put in the order of their row keys first, so a member sees its rows in the
     same order however the rows were partitioned.
 
+    ``None`` stands for a block with no row of the class (one holding rows of spread
+    clusters is asked for every class).
+
     Returns
     -------
     list of (member index, fitted member)
         A tree whose Poisson bootstrap drew no row (possible on a handful of rows) is left out.
     """
+    pieces = [p for p in pieces if p is not None]
+    if not pieces:
+        return []
     keys = np.concatenate([p.keys for p in pieces])
     order = np.argsort(keys, kind="stable")
     keys = keys[order]

@@ -51,9 +51,10 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from ..core.em import (EffectsLayout, PartitionArrays, add_limbs, align_random_effects,
-                       crossed_products, crossed_schur, e_step_again, e_step_finish,
-                       e_step_local, layout_of, m_step_pieces, nested_in_partition_factor)
+from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_limbs,
+                       align_random_effects, crossed_products, crossed_schur, e_step_again,
+                       e_step_finish, e_step_local, layout_of, m_step_pieces,
+                       nested_in_partition_factor, spread_clusters, spread_part)
 from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, assemble_model, fit_members
 
@@ -76,10 +77,24 @@ def _partition_arrays(frame: pd.DataFrame, *, columns: dict) -> PartitionArrays:
 
 def _layout(part: PartitionArrays) -> tuple:
     """A partition's levels of every factor (in the order of ``part.codes``), whether each
-    factor's levels lie inside levels of the partition factor, its clusters' hashes, its row
-    count and the bytes of its arrays."""
-    return (list(part.levels), nested_in_partition_factor(part), part.hashes, len(part.y),
-            part.nbytes)
+    factor's levels lie inside levels of the partition factor, its clusters' hashes, the rows of
+    each cluster and the bytes of its arrays."""
+    return (list(part.levels), nested_in_partition_factor(part), part.hashes,
+            np.bincount(part.codes[0], minlength=len(part.levels[0])), part.nbytes)
+
+
+def _cluster_rows(levels: list, rows: list) -> tuple[pd.Series, pd.Index]:
+    """Rows of every cluster over all partitions, and the clusters found in more than one."""
+    ids = levels[0].append(levels[1:])
+    per_partition = pd.Series(np.concatenate(rows), index=ids)
+    total = per_partition.groupby(level=0, sort=False).sum()
+    return total, ids[ids.duplicated()].unique()
+
+
+def _class_piece(pieces: dict, residue: int):
+    """A partition's piece of one residue class; None when it has no row there (a partition
+    holding rows of spread clusters is asked for every class)."""
+    return pieces.get(residue)
 
 
 def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
@@ -170,6 +185,9 @@ class DaskEMData:
     factor_columns : list of str
         Every factor's column of level labels.
     y_column : str
+    max_cluster_rows : int
+        Clusters with more rows, and clusters found in more than one partition, are spread
+        (:func:`merf_dask.core.em.spread_part`).
     cache : bool or None, default=None
         Keep every partition's arrays in worker memory between passes; None decides with
         :func:`fits_in_memory`.
@@ -182,7 +200,7 @@ class DaskEMData:
     """
 
     def __init__(self, *, client, partitions, x_columns, z_columns, factors, factor_columns,
-                 y_column, cache=None):
+                 y_column, max_cluster_rows=MAX_CLUSTER_ROWS, cache=None):
         self.client = client
         self.partitions = list(partitions)  # scattered or persisted sources stay alive
         columns = dict(x_columns=list(x_columns), z_columns=[list(c) for c in z_columns],
@@ -191,10 +209,25 @@ class DaskEMData:
                         for source in self.partitions]
         layouts = client.gather(client.compute(
             [dask.delayed(_layout)(source) for source in self.sources]))
-        self.levels = [levels for levels, _, _, _, _ in layouts]
-        self.layout = layout_of(factors, self.levels, [whole for _, whole, _, _, _ in layouts])
+        levels = [levels for levels, _, _, _, _ in layouts]
+        layout = layout_of(factors, levels, [whole for _, whole, _, _, _ in layouts])
+        cluster_rows, spanning = _cluster_rows([ids[0] for ids in levels],
+                                               [rows for _, _, _, rows, _ in layouts])
+        # a cluster in several partitions is spread whatever its size (a lake written with a
+        # lower max_cluster_rows): exact all the same, never two clusters of one name
+        self.layout = layout.with_spread(spread_clusters(
+            cluster_rows, max_cluster_rows=max_cluster_rows).union(spanning))
+        self.spread = [None] * len(levels)
+        if self.layout is not layout:
+            spread_levels = self.layout.spread_levels
+            self.sources = [dask.delayed(spread_part)(source, spread_levels)
+                            for source in self.sources]
+            self.spread = [ids[0].isin(spread_levels) for ids in levels]
+            levels = [[*ids, ids[0][spread] if spread.any() else spread_levels[:1]]
+                      for ids, spread in zip(levels, self.spread)]
+        self.levels = levels
         self.hashes = [hashes for _, _, hashes, _, _ in layouts]
-        self.n_rows = int(sum(n for _, _, _, n, _ in layouts))
+        self.n_rows = int(cluster_rows.sum())
         n_bytes = sum(size for _, _, _, _, size in layouts)
         if cache is None:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
@@ -203,11 +236,12 @@ class DaskEMData:
         if cache:
             logger.debug("keeping the partitions in worker memory (%.0f MB)", n_bytes / 1e6)
             self.sources = client.compute(self.sources)
-        self.n_clusters = sum(len(levels[0]) for levels in self.levels)
-        self.cluster_hashes = np.concatenate(self.hashes)
+        self.n_clusters = len(cluster_rows)
+        self.cluster_hashes = np.unique(np.concatenate(self.hashes))
         self.n_features = len(x_columns)
         self.b = [[None if table is not None else np.zeros((len(ids), f.q))
-                   for f, ids, table in zip(factors, levels, self.layout.crossed_levels)]
+                   for f, ids, table in zip(self.layout.factors, levels,
+                                            self.layout.crossed_levels)]
                   for levels in self.levels]
         self.b_cov = []  # futures of every partition's Var(b | y) after an E-step
         self.plan = self.chunks = self.chunk_members = self.results = None
@@ -246,7 +280,7 @@ class DaskEMData:
         for residue, members in plan.chunks(self._n_threads()):
             if residue not in holders:
                 continue  # no cluster falls in this class: its members are not grown
-            class_pieces = [client.submit(operator.getitem, pieces[p], residue, pure=False,
+            class_pieces = [client.submit(_class_piece, pieces[p], residue, pure=False,
                                           priority=_FIT_PRIORITY)
                             for p in holders[residue]]
             chunks.append(client.submit(fit_members, worker_plan, members, *class_pieces,
@@ -255,8 +289,11 @@ class DaskEMData:
         return chunks, chunk_members
 
     def _residues(self, plan) -> list[np.ndarray]:
-        """The residue classes of each partition's clusters."""
-        return [np.unique(plan.residue_of(hashes)) for hashes in self.hashes]
+        """The residue classes of each partition's rows: its clusters', and every class where
+        it holds rows of spread clusters."""
+        return [np.unique(plan.residues) if spread is not None and spread.any()
+                else np.unique(plan.residue_of(hashes))
+                for hashes, spread in zip(self.hashes, self.spread)]
 
     def _serving_chunks(self, residues: np.ndarray) -> list:
         """The member chunks that a partition holding ``residues`` classes predicts with."""

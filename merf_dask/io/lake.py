@@ -8,7 +8,10 @@ A *lake* is a hive-partitioned Parquet dataset with exactly one file per bucket:
 
 Rows go to bucket ``bucket_of(cluster id)``, a stable hash of the id, so every cluster lies in one
 file and reading one Dask partition per bucket directory keeps each cluster in one partition with
-no shuffle (the invariant the distributed E-step relies on).
+no shuffle (what lets the distributed E-step solve a cluster where its rows are). The exception
+is a cluster with more rows than ``max_cluster_rows``: its rows are spread over the buckets by a
+hash of each row, and the fit sums its statistics across partitions
+(:func:`merf_dask.core.em.spread_part`).
 
 Functions
 ---------
@@ -64,6 +67,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from ..core.em import MAX_CLUSTER_ROWS, spread_clusters
 from ..core.hashing import cluster_hashes
 from ..dask.partitioning import ensure_cluster_partitions
 from ..simulate import simulate_frame
@@ -133,12 +137,15 @@ def bucket_of(ids: pd.Series, n_buckets: int) -> np.ndarray:
 
 
 def write_lake(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *, cluster_column: str,
-               n_buckets: int | None = None, storage_options: dict | None = None,
-               overwrite: bool = False) -> None:
+               n_buckets: int | None = None, max_cluster_rows: int = MAX_CLUSTER_ROWS,
+               storage_options: dict | None = None, overwrite: bool = False) -> None:
     """Write ``frame`` as a lake: ``url/bucket=K/part-0.parquet``, one file per non-empty bucket.
 
     A Dask DataFrame is shuffled once so that each bucket is one partition, and each worker writes
-    the buckets it holds: no process ever holds all rows. The index is not written.
+    the buckets it holds: no process ever holds all rows. The index is not written. A cluster with
+    more than ``max_cluster_rows`` rows is spread over the buckets by a hash of each row (a pass
+    over the cluster column counts them), so no bucket holds more than its share of it; a fit
+    treats such a cluster as spread (:func:`merf_dask.core.em.spread_part`).
 
     Parameters
     ----------
@@ -153,6 +160,9 @@ def write_lake(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *, cl
         (of the active ``distributed`` client, else of this machine) while buckets keep at least
         10,000 rows. Counting the rows of a Dask frame is a pass over it unless its source knows
         the count (``dd.read_parquet`` reads it from the footers).
+    max_cluster_rows : int, default=250,000
+        Clusters with more rows are spread over the buckets (the estimator's parameter of the
+        same name).
     storage_options : dict, optional
         Passed to the filesystem, also on the workers.
     overwrite : bool
@@ -166,14 +176,19 @@ def write_lake(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *, cl
     if n_buckets < 1:
         raise ValueError(f"n_buckets must be at least 1, got {n_buckets}")
     schema = _arrow_schema(frame, bucketed_by=cluster_column)
+    cluster_rows = frame[cluster_column].value_counts(sort=False)
+    if not isinstance(frame, pd.DataFrame):
+        cluster_rows = cluster_rows.compute()
+    spread = spread_clusters(cluster_rows, max_cluster_rows=max_cluster_rows)
     with atomic_directory(url, overwrite=overwrite, storage_options=storage_options) as staging:
         filesystem, directory = open_filesystem(staging, storage_options=storage_options)
         if isinstance(frame, pd.DataFrame):
-            by_bucket = frame.set_axis(pd.Index(bucket_of(frame[cluster_column], n_buckets)))
+            by_bucket = frame.set_axis(pd.Index(_row_buckets(frame, cluster_column, n_buckets,
+                                                             spread)))
             _write_buckets(by_bucket, filesystem=filesystem, directory=directory, schema=schema)
             return
-        buckets = frame[cluster_column].map_partitions(
-            _bucket_series, n_buckets, meta=(BUCKET_COLUMN, "int64"))
+        buckets = frame.map_partitions(_bucket_series, cluster_column, n_buckets, spread,
+                                       meta=(BUCKET_COLUMN, "int64"))
         # explicit divisions [0, 1, ..., n_buckets] make partition k hold exactly bucket k, without
         # the quantile pass a plain set_index would run
         by_bucket = frame.assign(**{BUCKET_COLUMN: buckets}).set_index(
@@ -358,8 +373,8 @@ def _bucketed_by(schema: pa.Schema) -> str | None:
 
 
 def bucket_lake(source: str | os.PathLike, output: str | os.PathLike, *, cluster_column: str,
-                n_buckets: int | None = None, storage_options: dict | None = None,
-                overwrite: bool = False) -> None:
+                n_buckets: int | None = None, max_cluster_rows: int = MAX_CLUSTER_ROWS,
+                storage_options: dict | None = None, overwrite: bool = False) -> None:
     """Write a copy of any Parquet dataset bucketed by ``cluster_column`` (a lake).
 
     The rows are read file by file and shuffled once into buckets (on a distributed cluster
@@ -373,7 +388,7 @@ def bucket_lake(source: str | os.PathLike, output: str | os.PathLike, *, cluster
     output : str or path-like
         The lake to write.
     cluster_column : str
-    n_buckets : int, optional
+    n_buckets, max_cluster_rows
         As for :func:`write_lake`.
     storage_options : dict, optional
         For both the source and the output.
@@ -383,17 +398,19 @@ def bucket_lake(source: str | os.PathLike, output: str | os.PathLike, *, cluster
     frame = read_lake(source, storage_options=storage_options)
     _require_columns([cluster_column], list(frame.columns), source=source)
     write_lake(frame, output, cluster_column=cluster_column, n_buckets=n_buckets,
-               storage_options=storage_options, overwrite=overwrite)
+               max_cluster_rows=max_cluster_rows, storage_options=storage_options,
+               overwrite=overwrite)
 
 
 def bucketed_copy(source: str | os.PathLike, *, cluster_column: str, scratch: str | os.PathLike,
+                  max_cluster_rows: int = MAX_CLUSTER_ROWS,
                   storage_options: dict | None = None) -> str:
     """The copy of ``source`` bucketed by ``cluster_column`` under ``scratch``, written by
     :func:`bucket_lake` when it is not there yet.
 
     The copy's directory is named by a hash of the source's fingerprint (its files' paths,
-    sizes and modification marks, :func:`~merf_dask.io.filesystem.data_fingerprint`) and the
-    column, so a later fit of the same, unchanged source finds it, and a changed source gets a
+    sizes and modification marks, :func:`~merf_dask.io.filesystem.data_fingerprint`), the
+    column and ``max_cluster_rows`` (:func:`write_lake`), so a later fit of the same, unchanged source finds it, and a changed source gets a
     new copy. Removing the directory (or all of ``scratch``) is always safe.
 
     Returns
@@ -402,7 +419,8 @@ def bucketed_copy(source: str | os.PathLike, *, cluster_column: str, scratch: st
         The copy's URL.
     """
     fingerprint = data_fingerprint(source, storage_options=storage_options)
-    key = hashlib.sha256(json.dumps([fingerprint, cluster_column]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([fingerprint, cluster_column, max_cluster_rows]).encode()
+                         ).hexdigest()[:24]
     filesystem, root = open_filesystem(scratch, storage_options=storage_options)
     path = posixpath.join(root, f"bucketed-{key}")
     url = url_of(filesystem, path)
@@ -413,8 +431,8 @@ def bucketed_copy(source: str | os.PathLike, *, cluster_column: str, scratch: st
             return url
     logger.info("writing a copy of %s bucketed by %r to %s (once: later fits of the same data "
                 "read it)", source, cluster_column, url)
-    bucket_lake(source, url, cluster_column=cluster_column, storage_options=storage_options,
-                overwrite=True)
+    bucket_lake(source, url, cluster_column=cluster_column, max_cluster_rows=max_cluster_rows,
+                storage_options=storage_options, overwrite=True)
     return url
 
 
@@ -454,8 +472,22 @@ def _arrow_schema(frame: pd.DataFrame | dd.DataFrame, *, bucketed_by: str | None
     return schema.with_metadata({**schema.metadata, _BUCKETED_BY_KEY: bucketed_by.encode()})
 
 
-def _bucket_series(ids: pd.Series, n_buckets: int) -> pd.Series:
-    return pd.Series(bucket_of(ids, n_buckets), index=ids.index, name=BUCKET_COLUMN)
+def _row_buckets(rows: pd.DataFrame, cluster_column: str, n_buckets: int, spread: pd.Index
+                 ) -> np.ndarray:
+    """The bucket of every row: its cluster's, or for rows of spread clusters a hash of the
+    row's values modulo ``n_buckets`` (the same in any process)."""
+    buckets = bucket_of(rows[cluster_column], n_buckets)
+    in_spread = rows[cluster_column].isin(spread).to_numpy()
+    if in_spread.any():
+        row_hashes = pd.util.hash_pandas_object(rows[in_spread], index=False).to_numpy()
+        buckets[in_spread] = (row_hashes % np.uint64(n_buckets)).astype(np.int64)
+    return buckets
+
+
+def _bucket_series(rows: pd.DataFrame, cluster_column: str, n_buckets: int, spread: pd.Index
+                   ) -> pd.Series:
+    return pd.Series(_row_buckets(rows, cluster_column, n_buckets, spread), index=rows.index,
+                     name=BUCKET_COLUMN)
 
 
 def _bucket_file(directory: str, bucket: int) -> str:
