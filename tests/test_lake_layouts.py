@@ -166,3 +166,43 @@ def test_the_estimator_fits_a_foreign_frame_through_a_bucketed_copy(tmp_path, fr
     assert list((tmp_path / "scratch").iterdir()) == []
     with pytest.warns(UserWarning, match="held in worker memory"):  # without a scratch location
         assert_same_model(fitted(dd.read_parquet(tmp_path / "by_day")), reference)
+
+
+def test_a_cluster_with_40_percent_of_the_rows_is_spread_and_fits_the_in_process_model(
+        tmp_path, frame):
+    """A cluster bigger than max_cluster_rows: `merf-dask bucket` spreads its rows over every
+    bucket (the other clusters stay whole), the foreign lake's fit (through its bucketed copy)
+    holds no more than a bucket's share of it in any partition, and the model is the in-process
+    fit's, bit for bit."""
+    import pandas as pd
+
+    from merf_dask.dask.partitioning import split_clusters
+    from merf_dask.learners import make_learner
+
+    big = simulate_frame(n_rows=2_000, n_clusters=1, seed=1).assign(cluster="big")
+    skewed = pd.concat([frame, big], ignore_index=True)
+    write_by_day(skewed, tmp_path / "by_day")
+    done = merf_dask("bucket", str(tmp_path / "by_day"), "--cluster", "cluster", "--output",
+                     str(tmp_path / "lake"), "--buckets", "4", "--max-cluster-rows", "500",
+                     "--n-workers", "1")
+    assert done.returncode == 0, done.stderr
+    lake = read_lake(tmp_path / "lake", cluster_column="cluster")
+    parts = [part.compute() for part in lake.to_delayed()]
+    assert len(parts) == 4
+    assert all(350 < (part["cluster"] == "big").sum() < 650 for part in parts)
+    others = pd.concat([part.loc[part["cluster"] != "big", ["cluster"]].drop_duplicates()
+                        for part in parts])
+    assert others["cluster"].is_unique and len(others) == frame["cluster"].nunique()
+    assert list(split_clusters(lake, "cluster", max_cluster_rows=500)) == []
+    assert list(split_clusters(lake, "cluster")) == ["big"]  # below the default: not spread
+
+    fitted = merf_dask("fit", str(tmp_path / "by_day"), "--formula", FORMULA, "--output",
+                       str(tmp_path / "model"), "--n-workers", "2", "--max-iterations", "2",
+                       "--learner", "extra-trees", "--max-cluster-rows", "500", "--quiet",
+                       env={"MERF_DASK_SCRATCH": str(tmp_path / "scratch")})
+    assert fitted.returncode == 0, fitted.stderr
+    model = MERF.load(tmp_path / "model")
+    in_process = MERF(make_learner("extra-trees", random_state=0), formula=FORMULA,
+                      max_iterations=2, random_state=0, max_cluster_rows=500).fit(skewed)
+    assert_same_model(model, in_process)
+    assert model.b_.index.is_unique and "big" in model.b_.index

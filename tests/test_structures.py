@@ -187,6 +187,31 @@ def test_crossed_nested_and_slopes_together_reach_the_ml_estimates():
     assert components.iloc[2][["var1", "var2"]].tolist() == ["(Intercept)", "t"]
 
 
+def test_spread_clusters_reach_the_same_ml_estimates():
+    """Clusters with more than max_cluster_rows rows are spread: their rows become a crossed
+    factor tied to the partition factor's covariance, with the nested and crossed factors
+    beside them. The estimates are the dense ML ones, and those of the fit that keeps every
+    cluster whole."""
+    frame = unbalanced(seed=1)
+    rows = frame["a"].value_counts()
+    assert (rows > 8).sum() >= 10 and (rows <= 8).sum() >= 5  # spread and whole ones
+    spread = fit(UNBALANCED_FORMULA, frame, max_cluster_rows=8)
+    reference = unbalanced_reference(frame)
+    assert_components_close(spread, reference)
+    np.testing.assert_allclose(spread.history_[-1].log_likelihood, reference[2], rtol=1e-6)
+    whole = fit(UNBALANCED_FORMULA, frame)
+    for D, D_whole in zip(*(fitted_components(m)[0] for m in (spread, whole))):
+        np.testing.assert_allclose(D, D_whole, rtol=1e-7)
+    for name, table in whole.random_effects_.items():
+        pd.testing.assert_frame_equal(spread.random_effects_[name].loc[table.index], table,
+                                      rtol=1e-6)
+        assert spread.random_effects_[name].index.is_unique
+    np.testing.assert_allclose(spread.random_effects_cov_["a"][
+        spread.random_effects_["a"].index.get_indexer(whole.random_effects_["a"].index)],
+        whole.random_effects_cov_["a"], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(spread.predict(frame), whole.predict(frame), atol=1e-8)
+
+
 def test_uncorrelated_slopes_reach_the_ml_estimates_with_a_diagonal_D():
     frame = unbalanced(seed=2)
     model = fit("y ~ x1 + x2 + (t || a)", frame)
@@ -214,6 +239,28 @@ def test_a_fit_on_a_local_cluster_reaches_the_same_estimates(dask_client):
         distributed = MERF(LinearRegression(), formula=UNBALANCED_FORMULA, client=dask_client,
                            **iterations).fit(dd.from_pandas(shuffled, npartitions=3))
     assert distributed.n_partitions_ == 3
+    for D, D_ref in zip(*(fitted_components(m)[0] for m in (distributed, in_process))):
+        np.testing.assert_allclose(D, D_ref, rtol=1e-6)
+    np.testing.assert_allclose(distributed.sigma2_, in_process.sigma2_, rtol=1e-6)
+    for name, table in in_process.random_effects_.items():
+        pd.testing.assert_frame_equal(distributed.random_effects_[name].loc[table.index], table,
+                                      rtol=1e-5)
+
+
+def test_spread_clusters_on_a_local_cluster_reach_the_in_process_estimates(dask_client,
+                                                                           tmp_path):
+    """A lake whose big clusters are spread over its buckets (their nested levels too, which
+    become crossed there): the same estimates as the in-process fit of the same rows."""
+    from merf_dask.io.lake import read_lake, write_lake
+    frame = unbalanced(seed=1)
+    iterations = dict(max_iterations=25, tol=0, max_cluster_rows=8)
+    in_process = MERF(LinearRegression(), formula=UNBALANCED_FORMULA, **iterations).fit(frame)
+    write_lake(frame, tmp_path / "lake", cluster_column="a", n_buckets=3, max_cluster_rows=8)
+    lake = read_lake(tmp_path / "lake", cluster_column="a")
+    per_bucket = lake.map_partitions(lambda part: part[["a"]].drop_duplicates()).compute()
+    assert per_bucket["a"].duplicated().sum() >= 10  # spread clusters span buckets
+    distributed = MERF(LinearRegression(), formula=UNBALANCED_FORMULA, client=dask_client,
+                       **iterations).fit(lake)
     for D, D_ref in zip(*(fitted_components(m)[0] for m in (distributed, in_process))):
         np.testing.assert_allclose(D, D_ref, rtol=1e-6)
     np.testing.assert_allclose(distributed.sigma2_, in_process.sigma2_, rtol=1e-6)
