@@ -19,7 +19,7 @@ cli         the ``merf-dask`` command line
 ``import merf_dask`` and an in-process fit import neither ``distributed`` nor ``dask.dataframe``.
 """
 
-from .estimator import MERF, SingularFitWarning
+from .estimator import MERF, MERFClassifier, SingularFitWarning
 
-__all__ = ["MERF", "SingularFitWarning", "__version__"]
+__all__ = ["MERF", "MERFClassifier", "SingularFitWarning", "__version__"]
 __version__ = "0.1.0"

@@ -24,7 +24,9 @@ Input is either merf 1.0's ``fit(X, Z, clusters, y)`` or, with ``formula=``, one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import os
 import posixpath
 import uuid
@@ -34,19 +36,20 @@ from numbers import Integral, Real
 import joblib
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, RegressorMixin, clone
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.dummy import DummyRegressor
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import r2_score
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import HasMethods, Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, has_fit_parameter
 
 from .core import validation as check
 from .core.random_effects import RandomFactor, random_effects_offset, variance_components
 from .io.report import format_variance_components
 from .io.checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_checkpoint
 from .core.em import MAX_CLUSTER_ROWS, InMemoryEMData, logger, run_em
+from .core.families import BINOMIAL, FAMILIES
 from .core.state import ModelState
 from .core.ensemble import is_bagged_forest, plan_members, predict_fixed_effects
 from .learners import default_learner, is_linear_model
@@ -112,6 +115,13 @@ class MERF(RegressorMixin, BaseEstimator):
         formula) and ``design_`` (its fitted design: encodings and stateful transforms). The
         first term's grouping factor is the one the data are partitioned by. See
         :mod:`merf_dask.formula` and docs/structures.md.
+    family : {"gaussian", "binomial", "poisson"}, default="gaussian"
+        The response: continuous (y = f + Z b + e), binary 0/1 (logit P(y = 1) = f + Z b) or
+        counts (log E[y] = f + Z b). Binary and count fits maximise Laplace's approximation of
+        the likelihood, as glmer does (:mod:`merf_dask.core.laplace`; the learner is fitted to
+        a weighted working response, so it must take ``sample_weight``); for now they run in
+        this process, with nested factors only. ``predict`` gives the probability or mean count.
+        See :class:`MERFClassifier` for labels.
     max_iterations : int, default=20
         Maximum number of EM iterations.
     tol : float, default=1e-3
@@ -233,6 +243,7 @@ class MERF(RegressorMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "fixed_effects_model": [HasMethods(["fit", "predict"]), None],
         "formula": [str, None],
+        "family": [StrOptions({"gaussian", *FAMILIES})],
         "max_iterations": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "gll_early_stop_threshold": [Interval(Real, 0, None, closed="left"), None],
@@ -247,12 +258,14 @@ class MERF(RegressorMixin, BaseEstimator):
         "scratch": [str, os.PathLike, None],
     }
 
-    def __init__(self, fixed_effects_model=None, *, formula=None, max_iterations=20, tol=1e-3,
+    def __init__(self, fixed_effects_model=None, *, formula=None, family="gaussian",
+                 max_iterations=20, tol=1e-3,
                  gll_early_stop_threshold=None, oob="auto", n_folds=2, member_rows="auto",
                  max_cluster_rows=MAX_CLUSTER_ROWS, accelerate="auto", random_state=None,
                  checkpoint=None, client=None, scratch=None):
         self.fixed_effects_model = fixed_effects_model
         self.formula = formula
+        self.family = family
         self.max_iterations = max_iterations
         self.tol = tol
         self.gll_early_stop_threshold = gll_early_stop_threshold
@@ -313,6 +326,9 @@ class MERF(RegressorMixin, BaseEstimator):
         if not data["x_names"]:
             logger.info("the model has no features: f is a constant, the mean of y - Z b")
             learner, honest = DummyRegressor(), False
+        family = self._family()
+        if family is not None:
+            self._check_family_fit(family, data, learner)
         # a bucketed copy of the training frame lives until the fit ends
         copies = contextlib.ExitStack()
         if data["distributed"] or self.client is not None:
@@ -321,7 +337,7 @@ class MERF(RegressorMixin, BaseEstimator):
         else:
             em_data = InMemoryEMData(X=data["X"], y=data["y"], Z=data["Z"], codes=data["codes"],
                                      levels=data["levels"], factors=data["factors"],
-                                     max_cluster_rows=self.max_cluster_rows,
+                                     max_cluster_rows=self.max_cluster_rows, family=family,
                                      # a forest's trees are fitted on threads here; any
                                      # other learner parallelises itself, one member at a time
                                      n_jobs=learner.n_jobs if is_bagged_forest(learner) else None)
@@ -337,7 +353,8 @@ class MERF(RegressorMixin, BaseEstimator):
         if self.checkpoint is not None:
             remove_checkpoint(self.checkpoint)
         self._set_state(ModelState(
-            fe_model=result.fe_model, effects=result.effects, sigma2=result.sigma2,
+            fe_model=result.fe_model, effects=result.effects,
+            sigma2=None if family is not None else result.sigma2,
             history=result.history, n_rows=result.n_rows, converged=result.converged,
             honest=self._honest_kind(plan, result), feature_names=data["x_names"],
             x_named=data["x_named"], z_named=data["z_named"],
@@ -355,6 +372,22 @@ class MERF(RegressorMixin, BaseEstimator):
                              f"tol={self.tol} are the same setting (merf 1.0's name and "
                              "this one); give only one")
         return self.gll_early_stop_threshold
+
+    def _family(self):
+        """The response family (:mod:`merf_dask.core.families`); None for Gaussian fits."""
+        return None if self.family == "gaussian" else FAMILIES[self.family]
+
+    def _check_family_fit(self, family, data, learner) -> None:
+        """Refuse what a binary or count fit cannot take yet, and a response outside the
+        family."""
+        if data["distributed"] or self.client is not None:
+            raise ValueError(f"family={self.family!r} fits run in this process for now: pass "
+                             "pandas or numpy data (Dask data and client= are for Gaussian "
+                             "fits)")
+        family.check_response(data["y"])
+        if not has_fit_parameter(learner, "sample_weight"):
+            raise ValueError(f"family={self.family!r} fits the learner to a weighted working "
+                             f"response: {type(learner).__name__}.fit takes no sample_weight")
 
     def _checkpointing(self, em_data):
         """The fit's seed, the state to resume from (or None) and the checkpoint writer (or
@@ -529,6 +562,8 @@ class MERF(RegressorMixin, BaseEstimator):
         self.resumed_from_ = state.resumed_from
         if state.formula_spec is not None:
             self.formula_spec_, self.design_ = state.formula_spec, state.design
+        if state.classes is not None:
+            self.classes_ = np.asarray(state.classes)
         return self
 
     @staticmethod
@@ -553,12 +588,14 @@ class MERF(RegressorMixin, BaseEstimator):
                           "in-sample (sigma2 is biased low); use more clusters or trees",
                           UserWarning, stacklevel=3)
         for effects, gram in zip(result.effects, result.design_gram):
-            _warn_if_singular(effects, gram, self.sigma2_)
+            # a binary or count fit's D is on the scale of the linear predictor
+            _warn_if_singular(effects, gram, 1.0 if self.sigma2_ is None else self.sigma2_)
 
     # -------------------------------------------------------------- predict
 
-    def predict(self, X, Z=None, clusters=None, *, return_std=False):
-        """Predict f(X) + sum_k Z_k b_k, with b = 0 for levels not seen in fit.
+    def predict(self, X, Z=None, clusters=None, *, return_std=False, new_levels="average"):
+        """Predict f(X) + sum_k Z_k b_k, with b = 0 for levels not seen in fit (binary and count
+        fits: the probability or mean count at that linear predictor).
 
         Parameters
         ----------
@@ -571,6 +608,12 @@ class MERF(RegressorMixin, BaseEstimator):
             root of sigma2 plus, for every factor, z' Var(b | y) z at a known level and z' D z
             at a new one (the factors' conditional covariances are taken as independent).
             sigma2 comes from out-of-bag residuals, so it includes the forest's own error.
+            Gaussian fits only.
+        new_levels : {"average", "zero"}, default="average"
+            Binary and count fits: a row with a level not seen in fit gets its probability or
+            mean averaged over that level's random effects b ~ N(0, D) (the population-averaged
+            prediction; "zero" takes b = 0, the prediction at the median level). Known levels
+            use their b. Gaussian predictions are the same either way.
 
         Returns
         -------
@@ -578,17 +621,24 @@ class MERF(RegressorMixin, BaseEstimator):
         std : ndarray of shape (n_samples,), only with ``return_std``; for Dask input the
             result is one lazy Dask DataFrame with columns ``prediction`` and ``prediction_std``
         """
+        return self._predict(X, Z, clusters, return_std=return_std, new_levels=new_levels)
+
+    def _predict(self, X, Z, clusters, **options):
+        """Predictions of any input: ``options`` are ``_predict_design``'s."""
         check_is_fitted(self, "fe_model_")
+        new_levels = options.get("new_levels", "average")
+        if new_levels not in ("average", "zero"):
+            raise ValueError(f"new_levels must be 'average' or 'zero', got {new_levels!r}")
         if self.formula is not None:
-            return self._predict_formula(X, return_std=return_std)
+            return self._predict_formula(X, **options)
         if _is_dask(X):
             import dask.dataframe as dd
             return dd.map_partitions(_predict_partition, X, Z, clusters, model=_shipped(self),
-                                     return_std=return_std, align_dataframes=False,
-                                     meta=_prediction_meta(return_std))
-        return self._predict_rows(X, Z, clusters, return_std=return_std)
+                                     options=options, align_dataframes=False,
+                                     meta=_prediction_meta(options.get("return_std", False)))
+        return self._predict_rows(X, Z, clusters, **options)
 
-    def _predict_rows(self, X, Z, clusters, *, return_std=False):
+    def _predict_rows(self, X, Z, clusters, **options):
         """Predictions of merf-style input (X, Z, clusters) of a model fitted on arrays."""
         if Z is None or clusters is None:
             raise ValueError("predict(X, Z, clusters) needs Z and clusters "
@@ -602,14 +652,16 @@ class MERF(RegressorMixin, BaseEstimator):
             check.check_feature_names(x_names, state.feature_names, name="X")
         if state.z_named:
             check.check_feature_names(z_names, list(state.effects[0].factor.z_names), name="Z")
-        return self._predict_design(X, [Z], [ids], return_std=return_std)
+        return self._predict_design(X, [Z], [ids], **options)
 
-    def _predict_design(self, X, Z, groups, *, return_std=False):
+    def _predict_design(self, X, Z, groups, *, return_std=False, new_levels="average",
+                        link=False):
         """Predictions of checked input: the one path every kind of input takes (arrays, frames,
         formula designs, Dask partitions), so every input obeys the same rules: no missing or
         infinite values, no missing level, column names as in fit, any number of rows.
 
-        ``Z`` and ``groups`` have one entry per grouping factor.
+        ``Z`` and ``groups`` have one entry per grouping factor; ``link`` asks for the linear
+        predictor f + Z b (b = 0 at new levels) of a binary or count fit.
         """
         effects = self.state_.effects
         if X.shape[1] != self.n_features_in_:
@@ -627,6 +679,14 @@ class MERF(RegressorMixin, BaseEstimator):
         with joblib.parallel_config(backend="threading"):
             f_hat = predict_fixed_effects(self.fe_model_, X)
         prediction = f_hat + random_effects_offset(Z, [e.b for e in effects], codes)
+        family = self._family()
+        if family is not None and link:
+            return prediction
+        if family is not None:
+            if return_std:
+                raise ValueError(f"return_std is for Gaussian fits; a {self.family} fit's "
+                                 "predictions are means")
+            return self._family_mean(family, prediction, Z, codes, new_levels)
         if not return_std:
             return prediction
         variance = np.full(len(X), self.sigma2_)
@@ -638,13 +698,25 @@ class MERF(RegressorMixin, BaseEstimator):
                                          Zk[known])
         return prediction, np.sqrt(variance)
 
-    def _predict_formula(self, data, *, return_std=False):
+    def _family_mean(self, family, eta, Z, codes, new_levels):
+        """The mean of y at linear predictors ``eta`` (b = 0 at new levels): with
+        ``new_levels="average"``, averaged over the new levels' random effects."""
+        if new_levels == "zero":
+            return family.mean(eta)
+        variance = np.zeros(len(eta))
+        for Zk, e, ck in zip(Z, self.state_.effects, codes):
+            new = ck < 0
+            variance[new] += np.einsum("np,pq,nq->n", Zk[new], e.D, Zk[new])
+        return family.averaged_mean(eta, variance)
+
+    def _predict_formula(self, data, **options):
         if _is_dask(data):
             return data.map_partitions(_predict_formula_partition, model=_shipped(self),
-                                       return_std=return_std, meta=_prediction_meta(return_std))
+                                       options=options,
+                                       meta=_prediction_meta(options.get("return_std", False)))
         X, Z, groups, _ = _checked_design_arrays(self.design_, _as_frame(data),
                                                  require_response=False, allow_empty=True)
-        return self._predict_design(X, Z, groups, return_std=return_std)
+        return self._predict_design(X, Z, groups, **options)
 
     def score(self, X, Z=None, clusters=None, y=None):
         """R^2 of ``predict`` (with ``formula``: ``score(data)``, the response from the frame)."""
@@ -682,14 +754,19 @@ class MERF(RegressorMixin, BaseEstimator):
         (as variances, standard deviations and correlations), learner and feature importances."""
         check_is_fitted(self, "fe_model_")
         levels = ", ".join(f"{e.factor.name} {len(e.levels)}" for e in self.state_.effects)
+        converged = "converged" if self.converged_ else "not converged"
+        family = self._family()
+        fit_lines = ([f"  final GLL:      {self.gll_history_[-1]:.6g}"] if family is None else [
+            f"  family:         {family.name} ({'logit' if family is BINOMIAL else 'log'} link), "
+            "Laplace",
+            f"  log-likelihood: {self.history_[-1].log_likelihood:.6g}"])
         lines = [
             "Mixed Effects Random Forest (MERF)",
             f"  formula:        {self.formula or '(arrays: X, Z, clusters, y)'}",
             f"  rows:           {self.n_rows_}",
             f"  levels:         {levels}",
-            f"  iterations:     {self.n_iter_} ({'converged' if self.converged_ else 'not converged'},"
-            f" tol={self._tol()})",
-            f"  final GLL:      {self.gll_history_[-1]:.6g}",
+            f"  iterations:     {self.n_iter_} ({converged}, tol={self._tol()})",
+            *fit_lines,
             f"  honest f in EM: {self.honest_kind_}",
             f"  learner:        {type(self.fe_model_).__name__}",
             "",
@@ -766,6 +843,116 @@ class MERF(RegressorMixin, BaseEstimator):
     def val_loss_history(self):
         """merf 1.0 name of ``val_loss_history_``."""
         return self.val_loss_history_
+
+
+class MERFClassifier(ClassifierMixin, MERF):
+    """Mixed-effects forest for binary outcomes: logit P(y = 1) = f(X) + sum_k Z_k b_k.
+
+    :class:`MERF` with ``family="binomial"`` (its parameters, fitted attributes and inputs),
+    fitted to Laplace's maximum likelihood (:mod:`merf_dask.core.laplace`), for y of any two
+    labels.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (2,)
+        The labels, sorted; ``predict_proba``'s second column is the second label's
+        probability (the one modelled).
+    """
+
+    _parameter_constraints: dict = {**MERF._parameter_constraints,
+                                    "family": [StrOptions({"binomial"})]}
+
+    def __init__(self, fixed_effects_model=None, *, family="binomial", **parameters):
+        super().__init__(fixed_effects_model, family=family, **parameters)
+
+    def fit(self, X, Z=None, clusters=None, y=None, X_val=None, Z_val=None, clusters_val=None,
+            y_val=None):
+        """Fit the model; y (or the formula's response column) holds two labels of any type.
+
+        Parameters and return value as :meth:`MERF.fit`.
+        """
+        self._validate_params()
+        if self.formula is not None:
+            from .formula import parse_formula
+            frame = _as_frame(X)
+            response = parse_formula(self.formula, columns=[str(c) for c in frame.columns]
+                                     ).response
+            classes, encoded = _binary_labels(frame[response], name=response)
+            X = frame.assign(**{response: encoded})
+            if X_val is not None:
+                X_val = _as_frame(X_val)
+                X_val = X_val.assign(**{response: _binary_labels(
+                    X_val[response], name=f"{response} of X_val", classes=classes)[1]})
+        else:
+            classes, y = _binary_labels(y, name="y")
+            if y_val is not None:
+                y_val = _binary_labels(y_val, name="y_val", classes=classes)[1]
+        super().fit(X, Z, clusters, y, X_val, Z_val, clusters_val, y_val)
+        return self._set_state(dataclasses.replace(self.state_, classes=list(classes)))
+
+    def _predict(self, X, Z, clusters, **options):
+        check_is_fitted(self, "fe_model_")
+        # the labels of a formula frame's response column are not the numbers MERF reads
+        if self.formula is not None and self.formula_spec_.response in X.columns:
+            X = X.drop(columns=[self.formula_spec_.response])
+        return super()._predict(X, Z, clusters, **options)
+
+    def predict_proba(self, X, Z=None, clusters=None, *, new_levels="average"):
+        """The probability of each label: array of shape (n_samples, 2), columns in the order
+        of ``classes_`` (``new_levels`` as for :meth:`MERF.predict`)."""
+        probability = self._predict(X, Z, clusters, new_levels=new_levels)
+        return np.column_stack([1.0 - probability, probability])
+
+    def predict(self, X, Z=None, clusters=None, *, new_levels="average"):
+        """The more probable label of each row (``new_levels`` as for :meth:`MERF.predict`)."""
+        probability = self._predict(X, Z, clusters, new_levels=new_levels)
+        return self.classes_[(probability > 0.5).astype(int)]
+
+    def decision_function(self, X, Z=None, clusters=None):
+        """The linear predictor f(X) + sum_k Z_k b_k (the log-odds of the second label; b = 0
+        at levels not seen in fit), shape (n_samples,)."""
+        return self._predict(X, Z, clusters, link=True)
+
+    def score(self, X, Z=None, clusters=None, y=None):
+        """Accuracy of ``predict`` (with ``formula``: ``score(data)``)."""
+        check_is_fitted(self, "fe_model_")
+        if self.formula is not None:
+            y = _as_frame(X)[self.formula_spec_.response]
+        return float(np.mean(self.predict(X, Z, clusters) == np.asarray(y)))
+
+
+# scikit-learn reads an estimator's parameters from the signature of its __init__: the
+# classifier's are MERF's, declared there once, with family fixed to "binomial"
+MERFClassifier.__init__.__signature__ = inspect.signature(MERF.__init__).replace(parameters=[
+    parameter.replace(default="binomial") if name == "family" else parameter
+    for name, parameter in inspect.signature(MERF.__init__).parameters.items()])
+
+
+def _binary_labels(values, *, name: str, classes=None) -> tuple[np.ndarray, np.ndarray]:
+    """The two sorted labels of ``values`` (or the given ``classes``) and ``values`` as 0.0 /
+    1.0 (1 for the second label)."""
+    if isinstance(values, pd.DataFrame):
+        if values.shape[1] != 1:
+            raise ValueError(f"{name} must have one column, got {values.shape[1]}")
+        values = values.iloc[:, 0]
+    values = np.asarray(values)
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be 1-dimensional, got shape {values.shape}")
+    missing = pd.isna(values)
+    if missing.any():
+        raise ValueError(f"{name} has {int(missing.sum())} missing labels (first at row "
+                         f"{int(np.flatnonzero(missing)[0])})")
+    found = np.unique(values)
+    if classes is None:
+        if len(found) != 2:
+            raise ValueError(f"{name} of a classifier must hold two labels, got {len(found)}: "
+                             f"{found[:5].tolist()}")
+        classes = found
+    unknown = found[~np.isin(found, classes)]
+    if len(unknown):
+        raise ValueError(f"{name} holds the label {unknown[0]!r}, not one of the fit's "
+                         f"{list(classes)}")
+    return np.asarray(classes), (values == classes[1]).astype(float)
 
 
 #: How the checks name merf-style validation data.
@@ -971,14 +1158,14 @@ def _as_prediction_frame(result, index, return_std):
     return pd.Series(result, index=index, name="prediction")
 
 
-def _predict_partition(X, Z, clusters, *, model, return_std):  # merf-style Dask input
-    result = model._predict_rows(X, Z, clusters, return_std=return_std)
-    return _as_prediction_frame(result, X.index, return_std)
+def _predict_partition(X, Z, clusters, *, model, options):  # merf-style Dask input
+    result = model._predict_rows(X, Z, clusters, **options)
+    return _as_prediction_frame(result, X.index, options.get("return_std", False))
 
 
-def _predict_formula_partition(part, *, model, return_std):
-    return _as_prediction_frame(model._predict_formula(part, return_std=return_std), part.index,
-                                return_std)
+def _predict_formula_partition(part, *, model, options):
+    return _as_prediction_frame(model._predict_formula(part, **options), part.index,
+                                options.get("return_std", False))
 
 
 def _shipped(model):

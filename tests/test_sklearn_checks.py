@@ -22,7 +22,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils import estimator_checks
 from sklearn.utils.validation import check_is_fitted
 
-from merf_dask import MERF
+from merf_dask import MERF, MERFClassifier
 
 from helpers import simulate_lmm
 
@@ -44,6 +44,7 @@ ESTIMATORS = {
     "default": lambda: MERF(),
     "formula": lambda: MERF(formula=FORMULA),
     "forest": lambda: MERF(small_forest(), max_iterations=3, random_state=0),
+    "classifier": lambda: MERFClassifier(formula=FORMULA),
 }
 
 
@@ -95,7 +96,7 @@ SKLEARN_CHECKS = [
 @pytest.mark.parametrize("kind", ESTIMATORS)
 @pytest.mark.parametrize("check", SKLEARN_CHECKS)
 def test_sklearn_estimator_check(check, kind):
-    getattr(estimator_checks, check)("MERF", ESTIMATORS[kind]())
+    getattr(estimator_checks, check)(type(ESTIMATORS[kind]()).__name__, ESTIMATORS[kind]())
 
 
 # ------------------------------------------------------------------ __init__ and params
@@ -103,12 +104,21 @@ def test_sklearn_estimator_check(check, kind):
 PARAMETERS = [name for name in inspect.signature(MERF.__init__).parameters if name != "self"]
 
 
-def test_init_signature_is_plain_keywords():
+@pytest.mark.parametrize("estimator", [MERF, MERFClassifier])
+def test_init_signature_is_plain_keywords(estimator):
     # no *args / **kwargs: get_params reads the parameters from the signature
-    kinds = {p.kind for name, p in inspect.signature(MERF.__init__).parameters.items()
+    kinds = {p.kind for name, p in inspect.signature(estimator.__init__).parameters.items()
              if name != "self"}
     assert kinds <= {inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY}
-    assert sorted(MERF().get_params(deep=False)) == sorted(PARAMETERS)
+    assert sorted(estimator().get_params(deep=False)) == sorted(PARAMETERS)
+
+
+def test_the_classifier_is_merf_with_the_binomial_family():
+    assert MERFClassifier().get_params(deep=False) == {**MERF().get_params(deep=False),
+                                                       "family": "binomial"}
+    assert clone(MERFClassifier(max_iterations=4)).max_iterations == 4
+    with pytest.raises(ValueError, match="family"):
+        MERFClassifier(family="poisson").fit(None)
 
 
 def test_init_stores_every_parameter_under_its_own_name_and_nothing_else():

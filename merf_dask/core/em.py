@@ -64,6 +64,8 @@ from .random_effects import (CrossedShare, EMSums, FactorEffects,
 from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_predictions,
                        row_keys, training_pieces)
 from .hashing import cluster_hashes
+from .families import Family
+from .laplace import initial_working, laplace_local, update_laplace_components
 
 __all__ = ["PartitionArrays", "EffectsLayout", "layout_of", "nested_in_partition_factor",
            "MAX_CLUSTER_ROWS", "spread_clusters", "spread_part",
@@ -353,8 +355,10 @@ def nested_in_partition_factor(part: PartitionArrays) -> list[bool]:
     return whole
 
 
-def m_step_pieces(part: PartitionArrays, b: list, plan: MemberPlan) -> dict[int, Piece]:
-    """This block's training rows for the plan's members, with the working response y - Z b.
+def m_step_pieces(part: PartitionArrays, b: list, plan: MemberPlan, working=None
+                  ) -> dict[int, Piece]:
+    """This block's training rows for the plan's members, with the working response y - Z b
+    (or the binary or count fit's working response and weights).
 
     Parameters
     ----------
@@ -362,12 +366,19 @@ def m_step_pieces(part: PartitionArrays, b: list, plan: MemberPlan) -> dict[int,
     b : list of ndarray of shape (n_levels_k, q_k)
         Every factor's b at the block's levels (:meth:`EffectsLayout.effects_at`).
     plan : MemberPlan
+    working : (ndarray of shape (n_rows,), ndarray of shape (n_rows,)), optional
+        A binary or count fit's working response and weights
+        (:class:`~merf_dask.core.laplace.LaplaceStep`); ``b`` is then not used.
 
     Returns
     -------
     dict
         Residue class -> :class:`~merf_dask.core.ensemble.Piece`.
     """
+    if working is not None:
+        target, weights = working
+        return training_pieces(plan, X=part.X, y=target, keys=part.keys,
+                               residue_of_row=part.residues(plan), weights=weights)
     working_response = part.y - random_effects_offset(part.Z, b, part.codes)
     return training_pieces(plan, X=part.X, y=working_response, keys=part.keys,
                            residue_of_row=part.residues(plan))
@@ -540,6 +551,7 @@ class EMData(Protocol):
     n_clusters: int
     cluster_hashes: np.ndarray  # of every level of the partition factor, shape (n_clusters,)
     layout: EffectsLayout
+    family: Family | None  # None: Gaussian
 
     def fit_fixed_effects(self, plan: MemberPlan, crossed_b: dict) -> None: ...
 
@@ -547,6 +559,8 @@ class EMData(Protocol):
                    keep: bool = False) -> CrossedShare | None: ...
 
     def crossed_schur(self, *, term_bound: float) -> list: ...
+
+    def laplace_step(self, *, relative: list, again: bool = False) -> EMSums: ...
 
     def crossed_product(self, X: np.ndarray, *, term_bound: float) -> list: ...
 
@@ -583,12 +597,15 @@ class InMemoryEMData:
     factors : list of RandomFactor
     max_cluster_rows : int
         Clusters with more rows are spread (:func:`spread_part`), as on Dask.
+    family : Family or None
+        A binary or count fit's family (its E-step is Laplace's,
+        :mod:`merf_dask.core.laplace`); None is Gaussian.
     n_jobs : int or None
         Threads that fit members and predict rows (joblib convention; -1 is every core).
     """
 
     def __init__(self, *, X, y, Z, codes, levels, factors, max_cluster_rows=MAX_CLUSTER_ROWS,
-                 n_jobs=None):
+                 family=None, n_jobs=None):
         part = PartitionArrays.from_arrays(X=X, y=y, Z=Z, codes=codes, levels=levels)
         layout = layout_of(factors, [list(part.levels)], [nested_in_partition_factor(part)])
         spread = spread_clusters(
@@ -604,10 +621,18 @@ class InMemoryEMData:
                                            self.layout.crossed_levels)]
         self.b_cov = list(self.b)
         self.plan = self.fitted = self.step = None
+        self.family = family
+        if family is not None:
+            if any(table is not None for table in self.layout.crossed_levels):
+                raise ValueError(f"{family.name} fits take nested factors only for now: "
+                                 "crossed factors (and clusters over max_cluster_rows) are "
+                                 "not supported yet")
+            self.working = initial_working(self.part.y, family)
+            self.mode = self.f_hat = None
 
     def fit_fixed_effects(self, plan, crossed_b):
         pieces = m_step_pieces(self.part, self.layout.effects_at(self.part, self.b, crossed_b),
-                               plan)
+                               plan, working=self.working if self.family else None)
         n_threads = joblib.effective_n_jobs(self.n_jobs)
         chunks = [(pieces[r], members) for r, members in plan.chunks(n_threads) if r in pieces]
         fitted = joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(
@@ -623,6 +648,20 @@ class InMemoryEMData:
                                             layout=self.layout, relative=relative,
                                             n_jobs=self.n_jobs)
         return share
+
+    def laplace_step(self, *, relative, again=False):
+        if not again:
+            residuals, self.n_in_sample = honest_residuals(self.part, self.plan, self.fitted,
+                                                           n_jobs=self.n_jobs)
+            self.f_hat = self.part.y - residuals
+        part = self.part
+        step, self.b, self.b_cov, sums = laplace_local(
+            y=part.y, f=self.f_hat, Z=list(part.Z), codes=list(part.codes),
+            n_levels=[len(ids) for ids in part.levels], relative=relative, family=self.family,
+            u_start=self.mode)
+        self.mode, self.working = step.u, (step.target, step.weights)
+        sums.n_in_sample = float(self.n_in_sample)
+        return sums
 
     def crossed_schur(self, *, term_bound):
         return crossed_schur(self.step, int(self.layout.offsets[-1]), term_bound=term_bound)
@@ -764,6 +803,8 @@ def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False, keep: 
     the blocks' second pass. Returns the sums and the crossed factors' (b, b_cov)."""
     layout = data.layout
     relative = [relative_factor(Dk, sigma2) for Dk in layout.expand(D)]
+    if data.family is not None:  # sigma2 is 1: D is on the scale of the linear predictor
+        return data.laplace_step(relative=relative, again=again), {}
     share = data.local_step(relative=relative, sigma2=sigma2, again=again, keep=keep)
     if share is None:
         return data.finish_step(relative=relative, sigma2=sigma2, solution=None), {}
@@ -825,6 +866,17 @@ def _extrapolated(theta0: list, theta1: list, theta2: list) -> list | None:
     return None
 
 
+def _updated_components(data: EMData, sums: EMSums, factors, sigma2: float
+                        ) -> tuple[float, list, float, float]:
+    """The M-step of the variance components: sigma2, every D_k, the GLL and the
+    log-likelihood (:func:`~merf_dask.core.random_effects.update_variance_components`; binary
+    and count fits keep sigma2 = 1 and watch -2 times Laplace's log-likelihood,
+    :func:`~merf_dask.core.laplace.update_laplace_components`)."""
+    if data.family is None:
+        return update_variance_components(sums, factors, sigma2=sigma2)
+    return 1.0, *update_laplace_components(sums, factors)
+
+
 def _accelerated_step(data: EMData, factors, *, sigma2: float, D: list, sums: EMSums,
                       crossed: dict) -> tuple[EMSums, dict, float]:
     """The E-step sums (and crossed effects) that the M-step turns into the next iterate, after
@@ -836,14 +888,13 @@ def _accelerated_step(data: EMData, factors, *, sigma2: float, D: list, sums: EM
     worse, is the next iterate); otherwise theta2, two plain EM steps. Returns the sums, the
     crossed effects and the log-likelihood at the parameters of the E-step they come from.
     """
-    sigma2_1, D_1, _, log_likelihood_0 = update_variance_components(sums, factors, sigma2=sigma2)
+    sigma2_1, D_1, _, log_likelihood_0 = _updated_components(data, sums, factors, sigma2)
     sums_1, crossed_1 = _e_step(data, sigma2=sigma2_1, D=D_1, again=True)
-    sigma2_2, D_2, _, log_likelihood_1 = update_variance_components(sums_1, factors,
-                                                                    sigma2=sigma2_1)
+    sigma2_2, D_2, _, log_likelihood_1 = _updated_components(data, sums_1, factors, sigma2_1)
     theta = _extrapolated([sigma2, *D], [sigma2_1, *D_1], [sigma2_2, *D_2])
     if theta is not None:
         sums_x, crossed_x = _e_step(data, sigma2=theta[0], D=theta[1:], again=True)
-        log_likelihood_x = update_variance_components(sums_x, factors, sigma2=theta[0])[3]
+        log_likelihood_x = _updated_components(data, sums_x, factors, theta[0])[3]
         if log_likelihood_x >= log_likelihood_1:
             return sums_x, crossed_x, theta[0]
         # the blocks hold the last E-step's b: the one at theta1 again
@@ -933,12 +984,12 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
         if crawl.active:
             sums, crossed, sigma2 = _accelerated_step(data, layout.model_factors, sigma2=sigma2,
                                                       D=D, sums=sums, crossed=crossed)
-        new_sigma2, D, gll, log_likelihood = update_variance_components(
-            sums, layout.model_factors, sigma2=sigma2)
+        new_sigma2, D, gll, log_likelihood = _updated_components(
+            data, sums, layout.model_factors, sigma2)
         sigma2, D, gll = canonical(new_sigma2), [canonical(Dk) for Dk in D], canonical(gll)
         crawl.update([sigma2, *D])
         # residuals of exactly zero (or a zero or NaN variance): nothing is left to decompose
-        if not (sums.residual_ss > 0 and sigma2 > 0):
+        if data.family is None and not (sums.residual_ss > 0 and sigma2 > 0):
             raise ValueError(
                 f"the residuals y - f(X) - Z b are all zero in EM iteration {iteration}: the "
                 "fixed effects reproduce y exactly (a constant y, or a learner that interpolates "

@@ -380,16 +380,20 @@ class Piece:
     keys : ndarray of shape (n_rows,), uint64
     X : ndarray of shape (n_rows, n_features)
     y : ndarray of shape (n_rows,)
-        The working response y - Z b.
+        The working response (y - Z b for Gaussian fits).
+    weights : ndarray of shape (n_rows,) or None
+        The rows' working weights (binary and count fits); None weighs rows equally.
     """
 
     keys: np.ndarray
     X: np.ndarray
     y: np.ndarray
+    weights: np.ndarray | None = None
 
 
 def training_pieces(plan: MemberPlan, *, X: np.ndarray, y: np.ndarray, keys: np.ndarray,
-                    residue_of_row: np.ndarray) -> dict[int, Piece]:
+                    residue_of_row: np.ndarray, weights: np.ndarray | None = None
+                    ) -> dict[int, Piece]:
     """Split one block's rows into the pieces that the plan's members train on.
 
     Parameters
@@ -400,6 +404,7 @@ def training_pieces(plan: MemberPlan, *, X: np.ndarray, y: np.ndarray, keys: np.
         Working response.
     keys : ndarray of shape (n_rows,), uint64
     residue_of_row : ndarray of shape (n_rows,)
+    weights : ndarray of shape (n_rows,), optional
 
     Returns
     -------
@@ -411,7 +416,8 @@ def training_pieces(plan: MemberPlan, *, X: np.ndarray, y: np.ndarray, keys: np.
     for residue in np.unique(plan.residues):
         rows = np.flatnonzero(residue_of_row == residue)
         if len(rows):
-            pieces[int(residue)] = Piece(keys=keys[rows], X=X[rows], y=y[rows])
+            pieces[int(residue)] = Piece(keys=keys[rows], X=X[rows], y=y[rows],
+                                         weights=None if weights is None else weights[rows])
     return pieces
 
 
@@ -450,6 +456,8 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
     keys = keys[order]
     X = np.concatenate([p.X for p in pieces])[order]
     y = np.concatenate([p.y for p in pieces])[order]
+    weights = None if pieces[0].weights is None else np.concatenate(
+        [p.weights for p in pieces])[order]
     fitted = []
     for member in members:
         if plan.trees:
@@ -457,18 +465,22 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
             rows = np.flatnonzero(counts)
             if not len(rows):  # a tree whose bootstrap drew no row (tiny data) is not grown
                 continue
-            estimator = _member(plan, member).fit(X[rows], y[rows], sample_weight=counts[rows])
+            sample_weight = counts[rows] if weights is None else counts[rows] * weights[rows]
+            estimator = _member(plan, member).fit(X[rows], y[rows], sample_weight=sample_weight)
         else:
-            estimator = _fit_fold_member(plan, member, X, y)
+            estimator = _fit_fold_member(plan, member, X, y, weights)
         fitted.append((int(member), estimator))
     return fitted
 
 
-def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray):
+def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray,
+                     weights: np.ndarray | None = None):
     """Fit one member of a cross-fit (or the one in-sample member), saying which rows it had
     when the learner refuses them (LightGBM needs at least 2 rows, for instance)."""
     try:
-        return _member(plan, member).fit(X, y)
+        if weights is None:
+            return _member(plan, member).fit(X, y)
+        return _member(plan, member).fit(X, y, sample_weight=weights)
     except ValueError as error:
         raise ValueError(
             f"{type(plan.learner).__name__} could not be fitted on the {len(y)} rows of one "

@@ -181,6 +181,9 @@ class EMSums:
         Z_k'Z_k over all rows: a direction it does not see is one the data cannot inform D_k in.
     n_in_sample : float
         Rows whose prediction of f was in-sample because no honest member served them.
+    log_density, penalty : float
+        Binary and count fits (:mod:`merf_dask.core.laplace`): sum of log p(y | eta) and u'u
+        at the mode.
     """
 
     n_rows: float
@@ -193,6 +196,8 @@ class EMSums:
     conditional_cov: list
     design_gram: list
     n_in_sample: float = 0.0
+    log_density: float = 0.0
+    penalty: float = 0.0
 
     def __add__(self, other: "EMSums") -> "EMSums":
         def add(a, b):

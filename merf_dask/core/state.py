@@ -32,7 +32,8 @@ class ModelState:
         The fitted fixed-effects learner.
     effects : list of FactorEffects
         Every grouping factor's levels, b, Var(b | y) and D, the partition factor first.
-    sigma2 : float
+    sigma2 : float or None
+        None for binary and count fits (no residual variance).
     history : list of IterationRecord
     n_rows : int
     converged : bool
@@ -46,11 +47,13 @@ class ModelState:
         The fitted formula design (encoders and stateful transforms).
     n_partitions : int
     resumed_from : int
+    classes : list or None
+        A classifier's two labels of y (the second is the one whose probability is modelled).
     """
 
     fe_model: BaseEstimator
     effects: list[FactorEffects]
-    sigma2: float
+    sigma2: float | None
     history: list[IterationRecord]
     n_rows: int
     converged: bool
@@ -62,3 +65,4 @@ class ModelState:
     design: object | None = None
     n_partitions: int = 1
     resumed_from: int = 0
+    classes: list | None = None

@@ -199,6 +199,9 @@ class DaskEMData:
     layout : EffectsLayout
     """
 
+    #: Binary and count fits run in-process for now (:class:`merf_dask.core.em.InMemoryEMData`).
+    family = None
+
     def __init__(self, *, client, partitions, x_columns, z_columns, factors, factor_columns,
                  y_column, max_cluster_rows=MAX_CLUSTER_ROWS, cache=None):
         self.client = client

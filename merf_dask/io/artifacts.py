@@ -218,6 +218,7 @@ def save_model(state, params: dict, url, *, overwrite: bool = False,
         "n_rows": int(state.n_rows),
         "n_clusters": int(len(state.effects[0].levels)),
         "sigma2": state.sigma2,
+        "classes": None if state.classes is None else np.asarray(state.classes).tolist(),
         "factors": [{"name": e.factor.name, "z_names": list(e.factor.z_names),
                      "blocks": [list(block) for block in e.factor.blocks],
                      "n_levels": int(len(e.levels)), "D": np.asarray(e.D).tolist()}
@@ -354,10 +355,12 @@ def load_model(url, *, storage_options: dict | None = None, trusted: bool = Fals
         design = ModelDesign.from_dict(schema["design"])
         formula_spec = design.spec
     state = ModelState(
-        fe_model=learner["fitted"], effects=effects, sigma2=float(manifest["sigma2"]),
+        fe_model=learner["fitted"], effects=effects,
+        sigma2=None if manifest["sigma2"] is None else float(manifest["sigma2"]),
         history=[IterationRecord.from_json(r) for r in manifest["history"]],
         n_rows=manifest["n_rows"], converged=manifest["converged"], honest=manifest["honest"],
         feature_names=list(schema["features"]), x_named=schema["x_named"],
         z_named=schema["z_named"], formula_spec=formula_spec, design=design,
-        n_partitions=manifest["n_partitions"], resumed_from=manifest["resumed_from"])
+        n_partitions=manifest["n_partitions"], resumed_from=manifest["resumed_from"],
+        classes=manifest.get("classes"))
     return params, state, manifest

