@@ -384,6 +384,10 @@ class MERF(RegressorMixin, BaseEstimator):
             raise ValueError(f"family={self.family!r} fits run in this process for now: pass "
                              "pandas or numpy data (Dask data and client= are for Gaussian "
                              "fits)")
+        if self.checkpoint is not None:
+            raise ValueError(f"checkpoint= is for Gaussian fits for now: a {self.family} fit's "
+                             "next M-step needs the working response of its last E-step, "
+                             "which a checkpoint does not hold")
         family.check_response(data["y"])
         if not has_fit_parameter(learner, "sample_weight"):
             raise ValueError(f"family={self.family!r} fits the learner to a weighted working "

@@ -256,6 +256,9 @@ def test_what_binary_fits_do_not_take_yet_is_refused(dask_client):
     with pytest.raises(ValueError, match="in this process"):
         MERF(LinearRegression(), formula="y ~ x + (1 | g)", family="binomial").fit(
             dd.from_pandas(frame, npartitions=2))
+    with pytest.raises(ValueError, match="checkpoint"):
+        MERF(LinearRegression(), formula="y ~ x + (1 | g)", family="binomial",
+             checkpoint="model.checkpoint.parquet").fit(frame)
     crossed = frame.assign(h=np.arange(len(frame)) % 7)
     with pytest.raises(ValueError, match="crossed"):
         fit("y ~ x + (1 | g) + (1 | h)", crossed, "binomial")
