@@ -119,9 +119,9 @@ class MERF(RegressorMixin, BaseEstimator):
         The response: continuous (y = f + Z b + e), binary 0/1 (logit P(y = 1) = f + Z b) or
         counts (log E[y] = f + Z b). Binary and count fits maximise Laplace's approximation of
         the likelihood, as glmer does (:mod:`merf_dask.core.laplace`; the learner is fitted to
-        a weighted working response, so it must take ``sample_weight``); for now they run in
-        this process, with nested factors only. ``predict`` gives the probability or mean count.
-        See :class:`MERFClassifier` for labels.
+        a weighted working response, so it must take ``sample_weight``), in-process or on Dask,
+        with nested factors only for now. ``predict`` gives the probability or mean count. See
+        :class:`MERFClassifier` for labels and docs/families.md.
     max_iterations : int, default=20
         Maximum number of EM iterations.
     tol : float, default=1e-3
@@ -380,15 +380,12 @@ class MERF(RegressorMixin, BaseEstimator):
     def _check_family_fit(self, family, data, learner) -> None:
         """Refuse what a binary or count fit cannot take yet, and a response outside the
         family."""
-        if data["distributed"] or self.client is not None:
-            raise ValueError(f"family={self.family!r} fits run in this process for now: pass "
-                             "pandas or numpy data (Dask data and client= are for Gaussian "
-                             "fits)")
         if self.checkpoint is not None:
             raise ValueError(f"checkpoint= is for Gaussian fits for now: a {self.family} fit's "
                              "next M-step needs the working response of its last E-step, "
                              "which a checkpoint does not hold")
-        family.check_response(data["y"])
+        if not data["distributed"]:  # a Dask fit checks y where it lies (DaskEMData)
+            family.check_response(data["y"])
         if not has_fit_parameter(learner, "sample_weight"):
             raise ValueError(f"family={self.family!r} fits the learner to a weighted working "
                              f"response: {type(learner).__name__}.fit takes no sample_weight")
@@ -529,7 +526,8 @@ class MERF(RegressorMixin, BaseEstimator):
         em_data = DaskEMData(client=client, partitions=partitions, x_columns=x_columns,
                              z_columns=z_columns, factors=data["factors"],
                              factor_columns=[_factor_column(k) for k in range(len(z_columns))],
-                             y_column=_RESPONSE, max_cluster_rows=self.max_cluster_rows)
+                             y_column=_RESPONSE, max_cluster_rows=self.max_cluster_rows,
+                             family=self._family())
         return em_data, len(partitions)
 
     def _set_state(self, state: ModelState) -> "MERF":

@@ -248,14 +248,34 @@ def test_a_response_outside_the_family_is_refused(family, y, match):
         fit("y ~ x + (1 | g)", frame, family)
 
 
-def test_what_binary_fits_do_not_take_yet_is_refused(dask_client):
+def test_a_fit_on_a_local_cluster_is_the_in_process_fit(dask_client):
+    """Partitions that split the data by cluster, an accelerated EM, honest forest
+    predictions: the same components, random effects and predictions as in-process, bit for
+    bit (each cluster's Newton steps stop on its own, every parameter is rounded alike)."""
     import dask.dataframe as dd
+    from sklearn.ensemble import RandomForestRegressor
+    frame = simulated("binomial", seed=5)
+    forest = RandomForestRegressor(n_estimators=20, min_samples_leaf=5, random_state=0)
+    params = dict(formula="y ~ x + (1 + t | g)", family="binomial", max_iterations=6, tol=0,
+                  accelerate=True, random_state=0)
+    in_process = MERF(forest, **params).fit(frame)
+    lake = dd.from_pandas(frame.sort_values("g"), npartitions=3, sort=False)
+    distributed = MERF(forest, client=dask_client, **params).fit(lake)
+    assert distributed.n_partitions_ == 3
+    np.testing.assert_allclose(distributed.state_.effects[0].D, in_process.state_.effects[0].D,
+                               rtol=0)
+    pd.testing.assert_frame_equal(distributed.random_effects_["g"].loc[
+        in_process.random_effects_["g"].index], in_process.random_effects_["g"], check_exact=True)
+    np.testing.assert_array_equal(distributed.predict(frame), in_process.predict(frame))
+    with pytest.raises(ValueError, match="must be 0 or 1.*2"):
+        MERF(forest, client=dask_client, **params).fit(dd.from_pandas(
+            frame.assign(y=frame["y"] * 2), npartitions=3, sort=False))
+
+
+def test_what_binary_fits_do_not_take_yet_is_refused():
     frame = simulated("binomial")
     with pytest.raises(ValueError, match="sample_weight"):
         MERF(KNeighborsRegressor(), formula="y ~ x + (1 | g)", family="binomial").fit(frame)
-    with pytest.raises(ValueError, match="in this process"):
-        MERF(LinearRegression(), formula="y ~ x + (1 | g)", family="binomial").fit(
-            dd.from_pandas(frame, npartitions=2))
     with pytest.raises(ValueError, match="checkpoint"):
         MERF(LinearRegression(), formula="y ~ x + (1 | g)", family="binomial",
              checkpoint="model.checkpoint.parquet").fit(frame)

@@ -521,6 +521,53 @@ def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayo
     return local_b, b_cov, sums
 
 
+def laplace_pieces(part: PartitionArrays, plan: MemberPlan, previous, *, family: Family,
+                   mean: float) -> dict[int, Piece]:
+    """A binary or count fit's M-step rows: the working response and weights of the block's
+    last Laplace E-step (``previous``), or at b = 0 and the fit's ``mean`` of y before the
+    first."""
+    working = (initial_working(part.y, family, mean) if previous is None
+               else (previous.target, previous.weights))
+    return m_step_pieces(part, None, plan, working=working)
+
+
+def laplace_e_step(part: PartitionArrays, plan: MemberPlan, fitted: list | None, *, relative,
+                   family: Family, previous=None, n_jobs=None):
+    """A binary or count fit's E-step over one block whose factors are local
+    (:func:`merf_dask.core.laplace.laplace_local`), starting from its last mode.
+
+    Parameters
+    ----------
+    part : PartitionArrays
+    plan : MemberPlan
+    fitted : list of (member index, fitted member) or None
+        The members that predict f honestly; None reuses ``previous``'s predictions (the
+        further E-steps of an accelerated iteration).
+    relative : list of ndarray
+        L_k with L_k L_k' = D_k.
+    family : Family
+    previous : LaplaceStep, optional
+    n_jobs : int or None
+
+    Returns
+    -------
+    step : LaplaceStep
+    b, b_cov : list of ndarray
+    sums : EMSums
+    """
+    if fitted is None:
+        f, n_in_sample = previous.f, previous.n_in_sample
+    else:
+        residuals, n_in_sample = honest_residuals(part, plan, fitted, n_jobs=n_jobs)
+        f = part.y - residuals
+    step, b, b_cov, sums = laplace_local(
+        y=part.y, f=f, Z=list(part.Z), codes=list(part.codes),
+        n_levels=[len(ids) for ids in part.levels], relative=relative, family=family,
+        u_start=None if previous is None else previous.u)
+    step.n_in_sample, sums.n_in_sample = n_in_sample, float(n_in_sample)
+    return step, b, b_cov, sums
+
+
 def crossed_products(step: LocalStep, X: np.ndarray, *, term_bound: float) -> list:
     """A block's share of S X (:func:`~merf_dask.core.crossed_solve.exact_products`)."""
     return exact_products(step.system.crossed, X, term_bound=term_bound)
@@ -627,12 +674,16 @@ class InMemoryEMData:
                 raise ValueError(f"{family.name} fits take nested factors only for now: "
                                  "crossed factors (and clusters over max_cluster_rows) are "
                                  "not supported yet")
-            self.working = initial_working(self.part.y, family)
-            self.mode = self.f_hat = None
+            self.mean = canonical(float(np.mean(self.part.y)))  # as on Dask, any partitioning
+            self.laplace = None
 
     def fit_fixed_effects(self, plan, crossed_b):
-        pieces = m_step_pieces(self.part, self.layout.effects_at(self.part, self.b, crossed_b),
-                               plan, working=self.working if self.family else None)
+        if self.family is not None:
+            pieces = laplace_pieces(self.part, plan, self.laplace, family=self.family,
+                                    mean=self.mean)
+        else:
+            pieces = m_step_pieces(self.part,
+                                   self.layout.effects_at(self.part, self.b, crossed_b), plan)
         n_threads = joblib.effective_n_jobs(self.n_jobs)
         chunks = [(pieces[r], members) for r, members in plan.chunks(n_threads) if r in pieces]
         fitted = joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(
@@ -650,17 +701,9 @@ class InMemoryEMData:
         return share
 
     def laplace_step(self, *, relative, again=False):
-        if not again:
-            residuals, self.n_in_sample = honest_residuals(self.part, self.plan, self.fitted,
-                                                           n_jobs=self.n_jobs)
-            self.f_hat = self.part.y - residuals
-        part = self.part
-        step, self.b, self.b_cov, sums = laplace_local(
-            y=part.y, f=self.f_hat, Z=list(part.Z), codes=list(part.codes),
-            n_levels=[len(ids) for ids in part.levels], relative=relative, family=self.family,
-            u_start=self.mode)
-        self.mode, self.working = step.u, (step.target, step.weights)
-        sums.n_in_sample = float(self.n_in_sample)
+        self.laplace, self.b, self.b_cov, sums = laplace_e_step(
+            self.part, self.plan, None if again else self.fitted, relative=relative,
+            family=self.family, previous=self.laplace, n_jobs=self.n_jobs)
         return sums
 
     def crossed_schur(self, *, term_bound):
@@ -871,10 +914,15 @@ def _updated_components(data: EMData, sums: EMSums, factors, sigma2: float
     """The M-step of the variance components: sigma2, every D_k, the GLL and the
     log-likelihood (:func:`~merf_dask.core.random_effects.update_variance_components`; binary
     and count fits keep sigma2 = 1 and watch -2 times Laplace's log-likelihood,
-    :func:`~merf_dask.core.laplace.update_laplace_components`)."""
+    :func:`~merf_dask.core.laplace.update_laplace_components`), all :func:`canonical`: every
+    E-step, an accelerated iteration's further ones too, starts from the same bits on any
+    partitioning, and SQUAREM's choice between its candidates is made on the same numbers."""
     if data.family is None:
-        return update_variance_components(sums, factors, sigma2=sigma2)
-    return 1.0, *update_laplace_components(sums, factors)
+        sigma2, D, gll, log_likelihood = update_variance_components(sums, factors, sigma2=sigma2)
+    else:
+        sigma2, (D, gll, log_likelihood) = 1.0, update_laplace_components(sums, factors)
+    return (canonical(sigma2), [canonical(Dk) for Dk in D], canonical(gll),
+            canonical(log_likelihood))
 
 
 def _accelerated_step(data: EMData, factors, *, sigma2: float, D: list, sums: EMSums,
@@ -984,9 +1032,8 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
         if crawl.active:
             sums, crossed, sigma2 = _accelerated_step(data, layout.model_factors, sigma2=sigma2,
                                                       D=D, sums=sums, crossed=crossed)
-        new_sigma2, D, gll, log_likelihood = _updated_components(
-            data, sums, layout.model_factors, sigma2)
-        sigma2, D, gll = canonical(new_sigma2), [canonical(Dk) for Dk in D], canonical(gll)
+        sigma2, D, gll, log_likelihood = _updated_components(data, sums, layout.model_factors,
+                                                             sigma2)
         crawl.update([sigma2, *D])
         # residuals of exactly zero (or a zero or NaN variance): nothing is left to decompose
         if data.family is None and not (sums.residual_ss > 0 and sigma2 > 0):

@@ -80,6 +80,15 @@ class Family:
         """eta at the mean ``mu`` (the start of a fit: the link of the mean of y)."""
         return float(np.log(mu / (1.0 - mu)) if self.name == "binomial" else np.log(mu))
 
+    def response_summary(self, y: np.ndarray) -> np.ndarray:
+        """A few values of ``y`` on which :meth:`check_response` says what it says of all of
+        ``y``: summaries of blocks of rows, concatenated, check the whole response."""
+        if self.name == "binomial":
+            valid = (y == 0) | (y == 1)
+            return np.concatenate([np.unique(y[valid]), y[~valid][:1]])
+        fractional = y[y != np.round(y)][:1]
+        return np.concatenate([[y.min(), y.max()], fractional]) if len(y) else fractional
+
     def check_response(self, y: np.ndarray, *, name: str = "y") -> None:
         """Refuse a response this family cannot model, naming the value.
 

@@ -64,24 +64,36 @@ class LaplaceStep:
         The fixed part's next working response f + (y - mu - w' v / 2) / w + Z delta.
     weights : ndarray of shape (n_rows,)
         w at the mode.
+    f : ndarray of shape (n_rows,)
+        The honest predictions of the fixed part it used (an accelerated iteration's further
+        E-steps reuse them).
+    n_in_sample : int
+        Rows of ``f`` predicted in-sample because no honest member served them.
     """
 
     u: np.ndarray
     target: np.ndarray
     weights: np.ndarray
+    f: np.ndarray
+    n_in_sample: int = 0
 
 
-def initial_working(y: np.ndarray, family: Family) -> tuple[np.ndarray, np.ndarray]:
-    """The first M-step's working response and weights: at eta = link(mean y), b = 0."""
-    mu = np.full(len(y), float(np.mean(y)))
-    w = family.weights(mu)
-    return family.link(mu[0]) + (y - mu) / w, w
+def initial_working(y: np.ndarray, family: Family, mean: float) -> tuple[np.ndarray, np.ndarray]:
+    """The first M-step's working response and weights: at eta = link(mean), b = 0, with
+    ``mean`` the mean of y over every row of the fit."""
+    w = np.full(len(y), family.weights(mean))
+    return family.link(mean) + (y - mean) / w, w
 
 
-def _penalised(family, y, f, Z, codes, relative, unknowns, u):
+def _penalised(family, y, f, Z, codes, relative, unknowns, u, *, row_block, unknown_block,
+               n_blocks):
+    """The penalised log-likelihood of every block of unknowns (one per level of the first
+    factor, its nested levels with it), with b and eta at ``u``."""
     b = [u[k] @ L.T for k, L in zip(unknowns, relative)]
     eta = f + random_effects_offset(Z, b, codes)
-    return float(family.log_density(y, eta).sum() - 0.5 * u @ u), b, eta
+    value = (np.bincount(row_block, family.log_density(y, eta), n_blocks)
+             - 0.5 * np.bincount(unknown_block, u * u, n_blocks))
+    return value, b, eta
 
 
 def laplace_local(*, y, f, Z, codes, n_levels, relative, family: Family, u_start=None
@@ -115,14 +127,13 @@ def laplace_local(*, y, f, Z, codes, n_levels, relative, family: Family, u_start
     Zt = [Zk @ Lk for Zk, Lk in zip(Z, relative)]
 
     def system_at(u):
-        _, b, eta = _penalised(family, y, f, Z, codes, relative, unknowns, u)
+        eta = _penalised(family, y, f, Z, codes, relative, unknowns, u, **blocks)[2]
         mu = family.mean(eta)
         w = np.maximum(family.weights(mu), _MIN_WEIGHT)
         s = np.sqrt(w)
-        offset = eta - f
         system, _, logdet = solve_local(
             codes=codes, Z=[s[:, None] * Zk for Zk in Z], n_levels=n_levels,
-            r=s * offset + (y - mu) / s, relative=relative, crossed_position=no_crossed,
+            r=s * (eta - f) + (y - mu) / s, relative=relative, crossed_position=no_crossed,
             offsets=np.zeros(len(Z) + 1, dtype=np.int64))
         return system, logdet, mu, w
 
@@ -131,19 +142,31 @@ def laplace_local(*, y, f, Z, codes, n_levels, relative, family: Family, u_start
                                relative=relative, crossed_position=no_crossed,
                                offsets=np.zeros(len(Z) + 1, dtype=np.int64))
     unknowns = system.unknowns
-    n_local = len(system.u0)
-    u = np.zeros(n_local) if u_start is None else u_start
-    objective = _penalised(family, y, f, Z, codes, relative, unknowns, u)[0]
+    n_local, n_blocks = len(system.u0), len(system.a_inverse.start)
+    unknown_block = np.repeat(np.arange(n_blocks), system.a_inverse.size)
+    blocks = dict(row_block=codes[0], unknown_block=unknown_block, n_blocks=n_blocks)
+    u = np.zeros(n_local) if u_start is None else u_start.copy()
+    # Newton's method block by block (the blocks are independent given f): each stops, and
+    # halves its step, on its own penalised log-likelihood, so its mode is the same bits
+    # whatever other blocks share its partition
+    objective = _penalised(family, y, f, Z, codes, relative, unknowns, u, **blocks)[0]
+    moving = np.ones(n_blocks, dtype=bool)
     for _ in range(_MAX_NEWTON_STEPS):
         system, logdet, mu, w = system_at(u)
-        step = system.u0 - u
+        step = np.where(moving[unknown_block], system.u0 - u, 0.0)
+        candidate = objective
         for _ in range(_MAX_HALVINGS):  # the penalised log-likelihood is concave: halve to rise
-            candidate = _penalised(family, y, f, Z, codes, relative, unknowns, u + step)[0]
-            if candidate >= objective or not np.abs(step).max() > _MODE_TOLERANCE:
+            candidate = _penalised(family, y, f, Z, codes, relative, unknowns, u + step,
+                                   **blocks)[0]
+            falling = candidate < objective
+            if not falling.any():
                 break
-            step = 0.5 * step
-        u, objective = u + step, max(candidate, objective)
-        if not np.abs(step).max() > _MODE_TOLERANCE:
+            step[falling[unknown_block]] *= 0.5
+        size = np.zeros(n_blocks)
+        np.maximum.at(size, unknown_block, np.abs(step))
+        u, objective = u + step, np.maximum(candidate, objective)
+        moving &= size > _MODE_TOLERANCE
+        if not moving.any():
             break
     system, logdet, mu, w = system_at(u)  # M and w at the mode
     _, m_inverse, _, _ = finish_local(system)
@@ -179,7 +202,7 @@ def laplace_local(*, y, f, Z, codes, n_levels, relative, family: Family, u_start
         bbt=[bk.T @ bk for bk in b], conditional_cov=cov_sums,
         design_gram=[Zk.T @ Zk for Zk in Z],
         log_density=float(family.log_density(y, eta).sum()), penalty=float(u @ u))
-    return LaplaceStep(u=u, target=target, weights=w), b, b_cov, sums
+    return LaplaceStep(u=u, target=target, weights=w, f=f), b, b_cov, sums
 
 
 def update_laplace_components(sums: EMSums, factors) -> tuple[list, float, float]:

@@ -51,10 +51,10 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_limbs,
+from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_limbs, canonical,
                        align_random_effects, crossed_products, crossed_schur, e_step_again,
-                       e_step_finish, e_step_local, layout_of, m_step_pieces,
-                       nested_in_partition_factor, spread_clusters, spread_part)
+                       e_step_finish, e_step_local, laplace_e_step, laplace_pieces, layout_of,
+                       m_step_pieces, nested_in_partition_factor, spread_clusters, spread_part)
 from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, assemble_model, fit_members
 
@@ -75,12 +75,14 @@ def _partition_arrays(frame: pd.DataFrame, *, columns: dict) -> PartitionArrays:
     return PartitionArrays.from_frame(frame, **columns)
 
 
-def _layout(part: PartitionArrays) -> tuple:
+def _layout(part: PartitionArrays, family) -> tuple:
     """A partition's levels of every factor (in the order of ``part.codes``), whether each
     factor's levels lie inside levels of the partition factor, its clusters' hashes, the rows of
-    each cluster and the bytes of its arrays."""
+    each cluster, the bytes of its arrays, the sum of y and (binary and count fits) the summary
+    of y that the family checks."""
     return (list(part.levels), nested_in_partition_factor(part), part.hashes,
-            np.bincount(part.codes[0], minlength=len(part.levels[0])), part.nbytes)
+            np.bincount(part.codes[0], minlength=len(part.levels[0])), part.nbytes,
+            float(part.y.sum()), None if family is None else family.response_summary(part.y))
 
 
 def _cluster_rows(levels: list, rows: list) -> tuple[pd.Series, pd.Index]:
@@ -136,6 +138,17 @@ def _crossed_schur(step_and_share, P, *, term_bound):
     return crossed_schur(step_and_share[0], P, term_bound=term_bound)
 
 
+def _laplace_pieces(part: PartitionArrays, previous, *, plan, family, mean):
+    return laplace_pieces(part, plan, None if previous is None else previous[0], family=family,
+                          mean=mean)
+
+
+def _laplace_e_step(part: PartitionArrays, chunks, previous, *, plan, relative, family):
+    fitted = None if chunks is None else [member for chunk in chunks for member in chunk]
+    return laplace_e_step(part, plan, fitted, relative=relative, family=family,
+                          previous=None if previous is None else previous[0])
+
+
 def _e_step_whole(part: PartitionArrays, chunks, *, plan, layout, relative, sigma2):
     """Both passes in one task when nothing waits between them (no crossed factor, no
     acceleration)."""
@@ -188,6 +201,8 @@ class DaskEMData:
     max_cluster_rows : int
         Clusters with more rows, and clusters found in more than one partition, are spread
         (:func:`merf_dask.core.em.spread_part`).
+    family : Family or None
+        A binary or count fit's family (nested factors only); None is Gaussian.
     cache : bool or None, default=None
         Keep every partition's arrays in worker memory between passes; None decides with
         :func:`fits_in_memory`.
@@ -199,11 +214,8 @@ class DaskEMData:
     layout : EffectsLayout
     """
 
-    #: Binary and count fits run in-process for now (:class:`merf_dask.core.em.InMemoryEMData`).
-    family = None
-
     def __init__(self, *, client, partitions, x_columns, z_columns, factors, factor_columns,
-                 y_column, max_cluster_rows=MAX_CLUSTER_ROWS, cache=None):
+                 y_column, max_cluster_rows=MAX_CLUSTER_ROWS, family=None, cache=None):
         self.client = client
         self.partitions = list(partitions)  # scattered or persisted sources stay alive
         columns = dict(x_columns=list(x_columns), z_columns=[list(c) for c in z_columns],
@@ -211,11 +223,11 @@ class DaskEMData:
         self.sources = [dask.delayed(_partition_arrays)(source, columns=columns)
                         for source in self.partitions]
         layouts = client.gather(client.compute(
-            [dask.delayed(_layout)(source) for source in self.sources]))
-        levels = [levels for levels, _, _, _, _ in layouts]
-        layout = layout_of(factors, levels, [whole for _, whole, _, _, _ in layouts])
+            [dask.delayed(_layout)(source, family) for source in self.sources]))
+        levels = [levels for levels, *_ in layouts]
+        layout = layout_of(factors, levels, [whole for _, whole, *_ in layouts])
         cluster_rows, spanning = _cluster_rows([ids[0] for ids in levels],
-                                               [rows for _, _, _, rows, _ in layouts])
+                                               [rows for _, _, _, rows, *_ in layouts])
         # a cluster in several partitions is spread whatever its size (a lake written with a
         # lower max_cluster_rows): exact all the same, never two clusters of one name
         self.layout = layout.with_spread(spread_clusters(
@@ -229,9 +241,19 @@ class DaskEMData:
             levels = [[*ids, ids[0][spread] if spread.any() else spread_levels[:1]]
                       for ids, spread in zip(levels, self.spread)]
         self.levels = levels
-        self.hashes = [hashes for _, _, hashes, _, _ in layouts]
+        self.hashes = [hashes for _, _, hashes, *_ in layouts]
         self.n_rows = int(cluster_rows.sum())
-        n_bytes = sum(size for _, _, _, _, size in layouts)
+        n_bytes = sum(size for _, _, _, _, size, _, _ in layouts)
+        # rounded like the variance components, so the first working response is the same on
+        # any partitioning
+        self.family = family
+        self.mean = canonical(sum(total for *_, total, _ in layouts) / self.n_rows)
+        if family is not None:
+            family.check_response(np.concatenate([summary for *_, summary in layouts]))
+        if family is not None and any(t is not None for t in self.layout.crossed_levels):
+            raise ValueError(f"{family.name} fits take nested factors only for now: crossed "
+                             "factors (and clusters over max_cluster_rows, or found in several "
+                             "partitions) are not supported yet")
         if cache is None:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
             cache = fits_in_memory(n_bytes, [w.get("memory_limit") or 0 for w in workers])
@@ -248,6 +270,7 @@ class DaskEMData:
                   for levels in self.levels]
         self.b_cov = []  # futures of every partition's Var(b | y) after an E-step
         self.plan = self.chunks = self.chunk_members = self.results = None
+        self.laplace = None  # a binary or count fit's last E-step, per partition
         self.finished = False
 
     def _n_threads(self) -> int:
@@ -270,10 +293,15 @@ class DaskEMData:
         time, however many partitions there are.
         """
         client = self.client
-        crossed_b = client.scatter(crossed_b, broadcast=True) if crossed_b else {}
-        pieces = client.compute([
-            dask.delayed(_m_step_pieces, pure=False)(source, b, crossed_b, self.layout, plan)
-            for source, b in zip(self.sources, self.b)])
+        if self.family is not None:
+            previous = self.laplace or [None] * len(self.sources)
+            pieces = self._each_partition(_laplace_pieces, previous, plan=plan,
+                                          family=self.family, mean=self.mean)
+        else:
+            crossed_b = client.scatter(crossed_b, broadcast=True) if crossed_b else {}
+            pieces = client.compute([
+                dask.delayed(_m_step_pieces, pure=False)(source, b, crossed_b, self.layout, plan)
+                for source, b in zip(self.sources, self.b)])
         worker_plan = _one_thread_per_member(plan)  # once here, not in every fit task
         holders: dict[int, list[int]] = {}
         for p, residues in enumerate(self._residues(plan)):
@@ -332,6 +360,21 @@ class DaskEMData:
             return None
         shares = [client.submit(operator.itemgetter(1), r) for r in self.results]
         return _tree_reduce(client, shares, _add_shares).result()
+
+    def laplace_step(self, *, relative, again=False):
+        client = self.client
+        previous = self.laplace or [None] * len(self.sources)
+        if again:
+            chunks = [None] * len(self.sources)
+        else:
+            chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
+        self.laplace = self._each_partition(_laplace_e_step, chunks, previous, plan=self.plan,
+                                            relative=relative, family=self.family)
+        sums = _tree_reduce(client, [client.submit(operator.itemgetter(3), r)
+                                     for r in self.laplace], combine_sums)
+        self.b = client.gather([client.submit(operator.itemgetter(1), r) for r in self.laplace])
+        self.b_cov = [client.submit(operator.itemgetter(2), r) for r in self.laplace]
+        return sums.result()
 
     def crossed_schur(self, *, term_bound):
         P = int(self.layout.offsets[-1])
