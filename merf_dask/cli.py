@@ -223,13 +223,14 @@ def _training_source(lake: str, column: str, scratch: str | None, max_cluster_ro
 
 
 def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-forest",
-         overwrite=False, quiet=False, seed=0, scratch=None, max_cluster_rows=MAX_CLUSTER_ROWS):
+         overwrite=False, quiet=False, seed=0, scratch=None, max_cluster_rows=MAX_CLUSTER_ROWS,
+         family="gaussian"):
     """Fit ``formula`` on ``lake`` with ``client`` and write the model directory ``output``.
 
     A lake not bucketed by the first grouping factor is read from its bucketed copy under
-    ``scratch`` (:func:`_training_source`). The fit checkpoints after every EM iteration next
-    to ``output`` and resumes from there when run again after being killed or losing its
-    scheduler.
+    ``scratch`` (:func:`_training_source`). A Gaussian fit checkpoints after every EM iteration
+    next to ``output`` and resumes from there when run again after being killed or losing its
+    scheduler (binary and count fits do not checkpoint yet).
     """
     from .io.filesystem import data_fingerprint
     from .estimator import MERF
@@ -241,8 +242,8 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     column = _partition_column(spec)
     frame = read_lake(_training_source(lake, column, scratch, max_cluster_rows),
                       columns=list(spec.columns), cluster_column=column)
-    checkpoint = checkpoint_path(output)
-    model = MERF(make_learner(learner, random_state=seed), formula=formula,
+    checkpoint = checkpoint_path(output) if family == "gaussian" else None
+    model = MERF(make_learner(learner, random_state=seed), formula=formula, family=family,
                  max_iterations=max_iterations, max_cluster_rows=max_cluster_rows,
                  random_state=seed, checkpoint=checkpoint, client=client)
     # Once the scheduler is lost, the client logs its failed reconnection (after the connect
@@ -263,9 +264,10 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
             raise
         # an OSError, so that _CleanErrors prints it as "merf-dask: error: ..." (exit status 1)
         raise ConnectionError(
-            f"lost the Dask scheduler during the fit ({type(error).__name__}); finished EM "
-            f"iterations are checkpointed in {checkpoint}: run the same command again to "
-            "resume") from None
+            f"lost the Dask scheduler during the fit ({type(error).__name__}); " + (
+                f"finished EM iterations are checkpointed in {checkpoint}: run the same "
+                "command again to resume" if checkpoint else "run the same command again")
+        ) from None
     finally:
         if not lost:  # when lost, the filter stays for the client's close
             client_log.removeFilter(quiet_once_lost)
@@ -359,6 +361,9 @@ _max_cluster_rows = click.option(
 @click.argument("lake", required=False)
 @click.option("--formula", help='lme4 formula, e.g. "y ~ x1 + x2 + (1 + t | g)".')
 @click.option("--output", help="Model directory to write (path or URL).")
+@click.option("--family", type=click.Choice(["gaussian", "binomial", "poisson"]),
+              default="gaussian", show_default=True,
+              help="The response: continuous, binary 0/1 (logit) or counts (log).")
 @click.option("--scheduler", help="Address of a running scheduler (tcp://host:8786).")
 @click.option("--cluster-config", type=click.Path(dir_okay=False),
               help="A file from cluster_configs/ naming the cluster.")
@@ -500,6 +505,9 @@ def _squared_errors(part: pd.DataFrame, *, model) -> pd.DataFrame:
 def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
     """MSE and R^2 of ``model`` on a labelled lake, by known / new cluster and overall."""
     from .io.lake import read_lake
+    if model.family != "gaussian":
+        raise ValueError(f"evaluate scores Gaussian models (MSE, R^2); the metrics of a "
+                         f"{model.family} model (log loss, AUC, deviance) are not there yet")
     # every row's error stands alone: any layout is read as it is
     frame = read_lake(lake, columns=list(model.formula_spec_.columns))
     meta = pd.DataFrame({"rows": pd.Series(dtype=object), "n": pd.Series(dtype="int64"),

@@ -311,3 +311,33 @@ def test_the_classifier_takes_any_two_labels_and_saves_them(tmp_path):
     with pytest.raises(ValueError, match="two labels, got 3"):
         MERFClassifier(formula="y ~ x + (1 | g)").fit(
             labelled.assign(y=np.resize(["a", "b", "c"], len(labelled))))
+
+
+def test_the_cli_fits_a_binary_lake(tmp_path):
+    """`merf-dask fit --family binomial` on a lake: the in-process model, bit for bit;
+    `evaluate` says in one line that it scores Gaussian models only."""
+    import subprocess
+    import sys
+
+    from merf_dask.io.lake import write_lake
+    from merf_dask.learners import make_learner
+    frame = simulated("binomial", seed=6)
+    write_lake(frame, tmp_path / "lake", cluster_column="g", n_buckets=2)
+
+    def merf_dask(*args):
+        return subprocess.run([sys.executable, "-c", "from merf_dask.cli import main; main()",
+                               *args], capture_output=True, text=True, timeout=600)
+    fitted = merf_dask("fit", str(tmp_path / "lake"), "--formula", "y ~ x + (1 + t | g)",
+                       "--family", "binomial", "--output", str(tmp_path / "model"),
+                       "--learner", "linear", "--max-iterations", "4", "--n-workers", "1",
+                       "--quiet")
+    assert fitted.returncode == 0, fitted.stderr
+    model = MERF.load(tmp_path / "model")
+    in_process = MERF(make_learner("linear", random_state=0), formula="y ~ x + (1 + t | g)",
+                      family="binomial", max_iterations=4, random_state=0).fit(frame)
+    assert model.family == "binomial" and model.sigma2_ is None
+    np.testing.assert_array_equal(model.state_.effects[0].D, in_process.state_.effects[0].D)
+    np.testing.assert_array_equal(model.predict(frame), in_process.predict(frame))
+    scored = merf_dask("evaluate", str(tmp_path / "lake"), "--model", str(tmp_path / "model"))
+    assert scored.returncode == 1 and "Gaussian models" in scored.stderr
+    assert scored.stderr.count("\n") == 1
