@@ -14,6 +14,10 @@ in-memory arrays (:class:`InMemoryEMData`, below) and on partitions streamed by 
 4. ``finish_step`` -- in every block, the local b and their conditional covariances, returning
    the partial sums (:class:`~merf_dask.core.random_effects.EMSums`).
 
+A binary or count fit (``data.family``) replaces steps 2 to 4 by ``laplace_step``: in every
+block, honest predictions of f and the Laplace E-step, whose working response and weights the
+next M-step fits (:mod:`merf_dask.core.laplace`).
+
 The driver turns the sums into sigma2, every D_k and the GLL
 (:func:`~merf_dask.core.random_effects.update_variance_components`), logs one line per
 iteration, stops on the relative change of the GLL, and hands an :class:`EMState` to a
@@ -31,6 +35,8 @@ spread_clusters, spread_part
     the partition factor.
 m_step_pieces, honest_residuals, e_step_local, e_step_finish, crossed_schur, crossed_products
     The per-block steps (pure numpy; the Dask backend runs them on the workers).
+laplace_pieces, laplace_e_step, refuse_crossed_family
+    The same for binary and count fits (:mod:`merf_dask.core.laplace`).
 EMData
     The protocol above.
 InMemoryEMData
@@ -68,7 +74,8 @@ from .families import Family
 from .laplace import initial_working, laplace_local, update_laplace_components
 
 __all__ = ["PartitionArrays", "EffectsLayout", "layout_of", "nested_in_partition_factor",
-           "MAX_CLUSTER_ROWS", "spread_clusters", "spread_part",
+           "MAX_CLUSTER_ROWS", "spread_clusters", "spread_part", "laplace_pieces",
+           "laplace_e_step", "refuse_crossed_family",
            "m_step_pieces", "LocalStep", "honest_residuals", "e_step_local", "e_step_again",
            "e_step_finish",
            "EMData", "InMemoryEMData", "align_random_effects",
@@ -521,6 +528,15 @@ def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayo
     return local_b, b_cov, sums
 
 
+def refuse_crossed_family(family: Family, layout: EffectsLayout) -> None:
+    """Refuse a binary or count fit whose layout has crossed unknowns: the Laplace correction
+    needs z_i' H^-1 z_i across the crossed system, which is not built yet."""
+    if any(table is not None for table in layout.crossed_levels):
+        raise ValueError(f"{family.name} fits take nested factors only for now: crossed "
+                         "factors (and clusters over max_cluster_rows, or found in several "
+                         "partitions) are not supported yet")
+
+
 def laplace_pieces(part: PartitionArrays, plan: MemberPlan, previous, *, family: Family,
                    mean: float) -> dict[int, Piece]:
     """A binary or count fit's M-step rows: the working response and weights of the block's
@@ -670,10 +686,7 @@ class InMemoryEMData:
         self.plan = self.fitted = self.step = None
         self.family = family
         if family is not None:
-            if any(table is not None for table in self.layout.crossed_levels):
-                raise ValueError(f"{family.name} fits take nested factors only for now: "
-                                 "crossed factors (and clusters over max_cluster_rows) are "
-                                 "not supported yet")
+            refuse_crossed_family(family, self.layout)
             self.mean = canonical(float(np.mean(self.part.y)))  # as on Dask, any partitioning
             self.laplace = None
 

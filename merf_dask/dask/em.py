@@ -54,7 +54,8 @@ from sklearn.base import clone
 from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_limbs, canonical,
                        align_random_effects, crossed_products, crossed_schur, e_step_again,
                        e_step_finish, e_step_local, laplace_e_step, laplace_pieces, layout_of,
-                       m_step_pieces, nested_in_partition_factor, spread_clusters, spread_part)
+                       m_step_pieces, nested_in_partition_factor, refuse_crossed_family,
+                       spread_clusters, spread_part)
 from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, assemble_model, fit_members
 
@@ -250,10 +251,7 @@ class DaskEMData:
         self.mean = canonical(sum(total for *_, total, _ in layouts) / self.n_rows)
         if family is not None:
             family.check_response(np.concatenate([summary for *_, summary in layouts]))
-        if family is not None and any(t is not None for t in self.layout.crossed_levels):
-            raise ValueError(f"{family.name} fits take nested factors only for now: crossed "
-                             "factors (and clusters over max_cluster_rows, or found in several "
-                             "partitions) are not supported yet")
+            refuse_crossed_family(family, self.layout)
         if cache is None:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
             cache = fits_in_memory(n_bytes, [w.get("memory_limit") or 0 for w in workers])
