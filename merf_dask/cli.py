@@ -8,7 +8,8 @@ fit        fit a formula on a lake, on a Dask cluster, and write a model directo
            not bucketed by the first grouping factor through its bucketed copy in a scratch
            location, written once)
 predict    add ``prediction`` (and ``prediction_std``) to every row of a lake
-evaluate   MSE and R^2 on a labelled lake, for rows of known and of new clusters
+evaluate   scores on a labelled lake (MSE and R^2; log loss, AUC, Brier; deviance), for rows of
+           known and of new clusters
 show       the summary of a model directory
 demo       simulate, fit on an embedded LocalCluster, predict, evaluate and show
 
@@ -491,36 +492,44 @@ def _row_kinds(part: pd.DataFrame, model) -> list[tuple[str, np.ndarray]]:
             ("no level known", ~some)]
 
 
-def _squared_errors(part: pd.DataFrame, *, model) -> pd.DataFrame:
-    spec = model.formula_spec_
-    y = part[spec.response].to_numpy(dtype=float)
-    error = y - model.predict(part)
-    rows = []
-    for name, mask in _row_kinds(part, model):
-        rows.append({"rows": name, "n": int(mask.sum()), "sse": float(np.sum(error[mask] ** 2)),
-                     "sum_y": float(y[mask].sum()), "sum_y2": float(np.sum(y[mask] ** 2))})
-    return pd.DataFrame(rows)
+def _partition_scores(part: pd.DataFrame, model) -> dict:
+    """One partition's score sums (:func:`merf_dask.core.scores.partial_scores`) per kind of
+    row."""
+    from .core.scores import partial_scores
+    y = part[model.formula_spec_.response].to_numpy(dtype=float)
+    prediction = model.predict(part)
+    return {name: partial_scores(y[mask], prediction[mask], model.family)
+            for name, mask in _row_kinds(part, model)}
+
+
+def _add_scores(*parts: dict) -> dict:
+    total = {}
+    for part in parts:
+        for name, sums in part.items():
+            total[name] = sums if name not in total else {
+                key: total[name][key] + value for key, value in sums.items()}
+    return total
 
 
 def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
-    """MSE and R^2 of ``model`` on a labelled lake, by known / new cluster and overall."""
+    """Scores of ``model`` on a labelled lake, by known / new cluster and overall: MSE and R^2
+    (Gaussian), log loss, AUC and Brier score (binomial), mean deviance and MSE (poisson)."""
+    from .core.scores import finish_scores, score_names
     from .io.lake import read_lake
-    if model.family != "gaussian":
-        raise ValueError(f"evaluate scores Gaussian models (MSE, R^2); the metrics of a "
-                         f"{model.family} model (log loss, AUC, deviance) are not there yet")
     # every row's error stands alone: any layout is read as it is
     frame = read_lake(lake, columns=list(model.formula_spec_.columns))
-    meta = pd.DataFrame({"rows": pd.Series(dtype=object), "n": pd.Series(dtype="int64"),
-                         "sse": pd.Series(dtype=float), "sum_y": pd.Series(dtype=float),
-                         "sum_y2": pd.Series(dtype=float)})
     model_future = client.scatter(model, broadcast=True, hash=False)
-    sums = frame.map_partitions(_squared_errors, model=model_future, meta=meta).compute()
-    sums = sums.groupby("rows", sort=False).sum()
-    sums.loc["all rows"] = sums.sum()
-    sums = sums[sums["n"] > 0]
-    total_ss = sums["sum_y2"] - sums["sum_y"] ** 2 / sums["n"]
-    return pd.DataFrame({"rows": sums["n"].astype(int), "MSE": sums["sse"] / sums["n"],
-                         "R2": 1 - sums["sse"] / total_ss})
+    parts = [client.submit(_partition_scores, part, model_future, pure=False)
+             for part in client.compute(frame.to_delayed())]
+    while len(parts) > 1:  # tree-reduced: the AUC's histograms are 2 x 65,536 floats
+        parts = [client.submit(_add_scores, *parts[i:i + 8], pure=False)
+                 for i in range(0, len(parts), 8)]
+    sums = parts[0].result()
+    sums["all rows"] = _add_scores(*({"all rows": kind} for kind in sums.values()))["all rows"]
+    rows = {name: {"rows": int(s["n"]), **finish_scores(s, model.family)}
+            for name, s in sums.items() if s["n"] > 0}
+    return pd.DataFrame.from_dict(rows, orient="index",
+                                  columns=["rows", *score_names(model.family)])
 
 
 @cli.command()
@@ -529,7 +538,8 @@ def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
 @click.option("--scheduler", help="Address of a running scheduler.")
 @_trust_model
 def evaluate(lake, model_dir, scheduler, trust_model):
-    """MSE and R^2 on a labelled LAKE, for rows of known and of new clusters."""
+    """Scores on a labelled LAKE, for rows of known and of new clusters: MSE and R^2 (log loss,
+    AUC and Brier score for binomial models, mean deviance and MSE for poisson)."""
     from .dask.cluster import connect
     from .estimator import MERF
     model = MERF.load(model_dir, trusted=trust_model)
