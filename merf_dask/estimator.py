@@ -879,18 +879,38 @@ class MERFClassifier(ClassifierMixin, MERF):
             frame = _as_frame(X)
             response = parse_formula(self.formula, columns=[str(c) for c in frame.columns]
                                      ).response
-            classes, encoded = _binary_labels(frame[response], name=response)
-            X = frame.assign(**{response: encoded})
+            if _is_dask(frame):
+                X = frame.assign(**{response: self._dask_binary_labels(frame[response])})
+                classes = self.classes_
+            else:
+                classes, encoded = _binary_labels(frame[response], name=response)
+                X = frame.assign(**{response: encoded})
             if X_val is not None:
                 X_val = _as_frame(X_val)
                 X_val = X_val.assign(**{response: _binary_labels(
                     X_val[response], name=f"{response} of X_val", classes=classes)[1]})
         else:
-            classes, y = _binary_labels(y, name="y")
+            if _is_dask(y):
+                y = self._dask_binary_labels(y)
+                classes = self.classes_
+            else:
+                classes, y = _binary_labels(y, name="y")
             if y_val is not None:
                 y_val = _binary_labels(y_val, name="y_val", classes=classes)[1]
         super().fit(X, Z, clusters, y, X_val, Z_val, clusters_val, y_val)
         return self._set_state(dataclasses.replace(self.state_, classes=list(classes)))
+
+    def _dask_binary_labels(self, labels):
+        """A Dask Series of labels as 0.0 / 1.0, its two labels checked and set as
+        ``classes_`` (one pass over the column)."""
+        import dask
+        found, missing = dask.compute(labels.drop_duplicates(), labels.isna().sum())
+        if missing:
+            raise ValueError(f"{labels.name} has {int(missing)} missing labels")
+        self.classes_, _ = _binary_labels(found.to_numpy(), name=str(labels.name))
+        positive = self.classes_[1]
+        return labels.map_partitions(lambda part: (part == positive).astype(float),
+                                     meta=(labels.name, float))
 
     def _predict(self, X, Z, clusters, **options):
         check_is_fitted(self, "fe_model_")
@@ -901,13 +921,26 @@ class MERFClassifier(ClassifierMixin, MERF):
 
     def predict_proba(self, X, Z=None, clusters=None, *, new_levels="average"):
         """The probability of each label: array of shape (n_samples, 2), columns in the order
-        of ``classes_`` (``new_levels`` as for :meth:`MERF.predict`)."""
+        of ``classes_`` (``new_levels`` as for :meth:`MERF.predict`); for Dask input a lazy
+        Dask DataFrame with one column per label."""
         probability = self._predict(X, Z, clusters, new_levels=new_levels)
+        if _is_dask(probability):
+            names = [str(label) for label in self.classes_]
+            return probability.map_partitions(
+                lambda p: pd.DataFrame({names[0]: 1.0 - p, names[1]: p}, index=p.index),
+                meta=pd.DataFrame({name: pd.Series(dtype=float) for name in names}))
         return np.column_stack([1.0 - probability, probability])
 
     def predict(self, X, Z=None, clusters=None, *, new_levels="average"):
-        """The more probable label of each row (``new_levels`` as for :meth:`MERF.predict`)."""
+        """The more probable label of each row (``new_levels`` as for :meth:`MERF.predict`);
+        for Dask input a lazy Dask Series."""
         probability = self._predict(X, Z, clusters, new_levels=new_levels)
+        if _is_dask(probability):
+            classes = self.classes_
+            return probability.map_partitions(
+                lambda p: pd.Series(classes[(p.to_numpy() > 0.5).astype(int)], index=p.index,
+                                    name="prediction"),
+                meta=pd.Series(dtype=classes.dtype, name="prediction"))
         return self.classes_[(probability > 0.5).astype(int)]
 
     def decision_function(self, X, Z=None, clusters=None):

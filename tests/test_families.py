@@ -16,7 +16,7 @@ from scipy.special import expit, gammaln
 from sklearn.linear_model import LinearRegression
 from sklearn.neighbors import KNeighborsRegressor
 
-from merf_dask import MERF
+from merf_dask import MERF, MERFClassifier
 
 #: Agreement asked of the variance components (relative) and coefficients (absolute).
 RTOL, ATOL = 1e-3, 1e-3
@@ -289,6 +289,13 @@ def test_a_fit_on_a_local_cluster_is_the_in_process_fit(dask_client):
     pd.testing.assert_frame_equal(distributed.random_effects_["g"].loc[
         in_process.random_effects_["g"].index], in_process.random_effects_["g"], check_exact=True)
     np.testing.assert_array_equal(distributed.predict(frame), in_process.predict(frame))
+    classifier = MERFClassifier(forest, **{k: v for k, v in params.items() if k != "family"},
+                                client=dask_client).fit(lake.assign(y=lake["y"].map(
+                                    {0.0: "no", 1.0: "yes"}, meta=("y", object))))
+    np.testing.assert_array_equal(classifier.predict_proba(lake).compute().to_numpy(),
+                                  classifier.predict_proba(frame.sort_values("g")))
+    assert classifier.predict(lake).compute().tolist() == classifier.predict(
+        frame.sort_values("g")).tolist()
     with pytest.raises(ValueError, match="must be 0 or 1.*2"):
         MERF(forest, client=dask_client, **params).fit(dd.from_pandas(
             frame.assign(y=frame["y"] * 2), npartitions=3, sort=False))
@@ -307,7 +314,6 @@ def test_what_binary_fits_do_not_take_yet_is_refused():
 
 
 def test_the_classifier_takes_any_two_labels_and_saves_them(tmp_path):
-    from merf_dask import MERFClassifier
     frame = simulated("binomial", seed=4)
     labelled = frame.assign(y=np.where(frame["y"] == 1, "churned", "stayed"))
     classifier = MERFClassifier(LinearRegression(), formula="y ~ x + (1 + t | g)",
