@@ -424,7 +424,8 @@ def bucket(lake, cluster_column, output, buckets, scheduler, n_workers, memory_l
            max_cluster_rows, overwrite):
     """Write a copy of LAKE (any Parquet dataset) bucketed by a column: fits read it out of core.
 
-    The rows are shuffled once through Dask's disk-backed shuffle; no process holds the data.
+    Each file's rows are written to the buckets they fall in where they were read (no
+    shuffle); no process holds the data.
     """
     from .dask.cluster import connect
     from .io.lake import bucket_lake

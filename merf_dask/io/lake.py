@@ -1,10 +1,12 @@
 """Parquet data lakes bucketed by cluster id, on a local disk or any fsspec store (``s3://``, ...).
 
-A *lake* is a hive-partitioned Parquet dataset with exactly one file per bucket::
+A *lake* is a hive-partitioned Parquet dataset with one directory per bucket::
 
     url/bucket=0/part-0.parquet
     url/bucket=1/part-0.parquet
     ...
+
+(a bucket written from a Dask frame holds one file per input partition, ``part-<i>.parquet``).
 
 Rows go to bucket ``bucket_of(cluster id)``, a stable hash of the id, so every cluster lies in one
 file and reading one Dask partition per bucket directory keeps each cluster in one partition with
@@ -18,8 +20,8 @@ Functions
 bucket_of
     The bucket of each cluster id.
 write_lake
-    Write a pandas or Dask DataFrame as a bucketed lake (Dask input is shuffled by bucket once and
-    each bucket is written by the worker holding it).
+    Write a pandas or Dask DataFrame as a bucketed lake (each Dask partition split by bucket where
+    it is, no shuffle).
 write_simulated_lake
     Write the paper's data-generating process as a bucketed lake, one block of clusters at a time.
 write_dataset
@@ -31,8 +33,7 @@ read_lake
 bucketed_by
     The column a lake was bucketed by (None for any other Parquet dataset).
 bucket_lake
-    Write a bucketed copy of any Parquet dataset (one shuffle, through Dask's disk-backed P2P
-    shuffle on a distributed cluster).
+    Write a bucketed copy of any Parquet dataset (file by file, no shuffle).
 bucketed_copy
     The bucketed copy of a dataset in a scratch location: written once, found again by the
     source's fingerprint.
@@ -94,7 +95,6 @@ BUCKET_COLUMN = "bucket"
 _BUCKETED_BY_KEY = b"merf_dask:bucketed_by"
 _BUCKET_DIRECTORY = re.compile(rf"{BUCKET_COLUMN}=(\d+)")
 _BUCKET_FIELD = pa.field(BUCKET_COLUMN, pa.int32())
-_BUCKET_FILE_NAME = "part-0.parquet"
 
 # The default bucket count aims at ~100 MB per bucket in memory for a few dozen numeric columns,
 # and gives every worker thread several buckets so that stragglers even out, but never makes a
@@ -139,10 +139,14 @@ def bucket_of(ids: pd.Series, n_buckets: int) -> np.ndarray:
 def write_lake(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *, cluster_column: str,
                n_buckets: int | None = None, max_cluster_rows: int = MAX_CLUSTER_ROWS,
                storage_options: dict | None = None, overwrite: bool = False) -> None:
-    """Write ``frame`` as a lake: ``url/bucket=K/part-0.parquet``, one file per non-empty bucket.
+    """Write ``frame`` as a lake: ``url/bucket=K/part-<i>.parquet``, a directory per non-empty
+    bucket.
 
-    A Dask DataFrame is shuffled once so that each bucket is one partition, and each worker writes
-    the buckets it holds: no process ever holds all rows. The index is not written. A cluster with
+    No shuffle: each partition of a Dask DataFrame is split by bucket where it is and written as
+    one file per bucket it has rows of (``part-<i>.parquet`` for partition i), so a task holds
+    one input partition and nothing moves between workers (a disk-backed P2P shuffle of 20M
+    rows lost a 1 GiB worker here). A pandas frame is one partition. The index is not written.
+    A cluster with
     more than ``max_cluster_rows`` rows is spread over the buckets by a hash of each row (a pass
     over the cluster column counts them), so no bucket holds more than its share of it; a fit
     treats such a cluster as spread (:func:`merf_dask.core.em.spread_part`).
@@ -182,22 +186,13 @@ def write_lake(frame: pd.DataFrame | dd.DataFrame, url: str | os.PathLike, *, cl
     spread = spread_clusters(cluster_rows, max_cluster_rows=max_cluster_rows)
     with atomic_directory(url, overwrite=overwrite, storage_options=storage_options) as staging:
         filesystem, directory = open_filesystem(staging, storage_options=storage_options)
+        write = dict(cluster_column=cluster_column, n_buckets=n_buckets, spread=spread,
+                     filesystem=filesystem, directory=directory, schema=schema)
         if isinstance(frame, pd.DataFrame):
-            by_bucket = frame.set_axis(pd.Index(_row_buckets(frame, cluster_column, n_buckets,
-                                                             spread)))
-            _write_buckets(by_bucket, filesystem=filesystem, directory=directory, schema=schema)
+            _write_buckets(frame, part=0, **write)
             return
-        buckets = frame.map_partitions(_bucket_series, cluster_column, n_buckets, spread,
-                                       meta=(BUCKET_COLUMN, "int64"))
-        # explicit divisions [0, 1, ..., n_buckets] make partition k hold exactly bucket k, without
-        # the quantile pass a plain set_index would run
-        by_bucket = frame.assign(**{BUCKET_COLUMN: buckets}).set_index(
-            BUCKET_COLUMN, divisions=list(range(n_buckets + 1)))
-        dask.compute(*[
-            dask.delayed(_write_buckets)(part, filesystem=filesystem, directory=directory,
-                                         schema=schema)
-            for part in by_bucket.to_delayed()
-        ])
+        dask.compute(*[dask.delayed(_write_buckets)(rows, part=part, **write)
+                       for part, rows in enumerate(frame.to_delayed())])
 
 
 def write_simulated_lake(url: str | os.PathLike, *, n_rows: int, n_clusters: int,
@@ -377,9 +372,10 @@ def bucket_lake(source: str | os.PathLike, output: str | os.PathLike, *, cluster
                 storage_options: dict | None = None, overwrite: bool = False) -> None:
     """Write a copy of any Parquet dataset bucketed by ``cluster_column`` (a lake).
 
-    The rows are read file by file and shuffled once into buckets (on a distributed cluster
-    through Dask's P2P shuffle, which spills to disk), and each bucket is written by the worker
-    holding it: no process holds the dataset. The copy is published atomically.
+    The rows are read file by file, and each file's rows are written to the buckets they fall in
+    by the worker that read them (:func:`write_lake`): no process holds more than one input
+    partition, and no row crosses the network but to the output. The copy is published
+    atomically.
 
     Parameters
     ----------
@@ -484,22 +480,18 @@ def _row_buckets(rows: pd.DataFrame, cluster_column: str, n_buckets: int, spread
     return buckets
 
 
-def _bucket_series(rows: pd.DataFrame, cluster_column: str, n_buckets: int, spread: pd.Index
-                   ) -> pd.Series:
-    return pd.Series(_row_buckets(rows, cluster_column, n_buckets, spread), index=rows.index,
-                     name=BUCKET_COLUMN)
+def _bucket_file(directory: str, bucket: int, part: int = 0) -> str:
+    return f"{directory}/{BUCKET_COLUMN}={bucket}/part-{part}.parquet"
 
 
-def _bucket_file(directory: str, bucket: int) -> str:
-    return f"{directory}/{BUCKET_COLUMN}={bucket}/{_BUCKET_FILE_NAME}"
-
-
-def _write_buckets(rows_by_bucket: pd.DataFrame, *, filesystem: fsspec.AbstractFileSystem,
-                   directory: str, schema: pa.Schema) -> None:
-    """Write each bucket of a frame indexed by bucket number to its single file."""
-    for bucket, rows in rows_by_bucket.groupby(level=0, sort=True):
-        _write_file(rows, filesystem=filesystem, path=_bucket_file(directory, bucket),
-                    schema=schema)
+def _write_buckets(rows: pd.DataFrame, *, part: int, cluster_column: str, n_buckets: int,
+                   spread: pd.Index, filesystem: fsspec.AbstractFileSystem, directory: str,
+                   schema: pa.Schema) -> None:
+    """Write the rows of input partition ``part`` to one file in each bucket they fall in."""
+    buckets = _row_buckets(rows, cluster_column, n_buckets, spread)
+    for bucket, bucket_rows in rows.groupby(buckets, sort=True):
+        _write_file(bucket_rows, filesystem=filesystem,
+                    path=_bucket_file(directory, int(bucket), part), schema=schema)
 
 
 def _write_file(rows: pd.DataFrame, *, filesystem: fsspec.AbstractFileSystem, path: str,
