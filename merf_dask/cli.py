@@ -530,7 +530,8 @@ def evaluate_lake(lake: str, model, client) -> pd.DataFrame:
     rows = {name: {"rows": int(s["n"]), **finish_scores(s, model.family)}
             for name, s in sums.items() if s["n"] > 0}
     return pd.DataFrame.from_dict(rows, orient="index",
-                                  columns=["rows", *score_names(model.family)])
+                                  columns=["rows", *score_names(model.family)]
+                                  ).rename_axis("rows")
 
 
 @cli.command()
