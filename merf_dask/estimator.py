@@ -378,14 +378,12 @@ class MERF(RegressorMixin, BaseEstimator):
         return None if self.family == "gaussian" else FAMILIES[self.family]
 
     def _check_family_fit(self, family, data, learner) -> None:
-        """Refuse what a binary or count fit cannot take yet, and a response outside the
-        family."""
+        """Refuse what a binary or count fit cannot take yet (the EM data check y against the
+        family and refuse crossed factors, where the rows are)."""
         if self.checkpoint is not None:
             raise ValueError(f"checkpoint= is for Gaussian fits for now: a {self.family} fit's "
                              "next M-step needs the working response of its last E-step, "
                              "which a checkpoint does not hold")
-        if not data["distributed"]:  # a Dask fit checks y where it lies (DaskEMData)
-            family.check_response(data["y"])
         if not has_fit_parameter(learner, "sample_weight"):
             raise ValueError(f"family={self.family!r} fits the learner to a weighted working "
                              f"response: {type(learner).__name__}.fit takes no sample_weight")

@@ -74,7 +74,8 @@ from .families import Family
 from .laplace import initial_working, laplace_local, update_laplace_components
 
 __all__ = ["PartitionArrays", "EffectsLayout", "layout_of", "nested_in_partition_factor",
-           "MAX_CLUSTER_ROWS", "spread_clusters", "spread_part", "laplace_pieces",
+           "MAX_CLUSTER_ROWS", "spread_clusters", "spread_part", "spread_factor_levels",
+           "laplace_pieces",
            "laplace_e_step", "refuse_crossed_family",
            "m_step_pieces", "LocalStep", "honest_residuals", "e_step_local", "e_step_again",
            "e_step_finish",
@@ -171,6 +172,16 @@ class PartitionArrays:
         return residues
 
 
+def spread_factor_levels(cluster_ids: pd.Index, spread_levels: pd.Index
+                         ) -> tuple[np.ndarray, pd.Index]:
+    """Which of a block's clusters are spread, and the block's levels of the spread factor
+    (:func:`spread_part`): its spread clusters, or the first spread cluster of the fit when it
+    has none (every row points at a level, with a zero Z)."""
+    spread = cluster_ids.isin(spread_levels)
+    present = cluster_ids[spread]
+    return spread, pd.Index(present if len(present) else spread_levels[:1])
+
+
 def spread_part(part: PartitionArrays, spread_levels: pd.Index) -> PartitionArrays:
     """``part`` with the rows of spread clusters moved to one more, crossed factor.
 
@@ -194,18 +205,14 @@ def spread_part(part: PartitionArrays, spread_levels: pd.Index) -> PartitionArra
     -------
     PartitionArrays
     """
-    spread = part.levels[0].isin(spread_levels)
+    spread, levels = spread_factor_levels(part.levels[0], spread_levels)
     rows = spread[part.codes[0]]
-    present = part.levels[0][spread]
-    # a partition without spread rows still has a level of the last factor: every row points
-    # at one, with a zero Z
-    levels = present if len(present) else spread_levels[:1]
     codes = np.where(rows, levels.get_indexer(part.levels[0])[part.codes[0]], 0)
     local_z = np.where(rows[:, None], 0.0, part.Z[0])
     spread_z = np.where(rows[:, None], part.Z[0], 0.0)
     return dataclasses.replace(part, Z=(local_z, *part.Z[1:], spread_z),
                                codes=(*part.codes, codes.astype(np.int64)),
-                               levels=(*part.levels, pd.Index(levels)), spread=spread)
+                               levels=(*part.levels, levels), spread=spread)
 
 
 @dataclass(frozen=True)
@@ -686,6 +693,7 @@ class InMemoryEMData:
         self.plan = self.fitted = self.step = None
         self.family = family
         if family is not None:
+            family.check_response(self.part.y)
             refuse_crossed_family(family, self.layout)
             self.mean = canonical(float(np.mean(self.part.y)))  # as on Dask, any partitioning
             self.laplace = None

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .families import Family
-from .random_effects import (EMSums, factor_moments, finish_local, random_effects_offset,
-                             solve_local)
+from .random_effects import (EMSums, _local_layout, factor_moments, finish_local,
+                             random_effects_offset, solve_local)
 
 __all__ = ["LaplaceStep", "laplace_local", "update_laplace_components", "initial_working"]
 
@@ -93,12 +93,12 @@ def initial_working(y: np.ndarray, family: Family, mean: float) -> tuple[np.ndar
 def _penalised(family, y, f, Z, codes, relative, unknowns, u, *, row_block, unknown_block,
                n_blocks):
     """The penalised log-likelihood of every block of unknowns (one per level of the first
-    factor, its nested levels with it), with b and eta at ``u``."""
+    factor, its nested levels with it), and eta, at ``u``."""
     b = [u[k] @ L.T for k, L in zip(unknowns, relative)]
     eta = f + random_effects_offset(Z, b, codes)
     value = (np.bincount(row_block, family.log_density(y, eta), n_blocks)
              - 0.5 * np.bincount(unknown_block, u * u, n_blocks))
-    return value, b, eta
+    return value, eta
 
 
 def laplace_local(*, y, f, Z, codes, n_levels, relative, family: Family, u_start=None
@@ -132,7 +132,7 @@ def laplace_local(*, y, f, Z, codes, n_levels, relative, family: Family, u_start
     Zt = [Zk @ Lk for Zk, Lk in zip(Z, relative)]
 
     def system_at(u):
-        eta = _penalised(family, y, f, Z, codes, relative, unknowns, u, **blocks)[2]
+        eta = _penalised(family, y, f, Z, codes, relative, unknowns, u, **blocks)[1]
         mu = family.mean(eta)
         w = np.maximum(family.weights(mu), _MIN_WEIGHT)
         s = np.sqrt(w)
@@ -142,13 +142,13 @@ def laplace_local(*, y, f, Z, codes, n_levels, relative, family: Family, u_start
             offsets=np.zeros(len(Z) + 1, dtype=np.int64))
         return system, logdet, mu, w
 
-    # the unknowns' numbering does not depend on the weights: take it from a first system
-    system, _, _ = solve_local(codes=codes, Z=Z, n_levels=n_levels, r=np.zeros(len(y)),
-                               relative=relative, crossed_position=no_crossed,
-                               offsets=np.zeros(len(Z) + 1, dtype=np.int64))
-    unknowns = system.unknowns
-    n_local, n_blocks = len(system.u0), len(system.a_inverse.start)
-    unknown_block = np.repeat(np.arange(n_blocks), system.a_inverse.size)
+    # the numbering of the unknowns, as solve_local makes it (it does not depend on the weights)
+    layout, numbered = _local_layout(codes, [Zk.shape[1] for Zk in Z], n_levels,
+                                     list(range(len(Z))))
+    unknowns = [numbered[k] for k in range(len(Z))]
+    n_blocks = len(layout.start)
+    n_local = int(layout.start[-1] + layout.size[-1]) if n_blocks else 0
+    unknown_block = np.repeat(np.arange(n_blocks), layout.size)
     blocks = dict(row_block=codes[0], unknown_block=unknown_block, n_blocks=n_blocks)
     u = np.zeros(n_local) if u_start is None else u_start.copy()
     # Newton's method block by block (the blocks are independent given f): each stops, and

@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
+import typing
 
 import dask
 import distributed
@@ -55,7 +56,7 @@ from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_lim
                        align_random_effects, crossed_products, crossed_schur, e_step_again,
                        e_step_finish, e_step_local, laplace_e_step, laplace_pieces, layout_of,
                        m_step_pieces, nested_in_partition_factor, refuse_crossed_family,
-                       spread_clusters, spread_part)
+                       spread_clusters, spread_factor_levels, spread_part)
 from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, assemble_model, fit_members
 
@@ -76,14 +77,24 @@ def _partition_arrays(frame: pd.DataFrame, *, columns: dict) -> PartitionArrays:
     return PartitionArrays.from_frame(frame, **columns)
 
 
-def _layout(part: PartitionArrays, family) -> tuple:
-    """A partition's levels of every factor (in the order of ``part.codes``), whether each
-    factor's levels lie inside levels of the partition factor, its clusters' hashes, the rows of
-    each cluster, the bytes of its arrays, the sum of y and (binary and count fits) the summary
-    of y that the family checks."""
-    return (list(part.levels), nested_in_partition_factor(part), part.hashes,
-            np.bincount(part.codes[0], minlength=len(part.levels[0])), part.nbytes,
-            float(part.y.sum()), None if family is None else family.response_summary(part.y))
+class _PartitionLayout(typing.NamedTuple):
+    """What the driver learns of a partition before the fit (:func:`_layout`)."""
+
+    levels: list  # of every factor, in the order of ``part.codes``
+    nested: list  # per factor, whether its levels lie inside levels of the partition factor
+    hashes: np.ndarray  # of its clusters
+    cluster_rows: np.ndarray  # rows of each cluster
+    n_bytes: int  # of its arrays
+    y_sum: float
+    y_summary: np.ndarray | None  # what the family checks (binary and count fits)
+
+
+def _layout(part: PartitionArrays, family) -> _PartitionLayout:
+    return _PartitionLayout(
+        levels=list(part.levels), nested=nested_in_partition_factor(part), hashes=part.hashes,
+        cluster_rows=np.bincount(part.codes[0], minlength=len(part.levels[0])),
+        n_bytes=part.nbytes, y_sum=float(part.y.sum()),
+        y_summary=None if family is None else family.response_summary(part.y))
 
 
 def _cluster_rows(levels: list, rows: list) -> tuple[pd.Series, pd.Index]:
@@ -140,14 +151,16 @@ def _crossed_schur(step_and_share, P, *, term_bound):
 
 
 def _laplace_pieces(part: PartitionArrays, previous, *, plan, family, mean):
-    return laplace_pieces(part, plan, None if previous is None else previous[0], family=family,
+    return laplace_pieces(part, plan, None if previous is None else previous[3], family=family,
                           mean=mean)
 
 
 def _laplace_e_step(part: PartitionArrays, chunks, previous, *, plan, relative, family):
+    """(b, b_cov, sums, step): the order of :func:`_e_step_finish`'s results, then the step."""
     fitted = None if chunks is None else [member for chunk in chunks for member in chunk]
-    return laplace_e_step(part, plan, fitted, relative=relative, family=family,
-                          previous=None if previous is None else previous[0])
+    step, b, b_cov, sums = laplace_e_step(part, plan, fitted, relative=relative, family=family,
+                                          previous=None if previous is None else previous[3])
+    return b, b_cov, sums, step
 
 
 def _e_step_whole(part: PartitionArrays, chunks, *, plan, layout, relative, sigma2):
@@ -225,10 +238,10 @@ class DaskEMData:
                         for source in self.partitions]
         layouts = client.gather(client.compute(
             [dask.delayed(_layout)(source, family) for source in self.sources]))
-        levels = [levels for levels, *_ in layouts]
-        layout = layout_of(factors, levels, [whole for _, whole, *_ in layouts])
+        levels = [p.levels for p in layouts]
+        layout = layout_of(factors, levels, [p.nested for p in layouts])
         cluster_rows, spanning = _cluster_rows([ids[0] for ids in levels],
-                                               [rows for _, _, _, rows, *_ in layouts])
+                                               [p.cluster_rows for p in layouts])
         # a cluster in several partitions is spread whatever its size (a lake written with a
         # lower max_cluster_rows): exact all the same, never two clusters of one name
         self.layout = layout.with_spread(spread_clusters(
@@ -238,19 +251,19 @@ class DaskEMData:
             spread_levels = self.layout.spread_levels
             self.sources = [dask.delayed(spread_part)(source, spread_levels)
                             for source in self.sources]
-            self.spread = [ids[0].isin(spread_levels) for ids in levels]
-            levels = [[*ids, ids[0][spread] if spread.any() else spread_levels[:1]]
-                      for ids, spread in zip(levels, self.spread)]
+            spread = [spread_factor_levels(ids[0], spread_levels) for ids in levels]
+            self.spread = [rows for rows, _ in spread]
+            levels = [[*ids, spread_ids] for ids, (_, spread_ids) in zip(levels, spread)]
         self.levels = levels
-        self.hashes = [hashes for _, _, hashes, *_ in layouts]
+        self.hashes = [p.hashes for p in layouts]
         self.n_rows = int(cluster_rows.sum())
-        n_bytes = sum(size for _, _, _, _, size, _, _ in layouts)
+        n_bytes = sum(p.n_bytes for p in layouts)
         # rounded like the variance components, so the first working response is the same on
         # any partitioning
         self.family = family
-        self.mean = canonical(sum(total for *_, total, _ in layouts) / self.n_rows)
+        self.mean = canonical(sum(p.y_sum for p in layouts) / self.n_rows)
         if family is not None:
-            family.check_response(np.concatenate([summary for *_, summary in layouts]))
+            family.check_response(np.concatenate([p.y_summary for p in layouts]))
             refuse_crossed_family(family, self.layout)
         if cache is None:
             workers = client.scheduler_info(n_workers=-1)["workers"].values()
@@ -360,7 +373,6 @@ class DaskEMData:
         return _tree_reduce(client, shares, _add_shares).result()
 
     def laplace_step(self, *, relative, again=False):
-        client = self.client
         previous = self.laplace or [None] * len(self.sources)
         if again:
             chunks = [None] * len(self.sources)
@@ -368,11 +380,7 @@ class DaskEMData:
             chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
         self.laplace = self._each_partition(_laplace_e_step, chunks, previous, plan=self.plan,
                                             relative=relative, family=self.family)
-        sums = _tree_reduce(client, [client.submit(operator.itemgetter(3), r)
-                                     for r in self.laplace], combine_sums)
-        self.b = client.gather([client.submit(operator.itemgetter(1), r) for r in self.laplace])
-        self.b_cov = [client.submit(operator.itemgetter(2), r) for r in self.laplace]
-        return sums.result()
+        return self._collect_effects(self.laplace)
 
     def crossed_schur(self, *, term_bound):
         P = int(self.layout.offsets[-1])
@@ -395,6 +403,12 @@ class DaskEMData:
                 solution = client.scatter(solution, broadcast=True)
             results = self._each_partition(_e_step_finish, results, layout=self.layout,
                                            relative=relative, sigma2=sigma2, solution=solution)
+        return self._collect_effects(results)
+
+    def _collect_effects(self, results):
+        """Keep the partitions' b (on the driver) and Var(b | y) (futures) of E-step results
+        (b, b_cov, sums, ...), and return their sums, tree-reduced on the workers."""
+        client = self.client
         sums = _tree_reduce(client, [client.submit(operator.itemgetter(2), r) for r in results],
                             combine_sums)
         self.b = client.gather([client.submit(operator.itemgetter(0), r) for r in results])
