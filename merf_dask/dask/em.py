@@ -66,6 +66,8 @@ __all__ = ["DaskEMData", "fits_in_memory", "CACHE_SHARE"]
 _REDUCE_FAN_IN = 8
 #: Priority of the M-step's fits over the cutting of further pieces (Dask's default is 0).
 _FIT_PRIORITY = 1
+#: Member chunks gathered to the driver per round trip when the model is assembled.
+_GATHER_CHUNKS = 8
 #: The partitions' arrays are kept in worker memory when they take at most this share of the
 #: workers' memory limits together (see :func:`fits_in_memory`).
 CACHE_SHARE = 0.1
@@ -416,7 +418,11 @@ class DaskEMData:
         return sums.result()
 
     def fixed_effects_model(self):
-        fitted = [member for chunk in self.client.gather(self.chunks) for member in chunk]
+        # a few chunks at a time: a worker serialises what is asked of it at once, and all of
+        # its members together could push it past its memory limit
+        fitted = [member for start in range(0, len(self.chunks), _GATHER_CHUNKS)
+                  for chunk in self.client.gather(self.chunks[start:start + _GATHER_CHUNKS])
+                  for member in chunk]
         n_jobs = self.plan.learner.get_params(deep=False).get("n_jobs")
         for _, estimator in fitted:  # the fitted model predicts with the threads asked for
             if "n_jobs" in estimator.get_params(deep=False):
