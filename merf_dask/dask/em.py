@@ -53,7 +53,7 @@ import pandas as pd
 from sklearn.base import clone
 
 from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_limbs, canonical,
-                       align_random_effects, crossed_products, crossed_schur, e_step_again,
+                       align_random_effects, begin_crossed_laplace, crossed_products, crossed_schur, e_step_again,
                        e_step_finish, e_step_local, laplace_e_step, laplace_pieces, layout_of,
                        m_step_pieces, nested_in_partition_factor, refuse_crossed_family,
                        spread_clusters, spread_factor_levels, spread_part)
@@ -163,6 +163,19 @@ def _laplace_e_step(part: PartitionArrays, chunks, previous, *, plan, relative, 
     step, b, b_cov, sums = laplace_e_step(part, plan, fitted, relative=relative, family=family,
                                           previous=None if previous is None else previous[3])
     return b, b_cov, sums, step
+
+
+def _begin_crossed_laplace(part: PartitionArrays, chunks, previous, *, plan, layout):
+    fitted = None if chunks is None else [member for chunk in chunks for member in chunk]
+    return begin_crossed_laplace(part, plan, fitted, layout=layout,
+                                 previous=None if previous is None else previous[3])
+
+
+def _laplace_pass(part: PartitionArrays, state, *, block_pass, **shared):
+    """A crossed Laplace E-step's pass over a partition (:mod:`merf_dask.core.laplace_crossed`):
+    (state, partial), or the last pass's (b, b_cov, sums, step) in the order of
+    :func:`_laplace_e_step`'s results."""
+    return block_pass(part, state, **shared)
 
 
 def _e_step_whole(part: PartitionArrays, chunks, *, plan, layout, relative, sigma2):
@@ -284,6 +297,7 @@ class DaskEMData:
         self.b_cov = []  # futures of every partition's Var(b | y) after an E-step
         self.plan = self.chunks = self.chunk_members = self.results = None
         self.laplace = None  # a binary or count fit's last E-step, per partition
+        self.newton = self.crossed_mode = None  # its Newton states with crossed factors
         self.finished = False
 
     def _n_threads(self) -> int:
@@ -382,6 +396,36 @@ class DaskEMData:
             chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
         self.laplace = self._each_partition(_laplace_e_step, chunks, previous, plan=self.plan,
                                             relative=relative, family=self.family)
+        return self._collect_effects(self.laplace)
+
+    def laplace_begin(self, *, again=False):
+        previous = self.laplace or [None] * len(self.sources)
+        if again:
+            chunks = [None] * len(self.sources)
+        else:
+            chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
+        self.newton = self._each_partition(_begin_crossed_laplace, chunks, previous,
+                                           plan=self.plan, layout=self.layout)
+
+    def _broadcast(self, shared: dict) -> dict:
+        """``shared`` with its crossed solution (S^-1 is up to 72 MB) sent to every worker
+        once rather than with every task."""
+        if "solution" not in shared:
+            return shared
+        return {**shared, "solution": self.client.scatter(shared["solution"], broadcast=True)}
+
+    def laplace_pass(self, task, combine, **shared):
+        client = self.client
+        results = self._each_partition(_laplace_pass, self.newton, block_pass=task,
+                                       **self._broadcast(shared))
+        self.newton = [client.submit(operator.itemgetter(0), r) for r in results]
+        partials = [client.submit(operator.itemgetter(1), r) for r in results]
+        return _tree_reduce(client, partials, combine).result()
+
+    def laplace_finish(self, task, **shared):
+        self.laplace = self._each_partition(_laplace_pass, self.newton, block_pass=task,
+                                            **self._broadcast(shared))
+        self.newton = None
         return self._collect_effects(self.laplace)
 
     def crossed_schur(self, *, term_bound):
