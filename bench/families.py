@@ -59,6 +59,8 @@ from report import _DASH, _number
 from run import CHILD_ENVIRONMENT, _jsonable
 from run import _environment as run_environment
 
+from merf_dask.learners import DEFAULT_LEAF_ROWS as LEAF
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DATA_SEED = 1
 THREADS = 2
@@ -153,10 +155,11 @@ def scores(design: Design, predict: Callable[[pd.DataFrame], np.ndarray],
 
 # ------------------------------------------------------------------------------------- models
 
-def _forest_settings() -> dict:
-    """merf-dask's default forest's size: the same trees for every forest of this benchmark."""
+def _forest_settings(family: str) -> dict:
+    """merf-dask's default forest's size for ``family``: the same trees for every forest of
+    this benchmark."""
     from merf_dask.learners import default_learner
-    params = default_learner().get_params()
+    params = default_learner(family=family).get_params()
     return {key: params[key] for key in ("n_estimators", "min_samples_leaf", "max_features",
                                          "n_jobs")}
 
@@ -226,7 +229,7 @@ def run_random_forest(design: Design, family: str) -> dict:
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
     forest_class = RandomForestClassifier if family == "binomial" else RandomForestRegressor
-    forest = forest_class(**_forest_settings(), random_state=SEED)
+    forest = forest_class(**_forest_settings(family), random_state=SEED)
     with FitMeter() as meter:
         forest.fit(design.train[FEATURES].to_numpy(), design.train["y"].to_numpy())
 
@@ -250,7 +253,7 @@ def run_merf1_clip(design: Design, family: str) -> dict:
         return frame[FEATURES].to_numpy(), np.ones((len(frame), 1)), frame["cluster"]
 
     upper = 1 - CLIP if family == "binomial" else np.inf
-    model = MERF1(RandomForestRegressor(**_forest_settings(), random_state=SEED),
+    model = MERF1(RandomForestRegressor(**_forest_settings(family), random_state=SEED),
                   max_iterations=MERF1_ITERATIONS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -272,20 +275,22 @@ _MERF1_SKIP = ("skipped: merf 1.0 took 331 s for 5 iterations at 100k rows (merf
                "5.2); 20 iterations at 2M rows are far beyond the time limit")
 #: key: ({family: label}, runner, largest training rows or None, reason to skip above it)
 MODELS: dict[str, tuple[dict[str, str], Callable[[Design, str], dict], int | None, str]] = {
-    "merf_dask": ({"binomial": "merf-dask MERFClassifier, defaults (100 trees, leaf 5, OOB, "
-                               "Laplace ML)",
-                   "poisson": "merf-dask MERF(family=\"poisson\"), defaults (100 trees, leaf 5, "
-                              "OOB, Laplace ML)"}, run_merf_dask, None, ""),
+    "merf_dask": ({"binomial": f"merf-dask MERFClassifier, defaults (100 trees, leaf "
+                               f"{LEAF['binomial']}, OOB, Laplace ML)",
+                   "poisson": f"merf-dask MERF(family=\"poisson\"), defaults (100 trees, leaf "
+                              f"{LEAF['poisson']}, OOB, Laplace ML)"}, run_merf_dask, None, ""),
     "gpboost": ({family: f"GPBoost, {likelihood} ({GPBOOST_ROUNDS} rounds, {THREADS} threads)"
                  for family, likelihood in GPBOOST_LIKELIHOODS.items()}, run_gpboost, None, ""),
-    "random_forest": ({"binomial": "sklearn RandomForestClassifier (100 trees, leaf 5), no "
-                                   "random effects",
-                       "poisson": "sklearn RandomForestRegressor (100 trees, leaf 5), no random "
-                                  "effects"}, run_random_forest, None, ""),
+    "random_forest": ({"binomial": f"sklearn RandomForestClassifier (100 trees, leaf "
+                                   f"{LEAF['binomial']}), no random effects",
+                       "poisson": f"sklearn RandomForestRegressor (100 trees, leaf "
+                                  f"{LEAF['poisson']}), no random effects"},
+                      run_random_forest, None, ""),
     "merf1_clip": ({"binomial": f"merf 1.0 regression on 0/1 y, clipped to [{CLIP:g}, "
-                                f"{1 - CLIP:g}] (100 trees, leaf 5, {MERF1_ITERATIONS} it.)",
+                                f"{1 - CLIP:g}] (100 trees, leaf {LEAF['binomial']}, "
+                                f"{MERF1_ITERATIONS} it.)",
                     "poisson": f"merf 1.0 regression on the counts, clipped to >= {CLIP:g} "
-                               f"(100 trees, leaf 5, {MERF1_ITERATIONS} it.)"},
+                               f"(100 trees, leaf {LEAF['poisson']}, {MERF1_ITERATIONS} it.)"},
                    run_merf1_clip, 20_000, _MERF1_SKIP),
 }
 
@@ -388,8 +393,9 @@ time limit, **{THREADS} threads each**: `OPENBLAS/MKL/OMP_NUM_THREADS={THREADS}`
 forests `n_jobs=-1`, GPBoost `num_threads={THREADS}`):
 
 * merf-dask `MERFClassifier(formula="y ~ x1 + x2 + x3 + (1 | cluster)", random_state=0)`
-  (counts: `MERF(..., family="poisson")`): default forest (100 trees, min_samples_leaf 5,
-  max_features 1.0, honest out-of-bag predictions), Laplace ML, default `max_iterations` (20) and
+  (counts: `MERF(..., family="poisson")`): default forest (100 trees, min_samples_leaf
+  {LEAF['binomial']} for binary outcomes, {LEAF['poisson']} for counts, max_features 1.0, honest
+  out-of-bag predictions), Laplace ML, default `max_iterations` (20) and
   tol, pandas in-process; new clusters get the population-averaged prediction
   (`new_levels="average"`, the default);
 * GPBoost `GPModel(group_data=cluster, likelihood="bernoulli_logit")` (counts: `"poisson"`) +
@@ -397,7 +403,7 @@ forests `n_jobs=-1`, GPBoost `num_threads={THREADS}`):
   min_data_in_leaf 20, **{GPBOOST_ROUNDS} rounds fixed**, no CV), predictions from
   `predict(..., predict_var=False, pred_latent=False)`;
 * scikit-learn `RandomForestClassifier` (counts: `RandomForestRegressor`) with merf-dask's forest
-  settings (100 trees, min_samples_leaf 5, max_features 1.0), no random effects;
+  settings for the family (the same trees), no random effects;
 * merf 1.0's workaround: `merf.MERF` regression on the 0/1 outcome (the same forest,
   {MERF1_ITERATIONS} iterations), predictions (b = 0 for new clusters) clipped to
   [{CLIP:g}, {1 - CLIP:g}] (counts: to >= {CLIP:g}); not run at 2M rows.

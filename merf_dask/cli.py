@@ -124,8 +124,10 @@ class _ProgressBar(logging.Handler):
         if not isinstance(iteration, IterationRecord):
             self.bar.write(self.format(record), file=sys.stderr)
             return
-        self.bar.set_postfix(GLL=f"{iteration.gll:.6g}", sigma2=f"{iteration.sigma2:.4g}",
-                             refresh=False)
+        shown = {"GLL": f"{iteration.gll:.6g}"}
+        if iteration.sigma2 is not None:  # binary and count fits have no residual variance
+            shown["sigma2"] = f"{iteration.sigma2:.4g}"
+        self.bar.set_postfix(shown, refresh=False)
         # to the iteration rather than by one: a resumed fit starts after its checkpoint
         self.bar.update(iteration.iteration - self.bar.n)
 
@@ -244,7 +246,8 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     frame = read_lake(_training_source(lake, column, scratch, max_cluster_rows),
                       columns=list(spec.columns), cluster_column=column)
     checkpoint = checkpoint_path(output) if family == "gaussian" else None
-    model = MERF(make_learner(learner, random_state=seed), formula=formula, family=family,
+    model = MERF(make_learner(learner, random_state=seed, family=family), formula=formula,
+                 family=family,
                  max_iterations=max_iterations, max_cluster_rows=max_cluster_rows,
                  random_state=seed, checkpoint=checkpoint, client=client)
     # Once the scheduler is lost, the client logs its failed reconnection (after the connect

@@ -120,7 +120,7 @@ class MERF(RegressorMixin, BaseEstimator):
         counts (log E[y] = f + Z b). Binary and count fits maximise Laplace's approximation of
         the likelihood, as glmer does (:mod:`merf_dask.core.laplace`; the learner is fitted to
         a weighted working response, so it must take ``sample_weight``), in-process or on Dask,
-        with nested factors only for now. ``predict`` gives the probability or mean count. See
+        with nested factors and up to 3,000 crossed random effects for now. ``predict`` gives the probability or mean count. See
         :class:`MERFClassifier` for labels and docs/families.md.
     max_iterations : int, default=20
         Maximum number of EM iterations.
@@ -379,7 +379,7 @@ class MERF(RegressorMixin, BaseEstimator):
 
     def _check_family_fit(self, family, data, learner) -> None:
         """Refuse what a binary or count fit cannot take yet (the EM data check y against the
-        family and refuse crossed factors, where the rows are)."""
+        family and refuse too many crossed random effects, where the rows are)."""
         if self.checkpoint is not None:
             raise ValueError(f"checkpoint= is for Gaussian fits for now: a {self.family} fit's "
                              "next M-step needs the working response of its last E-step, "
@@ -409,7 +409,7 @@ class MERF(RegressorMixin, BaseEstimator):
 
     def _learner(self):
         if self.fixed_effects_model is None:
-            return default_learner(random_state=self.random_state)
+            return default_learner(random_state=self.random_state, family=self.family)
         return clone(self.fixed_effects_model)
 
     def _honest(self, learner) -> bool:

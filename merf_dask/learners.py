@@ -20,20 +20,27 @@ from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor,
     RandomForestRegressor
 from sklearn.linear_model import LinearRegression
 
-__all__ = ["default_learner", "make_learner", "is_linear_model", "LEARNERS"]
+__all__ = ["default_learner", "make_learner", "is_linear_model", "LEARNERS", "DEFAULT_LEAF_ROWS"]
 
 LEARNERS = ("random-forest", "extra-trees", "histogram-forest", "gradient-boosting",
             "lightgbm", "linear")
 
 
-def default_learner(*, random_state=None) -> RandomForestRegressor:
+#: The default forest's leaf size for each family. A binary fit's working response,
+#: f + (y - mu) / w, is noise of about 1 / sqrt(w) around f at every row: leaves of 50 rows
+#: average it (bench/results/families.md measures the choice).
+DEFAULT_LEAF_ROWS = {"gaussian": 5, "binomial": 50, "poisson": 5}
+
+
+def default_learner(*, random_state=None, family: str = "gaussian") -> RandomForestRegressor:
     """The default fixed-effects learner: a bagged random forest of 100 trees.
 
-    ``min_samples_leaf=5`` keeps the trees (and the saved model) small on big data;
-    ``n_jobs=-1`` uses every local core for an in-process fit.
+    ``min_samples_leaf`` is :data:`DEFAULT_LEAF_ROWS` of the family (5 for continuous and
+    count outcomes keeps the trees, and the saved model, small on big data); ``n_jobs=-1`` uses
+    every local core for an in-process fit.
     """
-    return RandomForestRegressor(n_estimators=100, min_samples_leaf=5, max_features=1.0,
-                                 n_jobs=-1, random_state=random_state)
+    return RandomForestRegressor(n_estimators=100, min_samples_leaf=DEFAULT_LEAF_ROWS[family],
+                                 max_features=1.0, n_jobs=-1, random_state=random_state)
 
 
 def _lightgbm(**params):
@@ -45,7 +52,7 @@ def _lightgbm(**params):
     return LGBMRegressor(verbose=-1, **params)
 
 
-def make_learner(name: str, *, random_state=None) -> BaseEstimator:
+def make_learner(name: str, *, random_state=None, family: str = "gaussian") -> BaseEstimator:
     """The learner called ``name``.
 
     Parameters
@@ -57,13 +64,15 @@ def make_learner(name: str, *, random_state=None) -> BaseEstimator:
         from the ``lightgbm`` extra; ``gradient-boosting`` is scikit-learn's histogram gradient
         boosting.
     random_state : int or None
+    family : {"gaussian", "binomial", "poisson"}, default="gaussian"
+        The fit's family (the default forest's leaf size depends on it).
 
     Returns
     -------
     estimator
     """
     if name == "random-forest":
-        return default_learner(random_state=random_state)
+        return default_learner(random_state=random_state, family=family)
     if name == "extra-trees":
         return ExtraTreesRegressor(n_estimators=100, min_samples_leaf=5, bootstrap=True,
                                    n_jobs=-1, random_state=random_state)

@@ -215,6 +215,8 @@ def test_a_random_slope_reaches_the_laplace_ml_estimates(family):
     components = model.variance_components_
     assert components["grp"].tolist() == ["g", "g", "g"]  # no Residual row, as lme4 prints
     assert model.sigma2_ is None
+    assert all(record.sigma2 is None for record in model.history_)
+    assert "sigma2" not in str(model.history_[-1])
 
 
 def test_nested_factors_reach_the_laplace_ml_estimates():
@@ -492,6 +494,7 @@ def test_the_cli_fits_and_scores_a_binary_lake(tmp_path, dask_client):
     in_process = MERF(make_learner("linear", random_state=0), formula="y ~ x + (1 + t | g)",
                       family="binomial", max_iterations=4, random_state=0).fit(frame)
     assert model.family == "binomial" and model.sigma2_ is None
+    assert (tmp_path / "model" / "report.html").stat().st_size > 0  # drawn without sigma2
     np.testing.assert_array_equal(model.state_.effects[0].D, in_process.state_.effects[0].D)
     np.testing.assert_array_equal(model.predict(frame), in_process.predict(frame))
     scored = merf_dask("evaluate", str(tmp_path / "lake"), "--model", str(tmp_path / "model"))

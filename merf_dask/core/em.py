@@ -797,14 +797,16 @@ class InMemoryEMData:
 class IterationRecord:
     """One EM iteration, as logged and stored in the fit history.
 
-    ``D`` lists every factor's covariance; ``log_likelihood`` is the marginal log-likelihood of
-    the residuals y - f(X) at the variance components the iteration started from.
+    ``D`` lists every factor's covariance; ``sigma2`` is None for binary and count fits (no
+    residual variance); ``log_likelihood`` is the marginal log-likelihood of the residuals
+    y - f(X) (Laplace's, for binary and count fits) at the variance components the iteration
+    started from.
     """
 
     iteration: int
     gll: float
     relative_change: float
-    sigma2: float
+    sigma2: float | None
     D: list
     m_step_seconds: float
     e_step_seconds: float
@@ -814,8 +816,9 @@ class IterationRecord:
     def __str__(self) -> str:
         val = "" if self.val_mse is None else f"  val_mse={self.val_mse:.6g}"
         diag = " | ".join(", ".join(f"{v:.4g}" for v in np.diag(Dk)) for Dk in self.D)
+        sigma2 = "" if self.sigma2 is None else f"sigma2={self.sigma2:.4g}  "
         return (f"iteration {self.iteration:3d}  GLL={self.gll:.6g}  "
-                f"rel_change={self.relative_change:.2e}  sigma2={self.sigma2:.4g}  "
+                f"rel_change={self.relative_change:.2e}  {sigma2}"
                 f"diag(D)=[{diag}]  M-step={self.m_step_seconds:.2f}s  "
                 f"E-step={self.e_step_seconds:.2f}s{val}")
 
@@ -1113,7 +1116,8 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
                                      [(e.levels, e.b) for e in _all_effects(data, crossed, D)])
         record = IterationRecord(
             iteration=iteration, gll=gll, relative_change=_relative_change(previous_gll, gll),
-            sigma2=sigma2, D=D, m_step_seconds=m_step_done - started,
+            sigma2=None if data.family is not None else sigma2, D=D,
+            m_step_seconds=m_step_done - started,
             e_step_seconds=e_step_done - m_step_done, val_mse=val_mse,
             log_likelihood=log_likelihood)
         history.append(record)

@@ -30,6 +30,11 @@ One EM iteration is two or three passes over the partitions:
    the driver, the partial sums are tree-reduced on the workers. An accelerated iteration
    evaluates two or three more E-steps from the residuals kept on the workers.
 
+A binary or count fit's E-step is one task per partition with local factors
+(:func:`merf_dask.core.em.laplace_e_step`); with crossed factors, every Newton step is a few
+passes whose states stay on the workers (:meth:`DaskEMData.laplace_pass`) while the driver solves
+the crossed effects (:mod:`merf_dask.core.laplace_crossed`).
+
 Classes and functions
 ---------------------
 DaskEMData
@@ -231,7 +236,8 @@ class DaskEMData:
         Clusters with more rows, and clusters found in more than one partition, are spread
         (:func:`merf_dask.core.em.spread_part`).
     family : Family or None
-        A binary or count fit's family (nested factors only); None is Gaussian.
+        A binary or count fit's family (crossed factors solved densely only); None is
+        Gaussian.
     cache : bool or None, default=None
         Keep every partition's arrays in worker memory between passes; None decides with
         :func:`fits_in_memory`.

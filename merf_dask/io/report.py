@@ -33,18 +33,20 @@ def _png(figure) -> bytes:
 
 def _convergence_figure(plt, state):
     iterations = [r.iteration for r in state.history]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    gaussian = state.sigma2 is not None  # binary and count fits have no residual variance
+    figure, axes = plt.subplots(1, 3 if gaussian else 2, figsize=(13 if gaussian else 9, 3.5))
     axes[0].plot(iterations, [r.gll for r in state.history], marker="o")
     axes[0].set(title="generalised log-likelihood", xlabel="EM iteration")
-    axes[1].plot(iterations, [r.sigma2 for r in state.history], marker="o")
-    axes[1].set(title="sigma$^2$", xlabel="EM iteration")
+    if gaussian:
+        axes[1].plot(iterations, [r.sigma2 for r in state.history], marker="o")
+        axes[1].set(title="sigma$^2$", xlabel="EM iteration")
     for k, effects in enumerate(state.effects):
         D_diag = np.array([np.diag(r.D[k]) for r in state.history])
         for j, name in enumerate(effects.factor.z_names):
-            axes[2].plot(iterations, D_diag[:, j], marker="o",
-                         label=f"Var({name} | {effects.factor.name})")
-    axes[2].set(title="diag(D)", xlabel="EM iteration")
-    axes[2].legend()
+            axes[-1].plot(iterations, D_diag[:, j], marker="o",
+                          label=f"Var({name} | {effects.factor.name})")
+    axes[-1].set(title="diag(D)", xlabel="EM iteration")
+    axes[-1].legend()
     return figure
 
 
