@@ -429,8 +429,18 @@ def ratios(record: dict, key: str = "fit_wall_seconds") -> dict:
     return out
 
 
+def _latest(records: list[dict]) -> list[dict]:
+    """The last finished record of each size: the checks judge the library as it is now, the
+    tables keep every run."""
+    latest = {}
+    for record in sorted(records, key=lambda r: r.get("finished_at") or ""):
+        latest[record["rows"]] = record
+    return list(latest.values())
+
+
 def checks(sizes: list[dict], skews: list[dict]) -> dict:
     out = {}
+    sizes, skews = _latest(sizes), _latest(skews)
     for case in ("by_day_first", "by_day_reused"):
         values = {_label(r): ratios(r)[case] for r in sizes}
         out[f"{case}_within_target"] = {
