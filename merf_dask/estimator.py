@@ -120,8 +120,9 @@ class MERF(RegressorMixin, BaseEstimator):
         counts (log E[y] = f + Z b). Binary and count fits maximise Laplace's approximation of
         the likelihood, as glmer does (:mod:`merf_dask.core.laplace`; the learner is fitted to
         a weighted working response, so it must take ``sample_weight``), in-process or on Dask,
-        with nested factors and up to 3,000 crossed random effects for now. ``predict`` gives the probability or mean count. See
-        :class:`MERFClassifier` for labels and docs/families.md.
+        with nested factors and up to 3,000 crossed random effects for now. ``predict`` gives
+        the probability or mean count. See :class:`MERFClassifier` for labels and
+        docs/families.md.
     max_iterations : int, default=20
         Maximum number of EM iterations.
     tol : float, default=1e-3

@@ -20,7 +20,8 @@ from sklearn.ensemble import ExtraTreesRegressor, HistGradientBoostingRegressor,
     RandomForestRegressor
 from sklearn.linear_model import LinearRegression
 
-__all__ = ["default_learner", "make_learner", "is_linear_model", "LEARNERS", "DEFAULT_LEAF_ROWS"]
+__all__ = ["default_learner", "make_learner", "is_linear_model", "LEARNERS",
+           "DEFAULT_LEAF_ROWS"]
 
 LEARNERS = ("random-forest", "extra-trees", "histogram-forest", "gradient-boosting",
             "lightgbm", "linear")

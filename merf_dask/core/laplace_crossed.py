@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .crossed_solve import DENSE_CROSSED_UNKNOWNS, exact_schur, solve_crossed
+from .crossed_solve import exact_schur, solve_crossed
 from .exact_sum import ExactSum
 from .families import Family
 from .laplace import _MAX_HALVINGS, _MAX_NEWTON_STEPS, _MIN_WEIGHT, _MODE_TOLERANCE, LaplaceStep
@@ -386,11 +386,7 @@ def crossed_laplace_e_step(data, *, relative: list, again: bool = False
     Returns the sums (per model factor) and the crossed factors' (b, b_cov).
     """
     layout, family = data.layout, data.family
-    P = int(layout.offsets[-1])
-    if not layout.dense:
-        raise ValueError(f"{family.name} fits take crossed factors with at most "
-                         f"{DENSE_CROSSED_UNKNOWNS:,} crossed random effects for now; this "
-                         f"design has {P:,}")
+    P = int(layout.offsets[-1])  # at most DENSE_CROSSED_UNKNOWNS: refuse_crossed_family
     shared = dict(relative=relative, family=family, layout=layout)
     data.laplace_begin(again=again)
     u_crossed = np.zeros(P) if data.crossed_mode is None else data.crossed_mode

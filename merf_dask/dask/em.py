@@ -58,8 +58,9 @@ import pandas as pd
 from sklearn.base import clone
 
 from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_limbs, canonical,
-                       align_random_effects, begin_crossed_laplace, crossed_products, crossed_schur, e_step_again,
-                       e_step_finish, e_step_local, laplace_e_step, laplace_pieces, layout_of,
+                       align_random_effects, begin_crossed_laplace, crossed_products,
+                       crossed_schur, e_step_again, e_step_finish, e_step_local,
+                       laplace_e_step, laplace_pieces, layout_of,
                        m_step_pieces, nested_in_partition_factor, refuse_crossed_family,
                        spread_clusters, spread_factor_levels, spread_part)
 from ..core.random_effects import CrossedShare, combine_sums
