@@ -609,7 +609,10 @@ class MERF(RegressorMixin, BaseEstimator):
             root of sigma2 plus, for every factor, z' Var(b | y) z at a known level and z' D z
             at a new one (the factors' conditional covariances are taken as independent).
             sigma2 comes from out-of-bag residuals, so it includes the forest's own error.
-            Gaussian fits only.
+            Binary and count fits: the standard deviation of the probability or mean count
+            over the same distribution of the random effects (b ~ N(b_hat, Var(b | y)) at a
+            known level, N(0, D) at a new one, Laplace's normal approximation), the spread of
+            the mean and not of the outcome itself (a 0/1 outcome's is sqrt(p (1 - p))).
         new_levels : {"average", "zero"}, default="average"
             Binary and count fits: a row with a level not seen in fit gets its probability or
             mean averaged over that level's random effects b ~ N(0, D) (the population-averaged
@@ -684,31 +687,38 @@ class MERF(RegressorMixin, BaseEstimator):
         if family is not None and link:
             return prediction
         if family is not None:
-            if return_std:
-                raise ValueError(f"return_std is for Gaussian fits; a {self.family} fit's "
-                                 "predictions are means")
-            return self._family_mean(family, prediction, Z, codes, new_levels)
+            mean = self._family_mean(family, prediction, Z, codes, new_levels)
+            if not return_std:
+                return mean
+            return mean, family.mean_spread(prediction, self._effects_variance(Z, codes))
         if not return_std:
             return prediction
-        variance = np.full(len(X), self.sigma2_)
-        for Zk, e, ck in zip(Z, effects, codes):
-            known = ck >= 0
-            # a new level's b ~ N(0, D); a known one's given y ~ N(b_hat, Var(b | y))
-            variance[~known] += np.einsum("np,pq,nq->n", Zk[~known], e.D, Zk[~known])
-            variance[known] += np.einsum("np,npq,nq->n", Zk[known], e.b_cov[ck[known]],
-                                         Zk[known])
-        return prediction, np.sqrt(variance)
+        return prediction, np.sqrt(self.sigma2_ + self._effects_variance(Z, codes))
+
+    def _effects_variance(self, Z, codes, *, known_levels: bool = True) -> np.ndarray:
+        """The variance of every row's sum_k z_k' b_k: a new level's b is N(0, D), a known one's
+        given y N(b_hat, Var(b | y)) (``known_levels=False`` counts new levels only); the
+        factors are taken as independent.
+
+        Returns
+        -------
+        ndarray of shape (n_rows,)
+        """
+        variance = np.zeros(len(codes[0]))
+        for Zk, e, ck in zip(Z, self.state_.effects, codes):
+            new = ck < 0
+            variance[new] += np.einsum("np,pq,nq->n", Zk[new], e.D, Zk[new])
+            if known_levels:
+                variance[~new] += np.einsum("np,npq,nq->n", Zk[~new], e.b_cov[ck[~new]],
+                                            Zk[~new])
+        return variance
 
     def _family_mean(self, family, eta, Z, codes, new_levels):
         """The mean of y at linear predictors ``eta`` (b = 0 at new levels): with
         ``new_levels="average"``, averaged over the new levels' random effects."""
         if new_levels == "zero":
             return family.mean(eta)
-        variance = np.zeros(len(eta))
-        for Zk, e, ck in zip(Z, self.state_.effects, codes):
-            new = ck < 0
-            variance[new] += np.einsum("np,pq,nq->n", Zk[new], e.D, Zk[new])
-        return family.averaged_mean(eta, variance)
+        return family.averaged_mean(eta, self._effects_variance(Z, codes, known_levels=False))
 
     def _predict_formula(self, data, **options):
         if _is_dask(data):
@@ -918,10 +928,21 @@ class MERFClassifier(ClassifierMixin, MERF):
             X = X.drop(columns=[self.formula_spec_.response])
         return super()._predict(X, Z, clusters, **options)
 
-    def predict_proba(self, X, Z=None, clusters=None, *, new_levels="average"):
+    def predict_proba(self, X, Z=None, clusters=None, *, return_std=False,
+                      new_levels="average"):
         """The probability of each label: array of shape (n_samples, 2), columns in the order
-        of ``classes_`` (``new_levels`` as for :meth:`MERF.predict`); for Dask input a lazy
-        Dask DataFrame with one column per label."""
+        of ``classes_`` (``return_std`` and ``new_levels`` as for :meth:`MERF.predict`: with
+        ``return_std``, also the standard deviation of the probability, shape (n_samples,));
+        for Dask input a lazy Dask DataFrame with one column per label (and
+        ``probability_std``)."""
+        if return_std:
+            if _is_dask(X):
+                return self._predict(X, Z, clusters, return_std=True,
+                                     new_levels=new_levels).map_partitions(
+                    self._label_columns, meta=self._label_columns(_prediction_meta(True)))
+            probability, std = self._predict(X, Z, clusters, return_std=True,
+                                             new_levels=new_levels)
+            return np.column_stack([1.0 - probability, probability]), std
         probability = self._predict(X, Z, clusters, new_levels=new_levels)
         if _is_dask(probability):
             names = [str(label) for label in self.classes_]
@@ -929,6 +950,13 @@ class MERFClassifier(ClassifierMixin, MERF):
                 lambda p: pd.DataFrame({names[0]: 1.0 - p, names[1]: p}, index=p.index),
                 meta=pd.DataFrame({name: pd.Series(dtype=float) for name in names}))
         return np.column_stack([1.0 - probability, probability])
+
+    def _label_columns(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """A ``prediction`` / ``prediction_std`` frame as one probability column per label and
+        ``probability_std``."""
+        names = [str(label) for label in self.classes_]
+        return pd.DataFrame({names[0]: 1.0 - frame["prediction"], names[1]: frame["prediction"],
+                             "probability_std": frame["prediction_std"]}, index=frame.index)
 
     def predict(self, X, Z=None, clusters=None, *, new_levels="average"):
         """The more probable label of each row (``new_levels`` as for :meth:`MERF.predict`);

@@ -337,8 +337,37 @@ def test_new_levels_get_the_population_averaged_probability():
     known = model.predict(frame.head(5))
     b = model.random_effects_["g"].loc[frame["g"].head(5)].to_numpy()
     np.testing.assert_allclose(known, expit(eta + np.einsum("nq,nq->n", z, b)))
-    with pytest.raises(ValueError, match="return_std"):
-        model.predict(rows, return_std=True)
+
+
+@pytest.mark.parametrize("family", ["binomial", "poisson"])
+def test_return_std_is_the_spread_of_the_mean_over_the_random_effects(family):
+    """Known levels: b ~ N(b_hat, Var(b | y)); new levels: b ~ N(0, D); checked by drawing."""
+    frame = simulated(family, seed=1)
+    model = fit("y ~ x + (1 + t | g)", frame, family, max_iterations=50)
+    rows = pd.concat([frame.head(3), frame.head(3).assign(g=-1)], ignore_index=True)
+    mean, std = model.predict(rows, return_std=True)
+    np.testing.assert_array_equal(mean, model.predict(rows))
+    eta = model.fe_model_.predict(rows[["x"]].to_numpy())
+    z = np.column_stack([np.ones(len(rows)), rows["t"]])
+    state = model.state_.effects[0]
+    rng = np.random.default_rng(0)
+    for i in range(len(rows)):
+        known = rows["g"][i] >= 0
+        level = state.levels.get_loc(rows["g"][i]) if known else None
+        draws = rng.multivariate_normal(state.b[level] if known else np.zeros(2),
+                                        state.b_cov[level] if known else state.D, 400_000)
+        offset = z[i] @ (draws - (state.b[level] if known else 0.0)).T
+        means = (expit if family == "binomial" else np.exp)(
+            eta[i] + (z[i] @ state.b[level] if known else 0.0) + offset)
+        np.testing.assert_allclose(std[i], means.std(), rtol=2e-2)
+    assert std[3:].min() > std[:3].max()  # a new level is less certain than a known one
+    if family == "binomial":
+        classifier = MERFClassifier(LinearRegression(), formula="y ~ x + (1 + t | g)",
+                                    max_iterations=50,
+                                    ).fit(frame.assign(y=frame["y"].astype(int)))
+        proba, proba_std = classifier.predict_proba(rows, return_std=True)
+        assert proba.shape == (len(rows), 2) and proba_std.shape == (len(rows),)
+        assert (proba_std > 0).all()
 
 
 def test_poisson_new_levels_average_exactly():
@@ -402,6 +431,10 @@ def test_a_fit_on_a_local_cluster_is_the_in_process_fit(dask_client):
                                   classifier.predict_proba(frame.sort_values("g")))
     assert classifier.predict(lake).compute().tolist() == classifier.predict(
         frame.sort_values("g")).tolist()
+    lazy = classifier.predict_proba(lake, return_std=True).compute()
+    proba, std = classifier.predict_proba(frame.sort_values("g"), return_std=True)
+    assert lazy.columns.tolist() == ["no", "yes", "probability_std"]
+    np.testing.assert_array_equal(lazy.to_numpy(), np.column_stack([proba, std]))
     with pytest.raises(ValueError, match="must be 0 or 1.*2"):
         MERF(forest, client=dask_client, **params).fit(dd.from_pandas(
             frame.assign(y=frame["y"] * 2), npartitions=3, sort=False))
@@ -500,6 +533,13 @@ def test_the_cli_fits_and_scores_a_binary_lake(tmp_path, dask_client):
     scored = merf_dask("evaluate", str(tmp_path / "lake"), "--model", str(tmp_path / "model"))
     assert scored.returncode == 0, scored.stderr
     assert "log_loss" in scored.stdout and "AUC" in scored.stdout
+    predicted = merf_dask("predict", str(tmp_path / "lake"), "--model", str(tmp_path / "model"),
+                          "--output", str(tmp_path / "predicted"), "--intervals")
+    assert predicted.returncode == 0, predicted.stderr
+    written = pd.read_parquet(tmp_path / "predicted").sort_values(["g", "x"])
+    probability, std = model.predict(written, return_std=True)
+    np.testing.assert_array_equal(written["prediction"], probability)
+    np.testing.assert_array_equal(written["prediction_std"], std)
 
     from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 

@@ -61,6 +61,30 @@ class Family:
         spread = np.sqrt(2.0 * np.asarray(variance))[..., None] * nodes
         return (expit(np.asarray(eta)[..., None] + spread) @ weights) / np.sqrt(np.pi)
 
+    def mean_spread(self, eta: np.ndarray, variance: np.ndarray) -> np.ndarray:
+        """The standard deviation of mu(eta + s) over s ~ N(0, variance): how uncertain the mean
+        of a row is when its random effects are known up to that variance.
+
+        Counts: mu(eta) exp(variance / 2) sqrt(exp(variance) - 1), exactly (a lognormal's
+        spread); binary: Gauss-Hermite quadrature of E[mu^2] - E[mu]^2.
+
+        Parameters
+        ----------
+        eta, variance : ndarray of shape (n_rows,)
+
+        Returns
+        -------
+        ndarray of shape (n_rows,)
+        """
+        variance = np.asarray(variance, dtype=float)
+        if self.name == "poisson":
+            return self.mean(eta + 0.5 * variance) * np.sqrt(np.expm1(variance))
+        nodes, weights = _GAUSS_HERMITE
+        spread = np.sqrt(2.0 * variance)[..., None] * nodes
+        mu = expit(np.asarray(eta)[..., None] + spread)
+        first, second = (mu @ weights) / np.sqrt(np.pi), (mu**2 @ weights) / np.sqrt(np.pi)
+        return np.sqrt(np.maximum(second - first**2, 0.0))
+
     def weights(self, mu: np.ndarray) -> np.ndarray:
         """w = dmu/deta = Var(y | eta) at the means ``mu``."""
         return mu * (1.0 - mu) if self.name == "binomial" else mu
