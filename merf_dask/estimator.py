@@ -935,28 +935,14 @@ class MERFClassifier(ClassifierMixin, MERF):
         ``return_std``, also the standard deviation of the probability, shape (n_samples,));
         for Dask input a lazy Dask DataFrame with one column per label (and
         ``probability_std``)."""
-        if return_std:
-            if _is_dask(X):
-                return self._predict(X, Z, clusters, return_std=True,
-                                     new_levels=new_levels).map_partitions(
-                    self._label_columns, meta=self._label_columns(_prediction_meta(True)))
-            probability, std = self._predict(X, Z, clusters, return_std=True,
-                                             new_levels=new_levels)
-            return np.column_stack([1.0 - probability, probability]), std
-        probability = self._predict(X, Z, clusters, new_levels=new_levels)
-        if _is_dask(probability):
+        result = self._predict(X, Z, clusters, return_std=return_std, new_levels=new_levels)
+        if _is_dask(result):
             names = [str(label) for label in self.classes_]
-            return probability.map_partitions(
-                lambda p: pd.DataFrame({names[0]: 1.0 - p, names[1]: p}, index=p.index),
-                meta=pd.DataFrame({name: pd.Series(dtype=float) for name in names}))
-        return np.column_stack([1.0 - probability, probability])
-
-    def _label_columns(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """A ``prediction`` / ``prediction_std`` frame as one probability column per label and
-        ``probability_std``."""
-        names = [str(label) for label in self.classes_]
-        return pd.DataFrame({names[0]: 1.0 - frame["prediction"], names[1]: frame["prediction"],
-                             "probability_std": frame["prediction_std"]}, index=frame.index)
+            return result.map_partitions(_label_columns, names=names,
+                                         meta=_label_columns(result._meta, names=names))
+        probability = result[0] if return_std else result
+        proba = np.column_stack([1.0 - probability, probability])
+        return (proba, result[1]) if return_std else proba
 
     def predict(self, X, Z=None, clusters=None, *, new_levels="average"):
         """The more probable label of each row (``new_levels`` as for :meth:`MERF.predict`);
@@ -1204,6 +1190,18 @@ def _warn_if_singular(effects, gram: np.ndarray, sigma2: float) -> None:
                       f"{factor.name!r} is nearly singular (eigenvalues "
                       f"{np.array2string(eigenvalues, precision=3)}, sigma2 {sigma2:.3g}); "
                       "consider fewer random-effect columns", SingularFitWarning, stacklevel=4)
+
+
+def _label_columns(part, *, names: list[str]) -> pd.DataFrame:
+    """One partition of a classifier's predictions (a probability Series, or a ``prediction`` /
+    ``prediction_std`` frame) as one probability column per label, named ``names`` (and
+    ``probability_std``)."""
+    with_std = isinstance(part, pd.DataFrame)
+    probability = part["prediction"] if with_std else part
+    columns = {names[0]: 1.0 - probability, names[1]: probability}
+    if with_std:
+        columns["probability_std"] = part["prediction_std"]
+    return pd.DataFrame(columns, index=part.index)
 
 
 def _prediction_meta(return_std):

@@ -275,11 +275,13 @@ def test_spread_clusters_are_the_whole_cluster_fit():
     frame = simulated("binomial", seed=6, n_groups=60)
     whole = fit("y ~ x + (1 + t | g)", frame, "binomial")
     spread = fit("y ~ x + (1 + t | g)", frame, "binomial", max_cluster_rows=5)
-    np.testing.assert_allclose(spread.state_.effects[0].D, whole.state_.effects[0].D,
-                               rtol=1e-7)
-    np.testing.assert_allclose(spread.predict(frame), whole.predict(frame), rtol=1e-7)
+    # Both fits stop when the log-likelihood changes by less than tol = 1e-12; the likelihood
+    # is flat at its maximum, so the parameters there agree only to about sqrt(tol).
     np.testing.assert_allclose(spread.history_[-1].log_likelihood,
                                whole.history_[-1].log_likelihood, rtol=1e-10)
+    np.testing.assert_allclose(spread.state_.effects[0].D, whole.state_.effects[0].D,
+                               rtol=2e-5)
+    np.testing.assert_allclose(spread.predict(frame), whole.predict(frame), rtol=2e-5)
 
 
 def test_cbpp_reaches_glmers_estimates():

@@ -57,9 +57,8 @@ class Family:
         """
         if self.name == "poisson":
             return self.mean(eta + 0.5 * variance)
-        nodes, weights = _GAUSS_HERMITE
-        spread = np.sqrt(2.0 * np.asarray(variance))[..., None] * nodes
-        return (expit(np.asarray(eta)[..., None] + spread) @ weights) / np.sqrt(np.pi)
+        mu, weights = _logistic_at_nodes(eta, variance)
+        return (mu @ weights) / np.sqrt(np.pi)
 
     def mean_spread(self, eta: np.ndarray, variance: np.ndarray) -> np.ndarray:
         """The standard deviation of mu(eta + s) over s ~ N(0, variance): how uncertain the mean
@@ -79,9 +78,7 @@ class Family:
         variance = np.asarray(variance, dtype=float)
         if self.name == "poisson":
             return self.mean(eta + 0.5 * variance) * np.sqrt(np.expm1(variance))
-        nodes, weights = _GAUSS_HERMITE
-        spread = np.sqrt(2.0 * variance)[..., None] * nodes
-        mu = expit(np.asarray(eta)[..., None] + spread)
+        mu, weights = _logistic_at_nodes(eta, variance)
         first, second = (mu @ weights) / np.sqrt(np.pi), (mu**2 @ weights) / np.sqrt(np.pi)
         return np.sqrt(np.maximum(second - first**2, 0.0))
 
@@ -143,6 +140,14 @@ class Family:
         if not (y > 0).any():
             raise ValueError(f"{name} of a poisson fit is 0 in every row: the log of its mean "
                              "is minus infinity")
+
+
+def _logistic_at_nodes(eta: np.ndarray, variance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """expit(eta + s) at the Gauss-Hermite nodes of s ~ N(0, variance), shape (n_rows, n_nodes),
+    and the nodes' weights: ``(mu @ weights) / sqrt(pi)`` is E[expit(eta + s)]."""
+    nodes, weights = _GAUSS_HERMITE
+    spread = np.sqrt(2.0 * np.asarray(variance))[..., None] * nodes
+    return expit(np.asarray(eta)[..., None] + spread), weights
 
 
 BINOMIAL = Family("binomial")
