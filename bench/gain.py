@@ -4,8 +4,9 @@ For each of the six (m, Var(b)) scenarios of :data:`merf_dask.simulate.GAIN_SCEN
 repetition (seed 1000 * scenario + repetition), :func:`merf_dask.simulate.gain_experiment` gives
 500 training rows of 100 known clusters, 4,500 held-out rows of those clusters and 5,000 rows of
 100 new clusters. On the same rows we fit a plain random forest (scikit-learn, 100 trees) and two
-merf-dask variants (:data:`MERF_VARIANTS`): its default forest (min_samples_leaf 5), and the plain
-forest's settings (min_samples_leaf 1) with OOB, so the gain of the random effects alone shows.
+merf-dask variants (:data:`MERF_VARIANTS`): its default forest (min_samples_leaf 5), the plain
+forest's settings (min_samples_leaf 1) with OOB, so the gain of the random effects alone shows,
+and the ``warm-boosting`` learner.
 The gain is 100 * (MSE_rf - MSE_merf) / MSE_rf, averaged over repetitions.
 
 The published values are the "MERF Gain Experiment" notebook's (merf 0.2/0.3 with out-of-bag
@@ -27,6 +28,7 @@ from sklearn.ensemble import RandomForestRegressor
 
 from design import model_inputs
 from merf_dask import MERF
+from merf_dask.learners import make_learner
 from merf_dask.simulate import GAIN_SCENARIOS, gain_experiment
 
 PUBLISHED_GAIN_KNOWN = (17.7, 50.0, 68.7, 5.5, 19.2, 33.8)
@@ -36,7 +38,9 @@ MERF_VARIANTS = {
     "default": lambda repetition: None,
     "leaf1": lambda repetition: RandomForestRegressor(n_estimators=100, oob_score=True,
                                                       n_jobs=-1, random_state=repetition),
+    "warm_boosting": lambda repetition: make_learner("warm-boosting", random_state=repetition),
 }
+VARIANT_LABELS = {"default": "default", "leaf1": "leaf 1", "warm_boosting": "warm-boosting"}
 _SUMMED_FIELDS = [f"mse_rf_{part}" for part in ("known", "new")] + [
     f"{field}_{variant}" for variant in MERF_VARIANTS
     for field in ("mse_known", "mse_new", "gain_known", "gain_new", "sigma2", "var_b",
@@ -116,33 +120,36 @@ def _row(cells: list[str]) -> str:
 def gain_markdown(result: dict) -> str:
     """Per-scenario gains (mean ± sd over repetitions) next to the notebook's; MSEs, estimates."""
     summaries = result["summary"]
+    labels = [VARIANT_LABELS[variant] for variant in MERF_VARIANTS]
     lines = [f"merf's gain experiment, {result['repetitions']} repetitions per scenario "
              f"({result['wall_seconds'] / 60:.1f} min). Gain over scikit-learn "
              "RandomForestRegressor(100 trees) = 100 (MSE_rf - MSE_merf) / MSE_rf, mean ± sd "
              "over repetitions. merf-dask *default*: 100 trees, min_samples_leaf 5, OOB, <= 20 "
              "iterations, tol 1e-3; *leaf 1*: the same with the RF baseline's forest "
-             "(min_samples_leaf 1). Notebook: merf 0.2/0.3 (OOB), 300 trees, 100 iterations, "
+             "(min_samples_leaf 1); *warm-boosting*: the learner of that name "
+             "(merf_dask.learners). Notebook: merf 0.2/0.3 (OOB), 300 trees, 100 iterations, "
              "10 repetitions.", "",
-             "| exp | m | Var(b) | gain known, default | gain known, leaf 1 | gain known, notebook "
-             "| gain new, default | gain new, leaf 1 | gain new, notebook |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             _row(["exp", "m", "Var(b)", *[f"gain known, {label}" for label in labels],
+                   "gain known, notebook", *[f"gain new, {label}" for label in labels],
+                   "gain new, notebook"]),
+             "|---" * (5 + 2 * len(labels)) + "|"]
     for s in summaries:
         lines.append(_row([str(s["scenario"]), f"{s['m']}", f"{s['sigma_b2']}",
-                           _mean_sd(s, "gain_known_default"), _mean_sd(s, "gain_known_leaf1"),
+                           *[_mean_sd(s, f"gain_known_{variant}") for variant in MERF_VARIANTS],
                            f"{s['published_gain_known']}",
-                           _mean_sd(s, "gain_new_default"), _mean_sd(s, "gain_new_leaf1"),
+                           *[_mean_sd(s, f"gain_new_{variant}") for variant in MERF_VARIANTS],
                            f"{s['published_gain_new']}"]))
-    lines += ["", "Mean MSEs and estimates (true sigma2 = 1; default / leaf 1):", "",
-              "| exp | MSE known: RF, default, leaf 1 | MSE new: RF, default, leaf 1 "
+    lines += ["", f"Mean MSEs and estimates (true sigma2 = 1; {' / '.join(labels)}):", "",
+              f"| exp | MSE known: RF, {', '.join(labels)} | MSE new: RF, {', '.join(labels)} "
               "| sigma2 est. | Var(b) est. (true) | iterations |",
               "|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(_row([
             str(s["scenario"]),
-            f"{s['mean_mse_rf_known']:.2f}, {s['mean_mse_known_default']:.2f}, "
-            f"{s['mean_mse_known_leaf1']:.2f}",
-            f"{s['mean_mse_rf_new']:.2f}, {s['mean_mse_new_default']:.2f}, "
-            f"{s['mean_mse_new_leaf1']:.2f}",
+            ", ".join(f"{s[f'mean_mse_{field}']:.2f}" for field in
+                      ["rf_known", *[f"known_{variant}" for variant in MERF_VARIANTS]]),
+            ", ".join(f"{s[f'mean_mse_{field}']:.2f}" for field in
+                      ["rf_new", *[f"new_{variant}" for variant in MERF_VARIANTS]]),
             _variant_pair(s, "sigma2"), f"{_variant_pair(s, 'var_b')} ({s['sigma_b2']})",
             _variant_pair(s, "iterations", digits=1)]))
     warned = sorted({name for s in summaries for name in s["warnings"]})

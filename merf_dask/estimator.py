@@ -51,7 +51,8 @@ from .io.checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_ch
 from .core.em import MAX_CLUSTER_ROWS, InMemoryEMData, logger, run_em
 from .core.families import BINOMIAL, FAMILIES
 from .core.state import ModelState
-from .core.ensemble import is_bagged_forest, plan_members, predict_fixed_effects
+from .core.ensemble import is_bagged_forest, is_warm_started, plan_members, \
+    predict_fixed_effects
 from .learners import default_learner, is_linear_model
 
 __all__ = ["MERF", "SingularFitWarning"]
@@ -330,6 +331,11 @@ class MERF(RegressorMixin, BaseEstimator):
         family = self._family()
         if family is not None:
             self._check_family_fit(family, data, learner)
+        if self.checkpoint is not None and is_warm_started(learner):
+            raise ValueError(
+                f"checkpoint= cannot resume {type(learner).__name__}(warm_start=True) for now: "
+                "its next M-step goes on boosting from the last one's members, which a "
+                "checkpoint does not hold")
         # a bucketed copy of the training frame lives until the fit ends
         copies = contextlib.ExitStack()
         if data["distributed"] or self.client is not None:

@@ -24,7 +24,7 @@ __all__ = ["default_learner", "make_learner", "is_linear_model", "LEARNERS",
            "DEFAULT_LEAF_ROWS"]
 
 LEARNERS = ("random-forest", "extra-trees", "histogram-forest", "gradient-boosting",
-            "lightgbm", "linear")
+            "warm-boosting", "lightgbm", "linear")
 
 
 #: The default forest's leaf size for each family. A binary fit's working response,
@@ -59,11 +59,13 @@ def make_learner(name: str, *, random_state=None, family: str = "gaussian") -> B
     Parameters
     ----------
     name : {"random-forest", "extra-trees", "histogram-forest", "gradient-boosting", \
-"lightgbm", "linear"}
+"warm-boosting", "lightgbm", "linear"}
         ``histogram-forest`` is LightGBM's random-forest mode (30-40 x faster per fit than
         scikit-learn's forest on the same data) and ``lightgbm`` its gradient boosting, both
         from the ``lightgbm`` extra; ``gradient-boosting`` is scikit-learn's histogram gradient
-        boosting.
+        boosting, refitted in every M-step, and ``warm-boosting`` the same boosting grown
+        across the EM iterations (100 rounds in all, 10 per M-step, as GPBoost alternates
+        boosting rounds with the random effects; :mod:`merf_dask.core.ensemble`).
     random_state : int or None
     family : {"gaussian", "binomial", "poisson"}, default="gaussian"
         The fit's family (the default forest's leaf size depends on it).
@@ -83,6 +85,9 @@ def make_learner(name: str, *, random_state=None, family: str = "gaussian") -> B
                          feature_fraction=1.0, random_state=random_state)
     if name == "gradient-boosting":
         return HistGradientBoostingRegressor(random_state=random_state)
+    if name == "warm-boosting":
+        return HistGradientBoostingRegressor(max_iter=100, early_stopping=False, warm_start=True,
+                                             random_state=random_state)
     if name == "lightgbm":
         return _lightgbm(n_estimators=200, learning_rate=0.05, random_state=random_state)
     if name == "linear":

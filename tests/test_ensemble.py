@@ -37,13 +37,13 @@ def clustered_rows(*, n_clusters=40, rows_per_cluster=10, n_features=3, seed=0):
     return ids, hashes, codes, X, y, keys
 
 
-def fit_plan(plan, *, X, y, keys, residue_of_row):
+def fit_plan(plan, *, X, y, keys, residue_of_row, previous=()):
     """Fit every member of ``plan`` the way the in-memory EM does (one block of rows)."""
     pieces = training_pieces(plan, X=X, y=y, keys=keys, residue_of_row=residue_of_row)
     fitted = []
     for residue, members in plan.chunks(1):
         if residue in pieces:
-            fitted += fit_members(plan, members, pieces[residue])
+            fitted += fit_members(plan, members, pieces[residue], previous=previous)
     return fitted
 
 
@@ -465,3 +465,61 @@ def test_a_forest_predicts_the_same_bits_on_any_number_of_threads():
     # scikit-learn's own sum is order-dependent in the last bits, so near-zero predictions
     # differ from it relatively more than 1e-12: compare on the scale of the predictions.
     np.testing.assert_allclose(predictions[0], forest.predict(X), rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ warm-started boosting
+
+
+def warm_boosting(max_iter=30, **params):
+    return HistGradientBoostingRegressor(max_iter=max_iter, warm_start=True,
+                                         early_stopping=False, random_state=0, **params)
+
+
+@pytest.mark.parametrize("max_iter, per_step, steps", [(30, 3, 10), (100, 10, 10), (5, 1, 5),
+                                                       (101, 11, 10)])
+def test_warm_started_plans_spread_the_rounds_over_m_steps(max_iter, per_step, steps):
+    plan = plan_members(warm_boosting(max_iter), honest=True, n_rows=1000, n_folds=2,
+                        member_rows="auto", seed=0)
+    assert (plan.rounds_per_step, plan.growing_steps) == (per_step, steps)
+    for learner in (HistGradientBoostingRegressor(), forest(4).set_params(warm_start=True)):
+        plan = plan_members(learner, honest=True, n_rows=1000, n_folds=2, member_rows="auto",
+                            seed=0)
+        assert (plan.rounds_per_step, plan.growing_steps) == (0, 0)
+
+
+@pytest.mark.parametrize("stopping", ["auto", True])
+def test_a_warm_started_learner_that_stops_early_is_refused(stopping):
+    learner = HistGradientBoostingRegressor(warm_start=True, early_stopping=stopping)
+    with pytest.raises(ValueError, match=f"set early_stopping=False .it is {stopping!r}"):
+        plan_members(learner, honest=True, n_rows=1000, n_folds=2, member_rows="auto", seed=0)
+
+
+def test_warm_started_members_go_on_from_the_m_step_before():
+    """Each M-step adds ``rounds_per_step`` rounds to a copy of the member of the step before,
+    on the new working response; once a member holds all its rounds it is kept as it is."""
+    ids, hashes, codes, X, y, keys = clustered_rows(n_clusters=60, seed=4)
+    plan = plan_members(warm_boosting(max_iter=6, max_features=0.5), honest=True,
+                        n_rows=len(y), n_folds=2, member_rows="auto", seed=1)
+    assert plan.rounds_per_step == 1 and plan.growing_steps == 6
+    fold = plan.residue_of(hashes)[codes]
+    targets = [y + shift for shift in np.linspace(0.0, 2.0, 7)]
+    fitted = fit_plan(plan, X=X, y=targets[0], keys=keys, residue_of_row=fold)
+    for step in range(1, 7):
+        before = {m: (e.n_iter_, e.predict(X)) for m, e in fitted}
+        grown = fit_plan(plan, X=X, y=targets[step], keys=keys, residue_of_row=fold,
+                         previous=[fitted])
+        for (member, estimator), (_, earlier) in zip(grown, fitted):
+            assert estimator.n_iter_ == min(6, step + 1)
+            assert earlier.n_iter_ == before[member][0]  # the earlier fit is not changed
+            np.testing.assert_array_equal(earlier.predict(X), before[member][1])
+            if step == 6:
+                assert estimator is earlier  # all rounds held: nothing more is fitted
+                continue
+            # the same member boosted by hand: the earlier rounds, then one on the new target
+            rows = fold == plan.residues[member]
+            order = np.argsort(keys[rows], kind="stable")
+            by_hand = earlier.__class__(**earlier.get_params())
+            for s in range(step + 1):
+                by_hand.set_params(max_iter=s + 1).fit(X[rows][order], targets[s][rows][order])
+            np.testing.assert_allclose(estimator.predict(X), by_hand.predict(X), rtol=1e-12)
+        fitted = grown

@@ -93,6 +93,7 @@ def test_learner_recovers_the_random_effects(fitted, true_b, data, name):
 @pytest.mark.parametrize("name, model_type", [
     ("random-forest", RandomForestRegressor),
     ("gradient-boosting", FoldEnsemble),
+    ("warm-boosting", FoldEnsemble),
     ("lightgbm", FoldEnsemble),
     ("histogram-forest", FoldEnsemble),
 ])
@@ -159,3 +160,23 @@ def test_any_sklearn_regressor_is_cross_fitted(data, true_b, learner):
     mixed = np.mean((y - model.predict(data)) ** 2)
     fixed_only = np.mean((y - model.fe_model_.predict(data[["x1", "x2", "x3"]].to_numpy())) ** 2)
     assert mixed < 0.5 * fixed_only, (mixed, fixed_only)
+
+
+def test_warm_boosting_grows_over_the_first_m_steps_then_stays(data):
+    """The warm-started members get 10 more rounds in each of the first 10 M-steps and hold
+    the learner's 100 after them; EM does not stop while they grow, even at a loose tol, and
+    the M-steps after them fit nothing."""
+    model = fit(make_learner("warm-boosting", random_state=0), data, tol=0.5, max_iterations=14)
+    assert 10 <= model.n_iter_ <= 14  # stopped by tol once the members were grown
+    assert [m.n_iter_ for m in model.fe_model_.members] == [100, 100]
+    m_step_seconds = [record.m_step_seconds for record in model.history_]
+    assert max(m_step_seconds[10:], default=0.0) < 0.01 * min(m_step_seconds[:10])
+    short = fit(make_learner("warm-boosting", random_state=0), data, tol=0, max_iterations=3)
+    assert short.n_iter_ == 3
+    assert [m.n_iter_ for m in short.fe_model_.members] == [30, 30]
+
+
+def test_warm_boosting_refuses_a_checkpoint(data, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint= cannot resume HistGradientBoosting"):
+        fit(make_learner("warm-boosting", random_state=0), data,
+            checkpoint=tmp_path / "ck.parquet")

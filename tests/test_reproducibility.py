@@ -39,6 +39,10 @@ LEARNERS = {
     # the cross-fit's folds come from cluster hashes: the fit's seed would change nothing)
     "cross-fit": lambda: HistGradientBoostingRegressor(max_iter=20, max_features=0.5,
                                                        random_state=0),
+    # members that go on boosting from the M-step before (2 more rounds in each)
+    "warm-started": lambda: HistGradientBoostingRegressor(max_iter=20, max_features=0.5,
+                                                          early_stopping=False,
+                                                          warm_start=True, random_state=0),
 }
 
 

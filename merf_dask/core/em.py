@@ -735,8 +735,10 @@ class InMemoryEMData:
                                    self.layout.effects_at(self.part, self.b, crossed_b), plan)
         n_threads = joblib.effective_n_jobs(self.n_jobs)
         chunks = [(pieces[r], members) for r, members in plan.chunks(n_threads) if r in pieces]
+        previous = [self.fitted] if plan.rounds_per_step and self.fitted else []
         fitted = joblib.Parallel(n_jobs=self.n_jobs, prefer="threads")(
-            joblib.delayed(fit_members)(plan, members, piece) for piece, members in chunks)
+            joblib.delayed(fit_members)(plan, members, piece, previous=previous)
+            for piece, members in chunks)
         self.plan, self.fitted = plan, [member for chunk in fitted for member in chunk]
 
     def local_step(self, *, relative, sigma2, again=False, keep=False):
@@ -1094,7 +1096,9 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
     crawl = _CrawlDetector(active=accelerate is True, enabled=accelerate is not False)
     for iteration in range(first, max_iterations + 1):
         started = time.perf_counter()
-        data.fit_fixed_effects(plan, {k: b for k, (b, _) in crossed.items()})
+        growing = iteration <= plan.growing_steps
+        if growing or not plan.rounds_per_step:  # warm-started members stay once grown
+            data.fit_fixed_effects(plan, {k: b for k, (b, _) in crossed.items()})
         m_step_done = time.perf_counter()
         sums, crossed = _e_step(data, sigma2=sigma2, D=D, keep=crawl.active)
         if crawl.active:
@@ -1124,7 +1128,7 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
         logger.info("%s", record)
         if on_iteration is not None:
             on_iteration(record)
-        if tol > 0 and record.relative_change < tol:
+        if tol > 0 and record.relative_change < tol and not growing:
             converged = True
             break
         if on_state is not None and iteration < max_iterations:

@@ -15,6 +15,14 @@ not train on it:
 * in-sample (``honest=False``, and linear models by default, whose in-sample fit is the ML
   estimate) -- one member on every row.
 
+A boosted learner with ``warm_start=True`` (scikit-learn's gradient boosting) is not refitted
+from scratch in every M-step: each member goes on boosting from its fit of the M-step before,
+``rounds_per_step`` more rounds on the new working response, until it holds the learner's rounds
+(``max_iter`` or ``n_estimators``) after :data:`WARM_START_STEPS` M-steps; from then on the
+members stay as they are and EM converges the variance components. As in GPBoost, the boosting
+and the random effects are fitted together, at the price of one boosting of the learner's rounds
+in all, not one per iteration.
+
 Which rows a member sees is decided per row from a stable hash of its cluster id and its
 values, never from the partition the row sits in or the process that runs the
 member, so the same seed gives the same model whatever the number of workers and partitions.
@@ -59,6 +67,7 @@ assemble_model, FoldEnsemble
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -71,7 +80,8 @@ from sklearn.tree import DecisionTreeRegressor
 __all__ = ["row_keys", "MemberPlan", "plan_members", "TREE_MEMBER_ROWS", "FOLD_MEMBER_ROWS",
            "DEALT_CLUSTERS_PER_CLASS",
            "Piece", "training_pieces", "fit_members", "honest_predictions", "assemble_model",
-           "FoldEnsemble", "is_bagged_forest", "predict_fixed_effects"]
+           "FoldEnsemble", "is_bagged_forest", "is_warm_started", "predict_fixed_effects",
+           "WARM_START_STEPS"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Poisson(1) cumulative probabilities; a uniform above the last gives 21 (probability < 1e-19)
@@ -86,6 +96,11 @@ DEALT_CLUSTERS_PER_CLASS = 64
 #: A forest's prediction gives each thread at least this many rows (a tree's predict call has a
 #: fixed cost).
 _ROWS_PER_THREAD = 10_000
+#: A warm-started learner's rounds are spread over this many M-steps (bench/results/table.md
+#: measures the choice).
+WARM_START_STEPS = 10
+#: The parameter that counts a boosted learner's rounds
+_ROUND_PARAMS = ("max_iter", "n_estimators")
 _TREE_PARAMS = ("criterion", "max_depth", "min_samples_split", "min_samples_leaf",
                 "min_weight_fraction_leaf", "max_features", "max_leaf_nodes",
                 "min_impurity_decrease", "ccp_alpha", "monotonic_cst")
@@ -142,6 +157,34 @@ def is_bagged_forest(learner: BaseEstimator) -> bool:
     return isinstance(learner, BaseForest) and isinstance(learner.estimator, DecisionTreeRegressor)
 
 
+def _round_parameter(learner: BaseEstimator) -> str | None:
+    params = learner.get_params(deep=False)
+    return next((name for name in _ROUND_PARAMS if name in params), None)
+
+
+def is_warm_started(learner: BaseEstimator) -> bool:
+    """True for a boosted learner with ``warm_start=True`` (a parameter counting its rounds,
+    ``max_iter`` or ``n_estimators``), which goes on boosting from one M-step to the next; a
+    bagged forest's trees are members of their own and are never warm-started.
+
+    Raises
+    ------
+    ValueError
+        A warm-started learner that stops early: its rounds would depend on a validation split
+        of a working response that changes in every M-step.
+    """
+    params = learner.get_params(deep=False)
+    if is_bagged_forest(learner) or not params.get("warm_start") or \
+            _round_parameter(learner) is None:
+        return False
+    stopping = params.get("early_stopping", params.get("n_iter_no_change"))
+    if stopping not in (False, None):
+        raise ValueError(
+            f"{type(learner).__name__}(warm_start=True) goes on boosting in every EM iteration "
+            f"and must not stop early: set early_stopping=False (it is {stopping!r})")
+    return True
+
+
 @dataclass(frozen=True)
 class MemberPlan:
     """The members of one M-step.
@@ -162,6 +205,9 @@ class MemberPlan:
         Sorted cluster hashes and the residue class dealt to each, when the fit has too few
         clusters for hash residues to fill every class (see :func:`plan_members`); None: the
         class of a cluster is its hash modulo ``stride``.
+    rounds_per_step : int
+        Boosting rounds a warm-started member adds in every M-step (:func:`is_warm_started`);
+        0 refits every member from scratch.
     """
 
     learner: BaseEstimator
@@ -171,10 +217,20 @@ class MemberPlan:
     seeds: np.ndarray
     n_honest: int
     class_table: tuple[np.ndarray, np.ndarray] | None = None
+    rounds_per_step: int = 0
 
     @property
     def n_members(self) -> int:
         return len(self.seeds)
+
+    @property
+    def growing_steps(self) -> int:
+        """The M-steps in which warm-started members grow (0 when members are refitted from
+        scratch): EM must not stop before they hold all their rounds."""
+        if not self.rounds_per_step:
+            return 0
+        return math.ceil(self.learner.get_params()[_round_parameter(self.learner)]
+                         / self.rounds_per_step)
 
     def residue_of(self, hashes: np.ndarray) -> np.ndarray:
         """The residue class of clusters with these hashes: the hash modulo ``stride``, or the
@@ -353,11 +409,16 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
     class_table = None
     if n_clusters is not None and 1 < stride and n_clusters < DEALT_CLUSTERS_PER_CLASS * stride:
         class_table = _dealt_classes(hashes, stride, seed)
+    rounds_per_step = 0
+    if is_warm_started(learner):
+        rounds = learner.get_params()[_round_parameter(learner)]
+        rounds_per_step = max(1, math.ceil(rounds / WARM_START_STEPS))
     rng = np.random.default_rng(seed)
     residues = rng.permutation(stride)[np.arange(n_members) % stride]
     seeds = rng.integers(0, np.iinfo(np.uint32).max, n_members, dtype=np.uint32)
     return MemberPlan(learner=learner, trees=trees, stride=stride, residues=residues, seeds=seeds,
-                      n_honest=n_honest, class_table=class_table)
+                      n_honest=n_honest, class_table=class_table,
+                      rounds_per_step=rounds_per_step)
 
 
 def _dealt_classes(hashes: np.ndarray, stride: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -433,15 +494,26 @@ def _member(plan: MemberPlan, member: int) -> BaseEstimator:
     return learner
 
 
-def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
+def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece,
+                previous: list[list[tuple[int, BaseEstimator]]] = ()
                 ) -> list[tuple[int, BaseEstimator]]:
     """Fit ``members`` (all of one residue class) on the pieces of that class.
 
     The pieces are put in the order of their row keys first, so a member sees its rows in the
-    same order however the rows were partitioned.
+    same order however the rows were partitioned (and a warm-started member the same rows in
+    the same order in every M-step).
 
     ``None`` stands for a block with no row of the class (one holding rows of spread
     clusters is asked for every class).
+
+    Parameters
+    ----------
+    plan : MemberPlan
+    members : ndarray of shape (n_members,)
+    *pieces : Piece or None
+    previous : list of lists of (member index, fitted member), optional
+        Chunks of the M-step before that hold these members' fits, which warm-started members
+        go on boosting from (:attr:`MemberPlan.rounds_per_step`); they are copied, not changed.
 
     Returns
     -------
@@ -458,6 +530,7 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
     y = np.concatenate([p.y for p in pieces])[order]
     weights = None if pieces[0].weights is None else np.concatenate(
         [p.weights for p in pieces])[order]
+    grown_fits = {index: fit for chunk in previous for index, fit in chunk}
     fitted = []
     for member in members:
         if plan.trees:
@@ -468,19 +541,34 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece
             sample_weight = counts[rows] if weights is None else counts[rows] * weights[rows]
             estimator = _member(plan, member).fit(X[rows], y[rows], sample_weight=sample_weight)
         else:
-            estimator = _fit_fold_member(plan, member, X, y, weights)
+            grown = grown_fits.get(int(member))
+            estimator = _fit_fold_member(plan, member, X, y, weights, grown=grown)
         fitted.append((int(member), estimator))
     return fitted
 
 
 def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray,
-                     weights: np.ndarray | None = None):
+                     weights: np.ndarray | None = None, *, grown: BaseEstimator | None = None):
     """Fit one member of a cross-fit (or the one in-sample member), saying which rows it had
-    when the learner refuses them (LightGBM needs at least 2 rows, for instance)."""
+    when the learner refuses them (LightGBM needs at least 2 rows, for instance).
+
+    A warm-started member begins with ``rounds_per_step`` rounds and then goes on from
+    ``grown``, its fit of the M-step before, until it holds the learner's rounds; ``grown`` is
+    returned as it is once it does."""
+    estimator = _member(plan, member)
+    if plan.rounds_per_step:
+        name = _round_parameter(plan.learner)
+        done = 0 if grown is None else grown.get_params()[name]
+        rounds = min(plan.learner.get_params()[name], done + plan.rounds_per_step)
+        if rounds == done:
+            return grown
+        if grown is not None:
+            estimator = copy.deepcopy(grown)
+        estimator.set_params(**{name: rounds})
     try:
         if weights is None:
-            return _member(plan, member).fit(X, y)
-        return _member(plan, member).fit(X, y, sample_weight=weights)
+            return estimator.fit(X, y)
+        return estimator.fit(X, y, sample_weight=weights)
     except ValueError as error:
         raise ValueError(
             f"{type(plan.learner).__name__} could not be fitted on the {len(y)} rows of one "

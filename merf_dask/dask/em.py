@@ -349,9 +349,18 @@ class DaskEMData:
                                           priority=_FIT_PRIORITY)
                             for p in holders[residue]]
             chunks.append(client.submit(fit_members, worker_plan, members, *class_pieces,
+                                        previous=self._previous_chunks(plan, members),
                                         pure=False, priority=_FIT_PRIORITY))
             chunk_members.append(members)
         return chunks, chunk_members
+
+    def _previous_chunks(self, plan, members: np.ndarray) -> list:
+        """The last M-step's chunks holding any of ``members``, which warm-started members go
+        on boosting from (none for other learners)."""
+        if not plan.rounds_per_step or self.chunks is None:
+            return []
+        return [chunk for chunk, held in zip(self.chunks, self.chunk_members)
+                if np.isin(held, members).any()]
 
     def _residues(self, plan) -> list[np.ndarray]:
         """The residue classes of each partition's rows: its clusters', and every class where
