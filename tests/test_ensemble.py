@@ -14,8 +14,9 @@ from sklearn.ensemble import (ExtraTreesRegressor, HistGradientBoostingRegressor
                               RandomForestRegressor)
 from sklearn.tree import DecisionTreeRegressor
 
-from merf_dask.core.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, FoldEnsemble,
-                                _bootstrap_counts, assemble_model, fit_members,
+from merf_dask.core.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, BoostingStages,
+                                FoldEnsemble, _bootstrap_counts, advance_stages,
+                                assemble_model, fit_members,
                                 honest_predictions, plan_members, predict_fixed_effects, row_keys,
                                 training_pieces)
 from merf_dask.core.hashing import cluster_hashes
@@ -494,32 +495,43 @@ def test_a_warm_started_learner_that_stops_early_is_refused(stopping):
         plan_members(learner, honest=True, n_rows=1000, n_folds=2, member_rows="auto", seed=0)
 
 
-def test_warm_started_members_go_on_from_the_m_step_before():
-    """Each M-step adds ``rounds_per_step`` rounds to a copy of the member of the step before,
-    on the new working response; once a member holds all its rounds it is kept as it is."""
+def test_warm_started_members_add_a_stage_in_every_m_step():
+    """Each M-step adds a stage of ``rounds_per_step`` rounds, fitted to what the stages before
+    left (the pieces' response less StagePredictions.own); once a member holds all its rounds
+    it is kept as it is. The running sums equal the whole members' predictions, and a stage
+    boosts on from where the one before stopped."""
     ids, hashes, codes, X, y, keys = clustered_rows(n_clusters=60, seed=4)
-    plan = plan_members(warm_boosting(max_iter=6, max_features=0.5), honest=True,
+    plan = plan_members(warm_boosting(max_iter=5, max_features=0.5), honest=True,
                         n_rows=len(y), n_folds=2, member_rows="auto", seed=1)
-    assert plan.rounds_per_step == 1 and plan.growing_steps == 6
+    assert plan.rounds_per_step == 1 and plan.growing_steps == 5
     fold = plan.residue_of(hashes)[codes]
     targets = [y + shift for shift in np.linspace(0.0, 2.0, 7)]
-    fitted = fit_plan(plan, X=X, y=targets[0], keys=keys, residue_of_row=fold)
-    for step in range(1, 7):
-        before = {m: (e.n_iter_, e.predict(X)) for m, e in fitted}
-        grown = fit_plan(plan, X=X, y=targets[step], keys=keys, residue_of_row=fold,
+    fitted, staged = [], None
+    for step in range(7):
+        residual = targets[step] - (0.0 if staged is None else staged.own)
+        grown = fit_plan(plan, X=X, y=residual, keys=keys, residue_of_row=fold,
                          previous=[fitted])
         for (member, estimator), (_, earlier) in zip(grown, fitted):
-            assert estimator.n_iter_ == min(6, step + 1)
-            assert earlier.n_iter_ == before[member][0]  # the earlier fit is not changed
-            np.testing.assert_array_equal(earlier.predict(X), before[member][1])
-            if step == 6:
+            assert len(earlier.stages) == min(5, step)  # the earlier fit is not changed
+            if step >= 5:
                 assert estimator is earlier  # all rounds held: nothing more is fitted
-                continue
-            # the same member boosted by hand: the earlier rounds, then one on the new target
-            rows = fold == plan.residues[member]
-            order = np.argsort(keys[rows], kind="stable")
-            by_hand = earlier.__class__(**earlier.get_params())
-            for s in range(step + 1):
-                by_hand.set_params(max_iter=s + 1).fit(X[rows][order], targets[s][rows][order])
-            np.testing.assert_allclose(estimator.predict(X), by_hand.predict(X), rtol=1e-12)
+        assert all(isinstance(e, BoostingStages) and len(e.stages) == min(5, step + 1)
+                   and sum(stage.n_iter_ for stage in e.stages) == min(5, step + 1)
+                   for _, e in grown)
+        staged = advance_stages(plan, grown, X=X, keys=keys, residue_of_row=fold,
+                                previous=staged)
+        assert staged.n_stages == min(5, step + 1)
+        honest, n_in_sample = honest_predictions(plan, grown, X=X, keys=keys,
+                                                 residue_of_row=fold)
+        np.testing.assert_allclose(staged.honest, honest, rtol=1e-12, atol=1e-12)
+        own = np.array([dict(grown)[plan.residues.tolist().index(r)].predict(X[i:i + 1])[0]
+                        for i, r in enumerate(fold)])
+        np.testing.assert_allclose(staged.own, own, rtol=1e-12, atol=1e-12)
         fitted = grown
+    # a stage starts from the sums of the stages before: its first tree fits their residual
+    member, estimator = fitted[0]
+    rows = fold == plan.residues[member]
+    last = estimator.stages[-1]
+    np.testing.assert_allclose(last._baseline_prediction.ravel(),
+                               np.mean((targets[4] - (staged.own - last.predict(X)))[rows]),
+                               rtol=1e-10)

@@ -578,3 +578,27 @@ def test_a_forest_fits_heavy_tailed_counts():
                  random_state=0).fit(frame)
     D = [float(record.D[0][0, 0]) for record in model.history_]
     assert np.isfinite(D).all() and 0.3 < D[-1] < 3, D
+
+
+@pytest.mark.parametrize("design", ["nested", "crossed"])
+def test_a_warm_boosted_count_fit_is_the_same_on_a_local_cluster(dask_client, design):
+    """Warm-started boosting on the working response of a count fit: the stage sums kept in
+    each partition give the in-process fit bit for bit, through the local and the crossed
+    Laplace E-step, and the members hold every round once grown."""
+    import dask.dataframe as dd
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    frame, formula = ((simulated("poisson", seed=8), "y ~ x + (1 + t | g)") if design == "nested"
+                      else (crossed("poisson", seed=8), "y ~ x + (1 | user) + (1 | item)"))
+    boosting = HistGradientBoostingRegressor(max_iter=20, max_features=0.5, warm_start=True,
+                                             early_stopping=False, random_state=0)
+    params = dict(formula=formula, family="poisson", max_iterations=12, tol=0, random_state=0)
+    in_process = MERF(boosting, **params).fit(frame)
+    assert [[stage.n_iter_ for stage in member.stages]
+            for member in in_process.fe_model_.members] == [[2] * 10] * 2
+    column = formula.split("| ")[1].split(")")[0]
+    lake = dd.from_pandas(frame.sort_values(column), npartitions=3, sort=False)
+    distributed = MERF(boosting, client=dask_client, **params).fit(lake)
+    assert distributed.n_partitions_ == 3
+    for ours, theirs in zip(distributed.state_.effects, in_process.state_.effects):
+        np.testing.assert_array_equal(ours.D, theirs.D)
+    np.testing.assert_array_equal(distributed.predict(frame), in_process.predict(frame))

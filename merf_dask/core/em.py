@@ -68,8 +68,8 @@ from .random_effects import (CrossedShare, EMSums, FactorEffects,
                              finish_local, partition_sums, random_effects_offset,
                              relative_factor, solve_local,
                              update_variance_components)
-from .ensemble import (MemberPlan, Piece, assemble_model, fit_members, honest_predictions,
-                       row_keys, training_pieces)
+from .ensemble import (MemberPlan, Piece, StagePredictions, advance_stages, assemble_model,
+                       fit_members, honest_predictions, row_keys, training_pieces)
 from .hashing import cluster_hashes
 from .families import Family
 from .laplace import initial_working, laplace_local, update_laplace_components
@@ -371,10 +371,11 @@ def nested_in_partition_factor(part: PartitionArrays) -> list[bool]:
     return whole
 
 
-def m_step_pieces(part: PartitionArrays, b: list, plan: MemberPlan, working=None
-                  ) -> dict[int, Piece]:
+def m_step_pieces(part: PartitionArrays, b: list, plan: MemberPlan, working=None,
+                  staged: StagePredictions | None = None) -> dict[int, Piece]:
     """This block's training rows for the plan's members, with the working response y - Z b
-    (or the binary or count fit's working response and weights).
+    (or the binary or count fit's working response and weights), less what warm-started
+    members' stages so far predict in-sample (``staged``), which their next stage is fitted to.
 
     Parameters
     ----------
@@ -385,6 +386,9 @@ def m_step_pieces(part: PartitionArrays, b: list, plan: MemberPlan, working=None
     working : (ndarray of shape (n_rows,), ndarray of shape (n_rows,)), optional
         A binary or count fit's working response and weights
         (:class:`~merf_dask.core.laplace.LaplaceStep`); ``b`` is then not used.
+    staged : StagePredictions, optional
+        The block's sums of warm-started members' stages (None before the first M-step and for
+        other learners).
 
     Returns
     -------
@@ -393,11 +397,12 @@ def m_step_pieces(part: PartitionArrays, b: list, plan: MemberPlan, working=None
     """
     if working is not None:
         target, weights = working
-        return training_pieces(plan, X=part.X, y=target, keys=part.keys,
-                               residue_of_row=part.residues(plan), weights=weights)
-    working_response = part.y - random_effects_offset(part.Z, b, part.codes)
-    return training_pieces(plan, X=part.X, y=working_response, keys=part.keys,
-                           residue_of_row=part.residues(plan))
+    else:
+        target, weights = part.y - random_effects_offset(part.Z, b, part.codes), None
+    if staged is not None:
+        target = target - staged.own
+    return training_pieces(plan, X=part.X, y=target, keys=part.keys,
+                           residue_of_row=part.residues(plan), weights=weights)
 
 
 @dataclass
@@ -410,8 +415,8 @@ class LocalStep:
     n_in_sample: int
 
 
-def honest_residuals(part: PartitionArrays, plan: MemberPlan, fitted: list, *, n_jobs=None
-                     ) -> tuple[np.ndarray, int]:
+def honest_residuals(part: PartitionArrays, plan: MemberPlan,
+                     fitted: list | StagePredictions, *, n_jobs=None) -> tuple[np.ndarray, int]:
     """y - f(X) with honest predictions of f at this block's rows, and the rows no honest
     member served.
 
@@ -419,11 +424,15 @@ def honest_residuals(part: PartitionArrays, plan: MemberPlan, fitted: list, *, n
     ----------
     part : PartitionArrays
     plan : MemberPlan
-    fitted : list of (member index, fitted member)
+    fitted : list of (member index, fitted member), or StagePredictions
+        The members, or the block's sums of warm-started members' stages (which hold the
+        honest predictions already).
     n_jobs : int or None
         Threads that predict contiguous blocks of rows (joblib convention); a row's prediction
         does not depend on the other rows, so any number gives the same result.
     """
+    if isinstance(fitted, StagePredictions):
+        return part.y - fitted.honest, fitted.n_in_sample
     residue_of_row = part.residues(plan)
     bounds = np.linspace(0, len(part.y), joblib.effective_n_jobs(n_jobs) + 1).astype(int)
     blocks = [slice(start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
@@ -562,13 +571,13 @@ def begin_crossed_laplace(part: PartitionArrays, plan: MemberPlan, fitted: list 
 
 
 def laplace_pieces(part: PartitionArrays, plan: MemberPlan, previous, *, family: Family,
-                   mean: float) -> dict[int, Piece]:
+                   mean: float, staged: StagePredictions | None = None) -> dict[int, Piece]:
     """A binary or count fit's M-step rows: the working response and weights of the block's
     last Laplace E-step (``previous``), or at b = 0 and the fit's ``mean`` of y before the
-    first."""
+    first (less warm-started members' stages, as in :func:`m_step_pieces`)."""
     working = (initial_working(part.y, family, mean) if previous is None
                else (previous.target, previous.weights))
-    return m_step_pieces(part, None, plan, working=working)
+    return m_step_pieces(part, None, plan, working=working, staged=staged)
 
 
 def laplace_e_step(part: PartitionArrays, plan: MemberPlan, fitted: list | None, *, relative,
@@ -719,6 +728,7 @@ class InMemoryEMData:
                                            self.layout.crossed_levels)]
         self.b_cov = list(self.b)
         self.plan = self.fitted = self.step = None
+        self.staged = None  # warm-started members' stages summed at the rows
         self.family = family
         if family is not None:
             family.check_response(self.part.y)
@@ -729,10 +739,11 @@ class InMemoryEMData:
     def fit_fixed_effects(self, plan, crossed_b):
         if self.family is not None:
             pieces = laplace_pieces(self.part, plan, self.laplace, family=self.family,
-                                    mean=self.mean)
+                                    mean=self.mean, staged=self.staged)
         else:
             pieces = m_step_pieces(self.part,
-                                   self.layout.effects_at(self.part, self.b, crossed_b), plan)
+                                   self.layout.effects_at(self.part, self.b, crossed_b), plan,
+                                   staged=self.staged)
         n_threads = joblib.effective_n_jobs(self.n_jobs)
         chunks = [(pieces[r], members) for r, members in plan.chunks(n_threads) if r in pieces]
         previous = [self.fitted] if plan.rounds_per_step and self.fitted else []
@@ -740,25 +751,36 @@ class InMemoryEMData:
             joblib.delayed(fit_members)(plan, members, piece, previous=previous)
             for piece, members in chunks)
         self.plan, self.fitted = plan, [member for chunk in fitted for member in chunk]
+        if plan.rounds_per_step:
+            self.staged = advance_stages(plan, self.fitted, X=self.part.X, keys=self.part.keys,
+                                         residue_of_row=self.part.residues(plan),
+                                         previous=self.staged)
+
+    @property
+    def honest_source(self):
+        """What the E-step's honest predictions come from: the members, or their stages'
+        sums when they are warm-started."""
+        return self.staged if self.plan.rounds_per_step else self.fitted
 
     def local_step(self, *, relative, sigma2, again=False, keep=False):
         if again:
             self.step, share = e_step_again(self.step, self.part, layout=self.layout,
                                             relative=relative)
         else:
-            self.step, share = e_step_local(self.part, self.plan, self.fitted,
+            self.step, share = e_step_local(self.part, self.plan, self.honest_source,
                                             layout=self.layout, relative=relative,
                                             n_jobs=self.n_jobs)
         return share
 
     def laplace_step(self, *, relative, again=False):
         self.laplace, self.b, self.b_cov, sums = laplace_e_step(
-            self.part, self.plan, None if again else self.fitted, relative=relative,
+            self.part, self.plan, None if again else self.honest_source, relative=relative,
             family=self.family, previous=self.laplace, n_jobs=self.n_jobs)
         return sums
 
     def laplace_begin(self, *, again=False):
-        self.newton = begin_crossed_laplace(self.part, self.plan, None if again else self.fitted,
+        self.newton = begin_crossed_laplace(self.part, self.plan,
+                                            None if again else self.honest_source,
                                             previous=self.laplace, layout=self.layout,
                                             n_jobs=self.n_jobs)
 

@@ -16,12 +16,16 @@ not train on it:
   estimate) -- one member on every row.
 
 A boosted learner with ``warm_start=True`` (scikit-learn's gradient boosting) is not refitted
-from scratch in every M-step: each member goes on boosting from its fit of the M-step before,
-``rounds_per_step`` more rounds on the new working response, until it holds the learner's rounds
-(``max_iter`` or ``n_estimators``) after :data:`WARM_START_STEPS` M-steps; from then on the
-members stay as they are and EM converges the variance components. As in GPBoost, the boosting
-and the random effects are fitted together, at the price of one boosting of the learner's rounds
-in all, not one per iteration.
+from scratch in every M-step: each member goes on boosting from its fit of the M-step before. A
+member is a :class:`BoostingStages`, and every M-step adds a stage of ``rounds_per_step`` rounds
+fitted to what the stages before left of the new working response (for squared loss, boosting
+on from where they stopped), until the member holds the learner's rounds (``max_iter`` or
+``n_estimators``) after :data:`WARM_START_STEPS` M-steps; from then on the members stay as they
+are and EM converges the variance components. As in GPBoost, the boosting and the random effects
+are fitted together, at the price of one boosting of the learner's rounds in all, not one per
+iteration. Every block keeps its rows' running sums of the stages (:class:`StagePredictions`:
+the honest prediction, and the in-sample one of the row's own member, which the next stage
+boosts from), so an M-step predicts only its new stage, never the whole ensemble again.
 
 Which rows a member sees is decided per row from a stable hash of its cluster id and its
 values, never from the partition the row sits in or the process that runs the
@@ -67,7 +71,6 @@ assemble_model, FoldEnsemble
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -81,7 +84,7 @@ __all__ = ["row_keys", "MemberPlan", "plan_members", "TREE_MEMBER_ROWS", "FOLD_M
            "DEALT_CLUSTERS_PER_CLASS",
            "Piece", "training_pieces", "fit_members", "honest_predictions", "assemble_model",
            "FoldEnsemble", "is_bagged_forest", "is_warm_started", "predict_fixed_effects",
-           "WARM_START_STEPS"]
+           "WARM_START_STEPS", "BoostingStages", "StagePredictions", "advance_stages"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Poisson(1) cumulative probabilities; a uniform above the last gives 21 (probability < 1e-19)
@@ -512,8 +515,9 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece,
     members : ndarray of shape (n_members,)
     *pieces : Piece or None
     previous : list of lists of (member index, fitted member), optional
-        Chunks of the M-step before that hold these members' fits, which warm-started members
-        go on boosting from (:attr:`MemberPlan.rounds_per_step`); they are copied, not changed.
+        Chunks of the M-step before that hold these members' fits, to which warm-started members
+        add a stage (:attr:`MemberPlan.rounds_per_step`; the pieces' response is then what the
+        earlier stages left, :attr:`StagePredictions.own`).
 
     Returns
     -------
@@ -548,27 +552,31 @@ def fit_members(plan: MemberPlan, members: np.ndarray, *pieces: Piece,
 
 
 def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray,
-                     weights: np.ndarray | None = None, *, grown: BaseEstimator | None = None):
+                     weights: np.ndarray | None = None, *, grown: BoostingStages | None = None):
     """Fit one member of a cross-fit (or the one in-sample member), saying which rows it had
     when the learner refuses them (LightGBM needs at least 2 rows, for instance).
 
-    A warm-started member begins with ``rounds_per_step`` rounds and then goes on from
-    ``grown``, its fit of the M-step before, until it holds the learner's rounds; ``grown`` is
-    returned as it is once it does."""
+    A warm-started member is ``grown``, its fit of the M-step before (None in the first), with
+    one more stage fitted to ``y``; ``grown`` is returned as it is once it holds all its
+    rounds."""
     estimator = _member(plan, member)
+    stages = [] if grown is None else list(grown.stages)
     if plan.rounds_per_step:
-        name = _round_parameter(plan.learner)
-        done = 0 if grown is None else grown.get_params()[name]
-        rounds = min(plan.learner.get_params()[name], done + plan.rounds_per_step)
-        if rounds == done:
+        if len(stages) == plan.growing_steps:
             return grown
-        if grown is not None:
-            estimator = copy.deepcopy(grown)
-        estimator.set_params(**{name: rounds})
+        name = _round_parameter(plan.learner)
+        rounds = min(plan.rounds_per_step,
+                     plan.learner.get_params()[name] - plan.rounds_per_step * len(stages))
+        seed = (int(plan.seeds[member]) + len(stages)) & 0x7FFFFFFF  # stages draw apart
+        estimator.set_params(**{name: rounds, "warm_start": False},
+                             **({"random_state": seed}
+                                if "random_state" in estimator.get_params(deep=False) else {}))
     try:
-        if weights is None:
-            return estimator.fit(X, y)
-        return estimator.fit(X, y, sample_weight=weights)
+        if weights is not None:
+            estimator.fit(X, y, sample_weight=weights)
+        else:
+            estimator.fit(X, y)
+        return BoostingStages([*stages, estimator]) if plan.rounds_per_step else estimator
     except ValueError as error:
         raise ValueError(
             f"{type(plan.learner).__name__} could not be fitted on the {len(y)} rows of one "
@@ -703,6 +711,91 @@ def _forest_mean(model: BaseEstimator, X: np.ndarray) -> np.ndarray:
         return total / len(model.estimators_)
     return np.concatenate(joblib.Parallel(n_jobs=n_jobs, prefer="threads")(
         joblib.delayed(mean)(slice(start, stop)) for start, stop in zip(bounds[:-1], bounds[1:])))
+
+
+class BoostingStages(RegressorMixin, BaseEstimator):
+    """A warm-started member: the sum of its stages, each a boosting fitted to what the stages
+    before it left of one M-step's working response.
+
+    Parameters
+    ----------
+    stages : list of fitted estimators
+    """
+
+    def __init__(self, stages=()):
+        self.stages = stages
+
+    def predict(self, X):
+        """Sum of the stages' predictions, shape (n_samples,)."""
+        return np.sum([_predict(stage, X, trees=False) for stage in self.stages], axis=0)
+
+
+@dataclass(frozen=True)
+class StagePredictions:
+    """A block's running sums of the warm-started members' stages at its rows.
+
+    Attributes
+    ----------
+    n_stages : int
+        The stages summed (every member has as many).
+    own : ndarray of shape (n_rows,)
+        The in-sample prediction of the member that trains on the row (of its residue class),
+        which that member's next stage boosts from.
+    honest : ndarray of shape (n_rows,)
+        The honest prediction (:func:`honest_predictions` of the members' sums).
+    n_in_sample : int
+        Rows that no honest member served.
+    """
+
+    n_stages: int
+    own: np.ndarray
+    honest: np.ndarray
+    n_in_sample: int
+
+
+def advance_stages(plan: MemberPlan, fitted: list[tuple[int, BoostingStages]], *,
+                   X: np.ndarray, keys: np.ndarray, residue_of_row: np.ndarray,
+                   previous: StagePredictions | None = None) -> StagePredictions:
+    """``previous`` plus the members' newest stage at one block's rows (``previous`` itself when
+    the members have no stage it lacks).
+
+    Both sums are linear in the stages, so adding the newest stage's honest and own predictions
+    gives exactly the sums of whole members, at the cost of one stage.
+
+    Parameters
+    ----------
+    plan : MemberPlan
+    fitted : list of (member index, BoostingStages)
+        The members of the block's classes and the members serving them (every member will do).
+    X : ndarray of shape (n_rows, n_features)
+    keys, residue_of_row : ndarray of shape (n_rows,)
+    previous : StagePredictions, optional
+        The sums of the stages before the newest; None before the first.
+
+    Returns
+    -------
+    StagePredictions
+    """
+    done = 0 if previous is None else previous.n_stages
+    n_stages = len(fitted[0][1].stages) if fitted else done
+    if n_stages == done:
+        return previous
+    if n_stages != done + 1:
+        raise ValueError(f"the members have {n_stages} stages and the block's sums {done}: an "
+                         "M-step adds one stage")
+    newest = [(member, estimator.stages[-1]) for member, estimator in fitted]
+    honest, n_in_sample = honest_predictions(plan, newest, X=X, keys=keys,
+                                             residue_of_row=residue_of_row)
+    X = np.asarray(X, dtype=plan.feature_dtype)
+    own = np.zeros(len(X))
+    for member, stage in newest:
+        rows = np.flatnonzero(residue_of_row == plan.residues[member])
+        if len(rows):
+            own[rows] += _predict(stage, X[rows], trees=False)
+    if previous is not None:
+        own += previous.own
+        honest += previous.honest
+    return StagePredictions(n_stages=n_stages, own=own, honest=honest, n_in_sample=n_in_sample)
 
 
 class FoldEnsemble(RegressorMixin, BaseEstimator):

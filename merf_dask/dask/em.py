@@ -64,7 +64,8 @@ from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_lim
                        m_step_pieces, nested_in_partition_factor, refuse_crossed_family,
                        spread_clusters, spread_factor_levels, spread_part)
 from ..core.random_effects import CrossedShare, combine_sums
-from ..core.ensemble import MemberPlan, assemble_model, fit_members
+from ..core.ensemble import MemberPlan, StagePredictions, advance_stages, assemble_model, \
+    fit_members
 
 __all__ = ["DaskEMData", "fits_in_memory", "CACHE_SHARE"]
 
@@ -132,13 +133,25 @@ def _one_thread_per_member(plan: MemberPlan) -> MemberPlan:
 
 
 def _m_step_pieces(part: PartitionArrays, local_b: list, crossed_b: dict, layout: EffectsLayout,
-                   plan: MemberPlan):
-    return m_step_pieces(part, layout.effects_at(part, local_b, crossed_b), plan)
+                   plan: MemberPlan, staged: StagePredictions | None):
+    return m_step_pieces(part, layout.effects_at(part, local_b, crossed_b), plan, staged=staged)
+
+
+def _honest_source(chunks):
+    """The members in ``chunks`` (lists of (member index, fitted member)), or the partition's
+    StagePredictions passed instead for warm-started members; None stays None."""
+    if chunks is None or isinstance(chunks, StagePredictions):
+        return chunks
+    return [member for chunk in chunks for member in chunk]
+
+
+def _advance_stages(part: PartitionArrays, chunks, previous, *, plan):
+    return advance_stages(plan, _honest_source(chunks), X=part.X, keys=part.keys,
+                          residue_of_row=part.residues(plan), previous=previous)
 
 
 def _e_step_local(part: PartitionArrays, chunks, *, plan, layout, relative):
-    fitted = [member for chunk in chunks for member in chunk]
-    return e_step_local(part, plan, fitted, layout=layout, relative=relative)
+    return e_step_local(part, plan, _honest_source(chunks), layout=layout, relative=relative)
 
 
 def _e_step_again(part: PartitionArrays, step_and_share, *, layout, relative):
@@ -158,22 +171,21 @@ def _crossed_schur(step_and_share, P, *, term_bound):
     return crossed_schur(step_and_share[0], P, term_bound=term_bound)
 
 
-def _laplace_pieces(part: PartitionArrays, previous, *, plan, family, mean):
+def _laplace_pieces(part: PartitionArrays, previous, staged, *, plan, family, mean):
     return laplace_pieces(part, plan, None if previous is None else previous[3], family=family,
-                          mean=mean)
+                          mean=mean, staged=staged)
 
 
 def _laplace_e_step(part: PartitionArrays, chunks, previous, *, plan, relative, family):
     """(b, b_cov, sums, step): the order of :func:`_e_step_finish`'s results, then the step."""
-    fitted = None if chunks is None else [member for chunk in chunks for member in chunk]
-    step, b, b_cov, sums = laplace_e_step(part, plan, fitted, relative=relative, family=family,
+    step, b, b_cov, sums = laplace_e_step(part, plan, _honest_source(chunks), relative=relative,
+                                          family=family,
                                           previous=None if previous is None else previous[3])
     return b, b_cov, sums, step
 
 
 def _begin_crossed_laplace(part: PartitionArrays, chunks, previous, *, plan, layout):
-    fitted = None if chunks is None else [member for chunk in chunks for member in chunk]
-    return begin_crossed_laplace(part, plan, fitted, layout=layout,
+    return begin_crossed_laplace(part, plan, _honest_source(chunks), layout=layout,
                                  previous=None if previous is None else previous[3])
 
 
@@ -303,6 +315,7 @@ class DaskEMData:
                   for levels in self.levels]
         self.b_cov = []  # futures of every partition's Var(b | y) after an E-step
         self.plan = self.chunks = self.chunk_members = self.results = None
+        self.staged = [None] * len(self.sources)  # warm-started members' stage sums
         self.laplace = None  # a binary or count fit's last E-step, per partition
         self.newton = self.crossed_mode = None  # its Newton states with crossed factors
         self.finished = False
@@ -317,6 +330,11 @@ class DaskEMData:
         # logged M-step and E-step times mean what they say
         distributed.wait(chunks)
         self.plan, self.chunks, self.chunk_members = plan, chunks, chunk_members
+        if plan.rounds_per_step:
+            stage_chunks = [self._serving_chunks(residues, own=True)
+                            for residues in self._residues(plan)]
+            self.staged = self._each_partition(_advance_stages, stage_chunks, self.staged,
+                                               plan=plan)
 
     def _submit_fits(self, plan, crossed_b) -> tuple[list, list]:
         """Futures of the member chunks of the M-step, and the members of each chunk.
@@ -329,13 +347,14 @@ class DaskEMData:
         client = self.client
         if self.family is not None:
             previous = self.laplace or [None] * len(self.sources)
-            pieces = self._each_partition(_laplace_pieces, previous, plan=plan,
+            pieces = self._each_partition(_laplace_pieces, previous, self.staged, plan=plan,
                                           family=self.family, mean=self.mean)
         else:
             crossed_b = client.scatter(crossed_b, broadcast=True) if crossed_b else {}
             pieces = client.compute([
-                dask.delayed(_m_step_pieces, pure=False)(source, b, crossed_b, self.layout, plan)
-                for source, b in zip(self.sources, self.b)])
+                dask.delayed(_m_step_pieces, pure=False)(source, b, crossed_b, self.layout, plan,
+                                                         staged)
+                for source, b, staged in zip(self.sources, self.b, self.staged)])
         worker_plan = _one_thread_per_member(plan)  # once here, not in every fit task
         holders: dict[int, list[int]] = {}
         for p, residues in enumerate(self._residues(plan)):
@@ -369,11 +388,21 @@ class DaskEMData:
                 else np.unique(plan.residue_of(hashes))
                 for hashes, spread in zip(self.hashes, self.spread)]
 
-    def _serving_chunks(self, residues: np.ndarray) -> list:
-        """The member chunks that a partition holding ``residues`` classes predicts with."""
+    def _serving_chunks(self, residues: np.ndarray, *, own: bool = False) -> list:
+        """The member chunks that a partition holding ``residues`` classes predicts with (and
+        with ``own``, those of its classes' own members too)."""
         serving = self.plan.members_serving(residues)
+        if own:
+            serving = np.union1d(serving, np.flatnonzero(np.isin(self.plan.residues, residues)))
         return [chunk for chunk, members in zip(self.chunks, self.chunk_members)
                 if np.isin(members, serving).any()]
+
+    def _honest_inputs(self) -> list:
+        """What every partition's E-step predicts f with: its serving chunks, or its stage
+        sums when the members are warm-started."""
+        if self.plan.rounds_per_step:
+            return self.staged
+        return [self._serving_chunks(residues) for residues in self._residues(self.plan)]
 
     def _each_partition(self, task, *per_partition, **shared) -> list:
         """Futures of ``task(source, *per_partition[i], **shared)`` for every partition, the
@@ -385,7 +414,7 @@ class DaskEMData:
     def local_step(self, *, relative, sigma2, again=False, keep=False):
         client = self.client
         crossed = any(table is not None for table in self.layout.crossed_levels)
-        chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
+        chunks = self._honest_inputs()
         if again:  # the residuals stay on the workers, in the first pass's results
             self.results = self._each_partition(_e_step_again, self.results, layout=self.layout,
                                                 relative=relative)
@@ -406,20 +435,14 @@ class DaskEMData:
 
     def laplace_step(self, *, relative, again=False):
         previous = self.laplace or [None] * len(self.sources)
-        if again:
-            chunks = [None] * len(self.sources)
-        else:
-            chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
+        chunks = [None] * len(self.sources) if again else self._honest_inputs()
         self.laplace = self._each_partition(_laplace_e_step, chunks, previous, plan=self.plan,
                                             relative=relative, family=self.family)
         return self._collect_effects(self.laplace)
 
     def laplace_begin(self, *, again=False):
         previous = self.laplace or [None] * len(self.sources)
-        if again:
-            chunks = [None] * len(self.sources)
-        else:
-            chunks = [self._serving_chunks(residues) for residues in self._residues(self.plan)]
+        chunks = [None] * len(self.sources) if again else self._honest_inputs()
         self.newton = self._each_partition(_begin_crossed_laplace, chunks, previous,
                                            plan=self.plan, layout=self.layout)
 

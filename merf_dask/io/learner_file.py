@@ -45,7 +45,7 @@ import zipfile
 import joblib
 import skops.io
 
-from ..core.ensemble import FoldEnsemble
+from ..core.ensemble import BoostingStages, FoldEnsemble
 
 __all__ = ["SKOPS_FILE", "PICKLE_FILE", "TRUSTED_TYPES", "UntrustedModelError", "LightGBMText",
            "dump_learner", "load_learner"]
@@ -105,8 +105,9 @@ def _type_name(cls: type) -> str:
 #: (:mod:`merf_dask.learners`) and the parts of scikit-learn's regressors fitted with their
 #: defaults. A learner with any other type is pickled (see the module notes).
 TRUSTED_TYPES: tuple[str, ...] = (
-    # merf-dask: a cross-fit's ensemble, a fitted LightGBM model as text
+    # merf-dask: a cross-fit's ensemble, a warm-started member, a fitted LightGBM model as text
     _type_name(FoldEnsemble),
+    _type_name(BoostingStages),
     _type_name(LightGBMText),
     # the named learners: scikit-learn's trees (forests, extra trees), histogram boosting's
     # trees, LightGBM's scikit-learn regressor (unfitted templates) and its best scores
@@ -155,13 +156,16 @@ def _is_fitted_lightgbm(learner) -> bool:
 
 
 def _as_data(learner):
-    """``learner`` with every fitted LightGBM regressor, alone or a member of a
-    :class:`FoldEnsemble` (the shapes :func:`merf_dask.core.ensemble.assemble_model` gives),
-    replaced by its :class:`LightGBMText`; a dict's values likewise."""
+    """``learner`` with every fitted LightGBM regressor, alone, a member of a
+    :class:`FoldEnsemble` or a stage of a :class:`BoostingStages` (the shapes
+    :func:`merf_dask.core.ensemble.assemble_model` gives), replaced by its
+    :class:`LightGBMText`; a dict's values likewise."""
     if isinstance(learner, dict):
         return {key: _as_data(value) for key, value in learner.items()}
     if isinstance(learner, FoldEnsemble):
         return FoldEnsemble([_as_data(member) for member in learner.members])
+    if isinstance(learner, BoostingStages):
+        return BoostingStages([_as_data(stage) for stage in learner.stages])
     return LightGBMText.of(learner) if _is_fitted_lightgbm(learner) else learner
 
 
@@ -171,6 +175,8 @@ def _from_data(learner):
         return {key: _from_data(value) for key, value in learner.items()}
     if isinstance(learner, FoldEnsemble):
         return FoldEnsemble([_from_data(member) for member in learner.members])
+    if isinstance(learner, BoostingStages):
+        return BoostingStages([_from_data(stage) for stage in learner.stages])
     return learner.regressor() if isinstance(learner, LightGBMText) else learner
 
 
