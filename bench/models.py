@@ -115,8 +115,7 @@ def run_merf_dask(design: Design) -> dict:
     return _merf_dask(design)
 
 
-def run_merf_dask_cluster(design: Design) -> dict:
-    """merf-dask (default forest) on a LocalCluster of 2 single-threaded worker processes."""
+def _merf_dask_cluster(design: Design, *, learner: str = "random-forest") -> dict:
     from distributed import Client, LocalCluster
 
     start = time.perf_counter()
@@ -124,9 +123,19 @@ def run_merf_dask_cluster(design: Design) -> dict:
                       dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
             Client(cluster) as client:
         cluster_start_seconds = time.perf_counter() - start
-        record = _merf_dask(design, client=client)
+        record = _merf_dask(design, client=client, learner=learner)
     record["cluster_start_seconds"] = cluster_start_seconds
     return record
+
+
+def run_merf_dask_cluster(design: Design) -> dict:
+    """merf-dask (default forest) on a LocalCluster of 2 single-threaded worker processes."""
+    return _merf_dask_cluster(design)
+
+
+def run_merf_dask_cluster_warm_boosting(design: Design) -> dict:
+    """merf-dask's warm-boosting learner on a LocalCluster of 2 single-threaded workers."""
+    return _merf_dask_cluster(design, learner="warm-boosting")
 
 
 # -------------------------------------------------------------------------------- merf 1.0
@@ -245,6 +254,8 @@ def _merf_dask_models() -> dict[str, ModelSpec]:
             f"merf-dask, in-process, {learner}{threads}", _merf_dask_runner(learner))
     models["merf_dask_cluster"] = ModelSpec(
         "merf-dask, LocalCluster 2x1 thread, random-forest", run_merf_dask_cluster)
+    models["merf_dask_cluster_warm_boosting"] = ModelSpec(
+        "merf-dask, LocalCluster 2x1 thread, warm-boosting", run_merf_dask_cluster_warm_boosting)
     return models
 
 
