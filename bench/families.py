@@ -164,13 +164,15 @@ def _forest_settings(family: str) -> dict:
                                          "n_jobs")}
 
 
-def run_merf_dask(design: Design, family: str) -> dict:
-    """MERFClassifier (MERF(family="poisson") for counts) with its defaults: default forest, OOB,
-    Laplace ML, in this process."""
+def run_merf_dask(design: Design, family: str, *, learner: str | None = None) -> dict:
+    """MERFClassifier (MERF(family="poisson") for counts) with its defaults: default forest (or
+    the named ``learner``), honest predictions, Laplace ML, in this process."""
     from merf_dask import MERF, MERFClassifier
+    from merf_dask.learners import make_learner
 
-    model = (MERFClassifier(formula=FORMULA, random_state=SEED) if family == "binomial"
-             else MERF(formula=FORMULA, family=family, random_state=SEED))
+    fixed = None if learner is None else make_learner(learner, random_state=SEED, family=family)
+    model = (MERFClassifier(fixed, formula=FORMULA, random_state=SEED) if family == "binomial"
+             else MERF(fixed, formula=FORMULA, family=family, random_state=SEED))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with FitMeter() as meter:
@@ -191,6 +193,11 @@ def run_merf_dask(design: Design, family: str) -> dict:
             "m_step_seconds": float(sum(r.m_step_seconds for r in model.history_)),
             "e_step_seconds": float(sum(r.e_step_seconds for r in model.history_)),
             "warnings": _warning_names(caught)}
+
+
+def run_merf_dask_warm_boosting(design: Design, family: str) -> dict:
+    """merf-dask with the warm-boosting learner (merf_dask.learners), in this process."""
+    return run_merf_dask(design, family, learner="warm-boosting")
 
 
 GPBOOST_LIKELIHOODS = {"binomial": "bernoulli_logit", "poisson": "poisson"}
@@ -279,6 +286,10 @@ MODELS: dict[str, tuple[dict[str, str], Callable[[Design, str], dict], int | Non
                                f"{LEAF['binomial']}, OOB, Laplace ML)",
                    "poisson": f"merf-dask MERF(family=\"poisson\"), defaults (100 trees, leaf "
                               f"{LEAF['poisson']}, OOB, Laplace ML)"}, run_merf_dask, None, ""),
+    "merf_dask_warm_boosting": ({family: f"merf-dask, warm-boosting (100 rounds grown over the "
+                                         f"iterations, cross-fitted), Laplace ML"
+                                 for family in ("binomial", "poisson")},
+                                run_merf_dask_warm_boosting, None, ""),
     "gpboost": ({family: f"GPBoost, {likelihood} ({GPBOOST_ROUNDS} rounds, {THREADS} threads)"
                  for family, likelihood in GPBOOST_LIKELIHOODS.items()}, run_gpboost, None, ""),
     "random_forest": ({"binomial": f"sklearn RandomForestClassifier (100 trees, leaf "
@@ -398,6 +409,9 @@ forests `n_jobs=-1`, GPBoost `num_threads={THREADS}`):
   out-of-bag predictions), Laplace ML, default `max_iterations` (20) and
   tol, pandas in-process; new clusters get the population-averaged prediction
   (`new_levels="average"`, the default);
+* merf-dask with the `warm-boosting` learner (scikit-learn's histogram boosting, 100 rounds
+  grown over the first 10 iterations on the working response, cross-fitted on 2 folds), the
+  rest as above;
 * GPBoost `GPModel(group_data=cluster, likelihood="bernoulli_logit")` (counts: `"poisson"`) +
   `gpb.train` with bench/models.py's parameters (learning rate 0.05, max depth 6, 64 leaves,
   min_data_in_leaf 20, **{GPBOOST_ROUNDS} rounds fixed**, no CV), predictions from
