@@ -233,23 +233,20 @@ def _fit(*, client, lake, formula, output, max_iterations=20, learner="random-fo
     A lake not bucketed by the first grouping factor is read from its bucketed copy under
     ``scratch`` (:func:`_training_source`). A Gaussian fit checkpoints after every EM iteration
     next to ``output`` and resumes from there when run again after being killed or losing its
-    scheduler (binary and count fits, and warm-started learners, do not checkpoint yet).
+    scheduler (binary and count fits do not checkpoint yet).
     """
     from .io.filesystem import data_fingerprint
     from .estimator import MERF
     from .formula import parse_formula
     from .io.lake import read_lake
-    from .core.ensemble import is_warm_started
 
     frame = read_lake(lake)
     spec = parse_formula(formula, columns=list(frame.columns))
     column = _partition_column(spec)
     frame = read_lake(_training_source(lake, column, scratch, max_cluster_rows),
                       columns=list(spec.columns), cluster_column=column)
-    fixed_effects_model = make_learner(learner, random_state=seed, family=family)
-    resumable = family == "gaussian" and not is_warm_started(fixed_effects_model)
-    checkpoint = checkpoint_path(output) if resumable else None
-    model = MERF(fixed_effects_model, formula=formula,
+    checkpoint = checkpoint_path(output) if family == "gaussian" else None
+    model = MERF(make_learner(learner, random_state=seed, family=family), formula=formula,
                  family=family,
                  max_iterations=max_iterations, max_cluster_rows=max_cluster_rows,
                  random_state=seed, checkpoint=checkpoint, client=client)

@@ -331,11 +331,6 @@ class MERF(RegressorMixin, BaseEstimator):
         family = self._family()
         if family is not None:
             self._check_family_fit(family, data, learner)
-        if self.checkpoint is not None and is_warm_started(learner):
-            raise ValueError(
-                f"checkpoint= cannot resume {type(learner).__name__}(warm_start=True) for now: "
-                "its next M-step goes on boosting from the last one's members, which a "
-                "checkpoint does not hold")
         # a bucketed copy of the training frame lives until the fit ends
         copies = contextlib.ExitStack()
         if data["distributed"] or self.client is not None:
@@ -350,6 +345,10 @@ class MERF(RegressorMixin, BaseEstimator):
                                      n_jobs=learner.n_jobs if is_bagged_forest(learner) else None)
             n_partitions = 1
         seed, start, on_state = self._checkpointing(em_data)
+        if start is not None and start.members is None and is_warm_started(learner):
+            logger.warning("the checkpoint %s holds no members of the warm-started learner: "
+                           "starting afresh", self.checkpoint)
+            start = None
         plan = plan_members(learner, honest=honest, n_rows=em_data.n_rows,
                             n_folds=self.n_folds, member_rows=self.member_rows, seed=seed,
                             cluster_hashes=em_data.cluster_hashes)

@@ -185,9 +185,3 @@ def test_warm_boosting_grows_over_the_first_m_steps_then_stays(fitted, data):
     short = fit(make_learner("warm-boosting", random_state=0), data, tol=0, max_iterations=3)
     assert short.n_iter_ == 3
     assert [rounds(m) for m in short.fe_model_.members] == [[10] * 3] * 2
-
-
-def test_warm_boosting_refuses_a_checkpoint(data, tmp_path):
-    with pytest.raises(ValueError, match="checkpoint= cannot resume HistGradientBoosting"):
-        fit(make_learner("warm-boosting", random_state=0), data,
-            checkpoint=tmp_path / "ck.parquet")

@@ -25,6 +25,7 @@ from sklearn.tree import DecisionTreeRegressor
 from threadpoolctl import threadpool_limits
 
 from merf_dask import MERF
+from merf_dask.core import ensemble
 from merf_dask.io.lake import read_lake, write_lake
 from merf_dask.dask.partitioning import check_cluster_partitions
 from merf_dask.simulate import simulate_frame
@@ -82,8 +83,9 @@ def frame():
 
 
 @pytest.fixture(scope="module")
-def in_process(frame):
-    """In-process fits of each learner, on the frame and on its rows shuffled."""
+def in_process(frame, warm_checkpoint):
+    """In-process fits of each learner, on the frame and on its rows shuffled (requesting the
+    interrupted warm-started fit's checkpoint too, so that it is written in-process)."""
     assert active_client() is None, "in-process fits must run before the Dask client starts"
     models = {}
     for kind in LEARNERS:
@@ -218,6 +220,51 @@ def test_checkpoint_of_other_parameters_or_data_is_ignored(frame, tmp_path, inte
     assert not path.exists()
 
 
+def interrupted_warm_started_fit(frame, path):
+    """A warm-started fit with a checkpoint, stopped in its fourth M-step (its members' fits
+    raise from then on: the learner itself must stay one the checkpoint trusts)."""
+    reference = fit(merf("warm-started", max_iterations=6), frame)
+    n_members = len(reference.fe_model_.members)
+    calls = []
+    grow = ensemble._fit_fold_member
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3 * n_members:
+            raise RuntimeError("interrupted")
+        return grow(*args, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ensemble, "_fit_fold_member", interrupting)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            fit(merf("warm-started", max_iterations=6, checkpoint=path), frame)
+    assert checkpoint_metadata(path)["iteration"] == 3
+    assert len(checkpoint_metadata(path)["member_indices"]) == n_members
+    return reference
+
+
+@pytest.fixture(scope="module")
+def warm_checkpoint(frame, tmp_path_factory):
+    """An interrupted warm-started fit's checkpoint (written in-process, before the module's
+    client exists) and the uninterrupted fit's model."""
+    assert active_client() is None
+    path = tmp_path_factory.mktemp("warm") / "ck.parquet"
+    return path, interrupted_warm_started_fit(frame, path)
+
+
+def test_a_warm_started_fit_resumes_to_the_uninterrupted_model(frame, tmp_path):
+    """The checkpoint holds the warm-started members; the resumed fit goes on boosting from
+    them (and from their stage sums, recomputed stage by stage) to the uninterrupted model."""
+    assert active_client() is None
+    path = tmp_path / "ck.parquet"
+    reference = interrupted_warm_started_fit(frame, path)
+    resumed = fit(merf("warm-started", max_iterations=6, checkpoint=path), frame)
+    assert resumed.resumed_from_ == 3 and resumed.n_iter_ == 6
+    assert not path.exists()
+    assert [len(m.stages) for m in resumed.fe_model_.members] == \
+        [len(m.stages) for m in reference.fe_model_.members]
+    assert_same_model(resumed, reference, frame)
+
+
 def long_pipeline(with_std):
     """A learner whose repr is longer than scikit-learn's 700 characters, differing from its
     sibling only in the middle step (which the repr elides with '...')."""
@@ -255,6 +302,17 @@ def test_pandas_frame_on_the_cluster(in_process, dask_client, frame, kind):
     assert_same_model(model, in_process[kind], frame)
     model = fit(merf(kind, client=dask_client), shuffled(frame, seed=5))
     assert_same_model(model, in_process[kind], frame)
+
+
+def test_a_warm_started_fit_resumes_on_the_cluster(in_process, warm_checkpoint, dask_client,
+                                                   frame):
+    """An in-process fit's checkpoint resumes on the cluster (its members scattered to the
+    workers, every partition's stage sums recomputed there) to the uninterrupted model."""
+    path, reference = warm_checkpoint
+    resumed = fit(merf("warm-started", max_iterations=6, checkpoint=path, client=dask_client),
+                  frame)
+    assert resumed.resumed_from_ == 3 and resumed.n_partitions_ > 1
+    assert_same_model(resumed, reference, frame)
 
 
 @pytest.mark.parametrize("n_partitions", [1, 3, 5])

@@ -69,7 +69,7 @@ from .random_effects import (CrossedShare, EMSums, FactorEffects,
                              relative_factor, solve_local,
                              update_variance_components)
 from .ensemble import (MemberPlan, Piece, StagePredictions, advance_stages, assemble_model,
-                       fit_members, honest_predictions, row_keys, training_pieces)
+                       fit_members, honest_predictions, restaged, row_keys, training_pieces)
 from .hashing import cluster_hashes
 from .families import Family
 from .laplace import initial_working, laplace_local, update_laplace_components
@@ -676,6 +676,10 @@ class EMData(Protocol):
 
     def fixed_effects_model(self) -> BaseEstimator: ...
 
+    def fitted_members(self) -> list: ...
+
+    def resume_members(self, plan: MemberPlan, members: list) -> None: ...
+
     def local_effects(self) -> list: ...
 
     def set_local_effects(self, effects: list) -> None: ...
@@ -808,6 +812,14 @@ class InMemoryEMData:
     def fixed_effects_model(self):
         return assemble_model(self.plan, self.fitted, self.part.X.shape[1])
 
+    def fitted_members(self):
+        return list(self.fitted)
+
+    def resume_members(self, plan, members):
+        self.plan, self.fitted = plan, list(members)
+        self.staged = restaged(plan, self.fitted, X=self.part.X, keys=self.part.keys,
+                               residue_of_row=self.part.residues(plan))
+
     def local_effects(self):
         return [None if b is None else (ids, b, cov)
                 for ids, b, cov in zip(self.part.levels, self.b, self.b_cov)]
@@ -876,6 +888,9 @@ class EMState:
     history : list of IterationRecord
     effects : list of (pandas.Index, ndarray of shape (n_levels_k, q_k))
         Every factor's levels and b.
+    members : list of (int, BoostingStages) or None
+        Warm-started members (:attr:`~merf_dask.core.ensemble.MemberPlan.rounds_per_step`),
+        which the next M-step goes on from; None for other learners, refitted in every M-step.
     """
 
     iteration: int
@@ -883,6 +898,7 @@ class EMState:
     D: list
     history: list
     effects: list
+    members: list | None = None
 
 
 @dataclass
@@ -1082,7 +1098,7 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
     on_iteration : callable, optional
         Called with every :class:`IterationRecord` (progress bars, events).
     start : EMState, optional
-        Resume after this state's iteration.
+        Resume after this state's iteration (with its members, when they are warm-started).
     on_state : callable, optional
         Called with the :class:`EMState` after every iteration that does not end the loop (a
         resumed run repeats at most the iteration in flight, and reaches the same model).
@@ -1105,6 +1121,8 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
     if start is not None:
         sigma2, D, history = start.sigma2, list(start.D), list(start.history)
         data.set_local_effects(start.effects)
+        if plan.rounds_per_step:
+            data.resume_members(plan, start.members)
         for k in crossed:
             levels, b = start.effects[layout.model_factor(k)]
             crossed[k] = (align_random_effects(layout.crossed_levels[k], levels, b),
@@ -1155,7 +1173,8 @@ def run_em(data: EMData, *, plan: MemberPlan, max_iterations: int, tol: float,
             break
         if on_state is not None and iteration < max_iterations:
             on_state(EMState(iteration=iteration, sigma2=sigma2, D=D, history=list(history),
-                             effects=[(e.levels, e.b) for e in _all_effects(data, crossed, D)]))
+                             effects=[(e.levels, e.b) for e in _all_effects(data, crossed, D)],
+                             members=data.fitted_members() if plan.rounds_per_step else None))
         previous_gll = gll
     return EMResult(fe_model=data.fixed_effects_model(), sigma2=sigma2,
                     effects=_all_effects(data, crossed, D), n_rows=data.n_rows,

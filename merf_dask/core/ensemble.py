@@ -84,7 +84,8 @@ __all__ = ["row_keys", "MemberPlan", "plan_members", "TREE_MEMBER_ROWS", "FOLD_M
            "DEALT_CLUSTERS_PER_CLASS",
            "Piece", "training_pieces", "fit_members", "honest_predictions", "assemble_model",
            "FoldEnsemble", "is_bagged_forest", "is_warm_started", "predict_fixed_effects",
-           "WARM_START_STEPS", "BoostingStages", "StagePredictions", "advance_stages"]
+           "WARM_START_STEPS", "BoostingStages", "StagePredictions", "advance_stages",
+           "restaged"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 # Poisson(1) cumulative probabilities; a uniform above the last gives 21 (probability < 1e-19)
@@ -796,6 +797,32 @@ def advance_stages(plan: MemberPlan, fitted: list[tuple[int, BoostingStages]], *
         own += previous.own
         honest += previous.honest
     return StagePredictions(n_stages=n_stages, own=own, honest=honest, n_in_sample=n_in_sample)
+
+
+def restaged(plan: MemberPlan, fitted: list[tuple[int, BoostingStages]], *, X: np.ndarray,
+             keys: np.ndarray, residue_of_row: np.ndarray) -> StagePredictions | None:
+    """The sums of every stage of ``fitted`` at one block's rows, added stage by stage as the
+    M-steps that grew them added them (so a fit resumed with these members goes on with the
+    same bits); None for members without stages.
+
+    Parameters
+    ----------
+    plan : MemberPlan
+    fitted : list of (member index, BoostingStages)
+    X : ndarray of shape (n_rows, n_features)
+    keys, residue_of_row : ndarray of shape (n_rows,)
+
+    Returns
+    -------
+    StagePredictions or None
+    """
+    staged = None
+    for n_stages in range(1, len(fitted[0][1].stages) + 1 if fitted else 1):
+        grown = [(member, BoostingStages(estimator.stages[:n_stages]))
+                 for member, estimator in fitted]
+        staged = advance_stages(plan, grown, X=X, keys=keys, residue_of_row=residue_of_row,
+                                previous=staged)
+    return staged
 
 
 class FoldEnsemble(RegressorMixin, BaseEstimator):

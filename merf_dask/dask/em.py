@@ -65,7 +65,7 @@ from ..core.em import (MAX_CLUSTER_ROWS, EffectsLayout, PartitionArrays, add_lim
                        spread_clusters, spread_factor_levels, spread_part)
 from ..core.random_effects import CrossedShare, combine_sums
 from ..core.ensemble import MemberPlan, StagePredictions, advance_stages, assemble_model, \
-    fit_members
+    fit_members, restaged
 
 __all__ = ["DaskEMData", "fits_in_memory", "CACHE_SHARE"]
 
@@ -148,6 +148,11 @@ def _honest_source(chunks):
 def _advance_stages(part: PartitionArrays, chunks, previous, *, plan):
     return advance_stages(plan, _honest_source(chunks), X=part.X, keys=part.keys,
                           residue_of_row=part.residues(plan), previous=previous)
+
+
+def _restaged(part: PartitionArrays, chunks, *, plan):
+    return restaged(plan, _honest_source(chunks), X=part.X, keys=part.keys,
+                    residue_of_row=part.residues(plan))
 
 
 def _e_step_local(part: PartitionArrays, chunks, *, plan, layout, relative):
@@ -331,10 +336,23 @@ class DaskEMData:
         distributed.wait(chunks)
         self.plan, self.chunks, self.chunk_members = plan, chunks, chunk_members
         if plan.rounds_per_step:
-            stage_chunks = [self._serving_chunks(residues, own=True)
-                            for residues in self._residues(plan)]
-            self.staged = self._each_partition(_advance_stages, stage_chunks, self.staged,
-                                               plan=plan)
+            self.staged = self._each_partition(_advance_stages, self._stage_chunks(),
+                                               self.staged, plan=plan)
+
+    def _stage_chunks(self) -> list:
+        """Every partition's chunks of the members its stage sums need: those serving its
+        classes and its classes' own."""
+        return [self._serving_chunks(residues, own=True) for residues in self._residues(self.plan)]
+
+    def resume_members(self, plan, members):
+        by_residue: dict[int, list] = {}
+        for member, estimator in members:
+            by_residue.setdefault(int(plan.residues[member]), []).append((member, estimator))
+        groups = list(by_residue.values())
+        self.plan = plan
+        self.chunks = self.client.scatter(groups)
+        self.chunk_members = [np.array([member for member, _ in group]) for group in groups]
+        self.staged = self._each_partition(_restaged, self._stage_chunks(), plan=plan)
 
     def _submit_fits(self, plan, crossed_b) -> tuple[list, list]:
         """Futures of the member chunks of the M-step, and the members of each chunk.
@@ -500,12 +518,15 @@ class DaskEMData:
         self.b_cov = [client.submit(operator.itemgetter(1), r) for r in results]
         return sums.result()
 
-    def fixed_effects_model(self):
+    def fitted_members(self):
         # a few chunks at a time: a worker serialises what is asked of it at once, and all of
         # its members together could push it past its memory limit
-        fitted = [member for start in range(0, len(self.chunks), _GATHER_CHUNKS)
-                  for chunk in self.client.gather(self.chunks[start:start + _GATHER_CHUNKS])
-                  for member in chunk]
+        return [member for start in range(0, len(self.chunks), _GATHER_CHUNKS)
+                for chunk in self.client.gather(self.chunks[start:start + _GATHER_CHUNKS])
+                for member in chunk]
+
+    def fixed_effects_model(self):
+        fitted = self.fitted_members()
         n_jobs = self.plan.learner.get_params(deep=False).get("n_jobs")
         for _, estimator in fitted:  # the fitted model predicts with the threads asked for
             if "n_jobs" in estimator.get_params(deep=False):
