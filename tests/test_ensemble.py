@@ -19,6 +19,7 @@ from merf_dask.core.ensemble import (FOLD_MEMBER_ROWS, TREE_MEMBER_ROWS, Boostin
                                 assemble_model, fit_members,
                                 honest_predictions, plan_members, predict_fixed_effects, row_keys,
                                 training_pieces)
+from merf_dask.core.binning import MAX_BINS, FeatureBins
 from merf_dask.core.hashing import cluster_hashes
 
 
@@ -532,6 +533,28 @@ def test_warm_started_members_add_a_stage_in_every_m_step():
     member, estimator = fitted[0]
     rows = fold == plan.residues[member]
     last = estimator.stages[-1]
+    binned = estimator.bins.transform(X)
     np.testing.assert_allclose(last._baseline_prediction.ravel(),
-                               np.mean((targets[4] - (staged.own - last.predict(X)))[rows]),
+                               np.mean((targets[4] - (staged.own - last.predict(binned)))[rows]),
                                rtol=1e-10)
+
+
+def test_feature_bins_take_quantiles_once_and_keep_order_ties_and_missing_values():
+    rng = np.random.default_rng(3)
+    X = np.column_stack([rng.standard_normal(20_000), rng.integers(0, 7, 20_000),
+                         rng.exponential(size=20_000)])
+    X[rng.random(20_000) < 0.05, 2] = np.nan
+    bins = FeatureBins().fit(X)
+    binned = bins.transform(X)
+    for j in range(3):
+        present = ~np.isnan(X[:, j])
+        np.testing.assert_array_equal(np.isnan(binned[:, j]), ~present)  # missing stays missing
+        values, codes = X[present, j], binned[present, j]
+        order = np.argsort(values, kind="stable")
+        assert np.all(np.diff(codes[order]) >= 0)  # the bins keep the values' order
+        assert len(np.unique(codes)) <= MAX_BINS  # a histogram booster takes them as they are
+    assert len(np.unique(binned[:, 1])) == 7  # tied values share a bin: one per integer
+    counts = np.bincount(binned[:, 0].astype(int))
+    assert len(counts) == MAX_BINS and counts.min() > 0.8 * 20_000 / MAX_BINS  # quantiles
+    # rows not seen in the fit fall into the same bins as seen rows of equal value
+    np.testing.assert_array_equal(bins.transform(X[::-1]), binned[::-1])

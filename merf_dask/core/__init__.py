@@ -13,6 +13,7 @@ random_effects  the joint E-step of every grouping factor (local elimination, th
 crossed_solve  the crossed unknowns: dense on the driver, or conjugate gradients with stochastic
              traces when they are many
 ensemble     the M-step's members and their honest (out-of-bag, cross-fitted) predictions
+binning      a warm-started member's feature bins, fitted once for all its stages
 em           the EM loop over any :class:`~merf_dask.core.em.EMData`, and the in-memory data
 state        the fitted model as one object (what fit writes and the artifacts save and load)
 """

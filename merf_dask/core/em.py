@@ -445,8 +445,9 @@ def honest_residuals(part: PartitionArrays, plan: MemberPlan,
     return part.y - f_hat, int(n_in_sample)
 
 
-def e_step_local(part: PartitionArrays, plan: MemberPlan, fitted: list, *, layout: EffectsLayout,
-                 relative: list, n_jobs=None) -> tuple[LocalStep, CrossedShare | None]:
+def e_step_local(part: PartitionArrays, plan: MemberPlan, fitted: list | StagePredictions, *,
+                 layout: EffectsLayout, relative: list, n_jobs=None
+                 ) -> tuple[LocalStep, CrossedShare | None]:
     """The E-step's first pass over a block: honest residuals and the local elimination
     (:func:`merf_dask.core.random_effects.solve_local`).
 
@@ -454,7 +455,8 @@ def e_step_local(part: PartitionArrays, plan: MemberPlan, fitted: list, *, layou
     ----------
     part : PartitionArrays
     plan : MemberPlan
-    fitted : list of (member index, fitted member)
+    fitted : list of (member index, fitted member), or StagePredictions
+        What :func:`honest_residuals` predicts f with.
     layout : EffectsLayout
     relative : list of ndarray of shape (q_k, q_k)
         :func:`~merf_dask.core.random_effects.relative_factor` of every factor.
@@ -557,8 +559,9 @@ def refuse_crossed_family(family: Family, layout: EffectsLayout) -> None:
                          f"effects in all for now; this design has {P:,}")
 
 
-def begin_crossed_laplace(part: PartitionArrays, plan: MemberPlan, fitted: list | None, *,
-                          previous, layout: EffectsLayout, n_jobs=None):
+def begin_crossed_laplace(part: PartitionArrays, plan: MemberPlan,
+                          fitted: list | StagePredictions | None, *, previous,
+                          layout: EffectsLayout, n_jobs=None):
     """A block's state at the start of a Laplace E-step with crossed factors
     (:func:`merf_dask.core.laplace_crossed.begin_newton`): honest f from ``fitted``, or
     ``previous``'s when None (an accelerated iteration's further E-steps)."""
@@ -580,7 +583,8 @@ def laplace_pieces(part: PartitionArrays, plan: MemberPlan, previous, *, family:
     return m_step_pieces(part, None, plan, working=working, staged=staged)
 
 
-def laplace_e_step(part: PartitionArrays, plan: MemberPlan, fitted: list | None, *, relative,
+def laplace_e_step(part: PartitionArrays, plan: MemberPlan,
+                   fitted: list | StagePredictions | None, *, relative,
                    family: Family, previous=None, n_jobs=None):
     """A binary or count fit's E-step over one block whose factors are local
     (:func:`merf_dask.core.laplace.laplace_local`), starting from its last mode.
@@ -589,9 +593,9 @@ def laplace_e_step(part: PartitionArrays, plan: MemberPlan, fitted: list | None,
     ----------
     part : PartitionArrays
     plan : MemberPlan
-    fitted : list of (member index, fitted member) or None
-        The members that predict f honestly; None reuses ``previous``'s predictions (the
-        further E-steps of an accelerated iteration).
+    fitted : list of (member index, fitted member), StagePredictions or None
+        What predicts f honestly (:func:`honest_residuals`); None reuses ``previous``'s
+        predictions (the further E-steps of an accelerated iteration).
     relative : list of ndarray
         L_k with L_k L_k' = D_k.
     family : Family

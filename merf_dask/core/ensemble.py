@@ -25,7 +25,9 @@ are and EM converges the variance components. As in GPBoost, the boosting and th
 are fitted together, at the price of one boosting of the learner's rounds in all, not one per
 iteration. Every block keeps its rows' running sums of the stages (:class:`StagePredictions`:
 the honest prediction, and the in-sample one of the row's own member, which the next stage
-boosts from), so an M-step predicts only its new stage, never the whole ensemble again.
+boosts from), so an M-step predicts only its new stage, never the whole ensemble again; and a
+member bins its rows once, in its first M-step, for all its stages
+(:class:`~merf_dask.core.binning.FeatureBins`).
 
 Which rows a member sees is decided per row from a stable hash of its cluster id and its
 values, never from the partition the row sits in or the process that runs the
@@ -79,6 +81,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin, clone
 from sklearn.ensemble._forest import BaseForest
 from sklearn.tree import DecisionTreeRegressor
+
+from .binning import FeatureBins
 
 __all__ = ["row_keys", "MemberPlan", "plan_members", "TREE_MEMBER_ROWS", "FOLD_MEMBER_ROWS",
            "DEALT_CLUSTERS_PER_CLASS",
@@ -565,6 +569,8 @@ def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray
     if plan.rounds_per_step:
         if len(stages) == plan.growing_steps:
             return grown
+        bins = FeatureBins().fit(X) if grown is None else grown.bins
+        X = bins.transform(X)
         name = _round_parameter(plan.learner)
         rounds = min(plan.rounds_per_step,
                      plan.learner.get_params()[name] - plan.rounds_per_step * len(stages))
@@ -577,7 +583,7 @@ def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray
             estimator.fit(X, y, sample_weight=weights)
         else:
             estimator.fit(X, y)
-        return BoostingStages([*stages, estimator]) if plan.rounds_per_step else estimator
+        return BoostingStages([*stages, estimator], bins) if plan.rounds_per_step else estimator
     except ValueError as error:
         raise ValueError(
             f"{type(plan.learner).__name__} could not be fitted on the {len(y)} rows of one "
@@ -716,19 +722,27 @@ def _forest_mean(model: BaseEstimator, X: np.ndarray) -> np.ndarray:
 
 class BoostingStages(RegressorMixin, BaseEstimator):
     """A warm-started member: the sum of its stages, each a boosting fitted to what the stages
-    before it left of one M-step's working response.
+    before it left of one M-step's working response, on the member's binned features.
 
     Parameters
     ----------
     stages : list of fitted estimators
+    bins : FeatureBins
+        The member's bins, fitted on its rows in its first M-step.
     """
 
-    def __init__(self, stages=()):
+    def __init__(self, stages=(), bins=None):
         self.stages = stages
+        self.bins = bins
 
     def predict(self, X):
         """Sum of the stages' predictions, shape (n_samples,)."""
+        X = self.bins.transform(X)
         return np.sum([_predict(stage, X, trees=False) for stage in self.stages], axis=0)
+
+    def first(self, n_stages: int) -> "BoostingStages":
+        """The member as its first ``n_stages`` stages made it."""
+        return BoostingStages(self.stages[:n_stages], self.bins)
 
 
 @dataclass(frozen=True)
@@ -784,7 +798,8 @@ def advance_stages(plan: MemberPlan, fitted: list[tuple[int, BoostingStages]], *
     if n_stages != done + 1:
         raise ValueError(f"the members have {n_stages} stages and the block's sums {done}: an "
                          "M-step adds one stage")
-    newest = [(member, estimator.stages[-1]) for member, estimator in fitted]
+    newest = [(member, BoostingStages(estimator.stages[-1:], estimator.bins))
+              for member, estimator in fitted]
     honest, n_in_sample = honest_predictions(plan, newest, X=X, keys=keys,
                                              residue_of_row=residue_of_row)
     X = np.asarray(X, dtype=plan.feature_dtype)
@@ -792,7 +807,7 @@ def advance_stages(plan: MemberPlan, fitted: list[tuple[int, BoostingStages]], *
     for member, stage in newest:
         rows = np.flatnonzero(residue_of_row == plan.residues[member])
         if len(rows):
-            own[rows] += _predict(stage, X[rows], trees=False)
+            own[rows] += stage.predict(X[rows])
     if previous is not None:
         own += previous.own
         honest += previous.honest
@@ -818,8 +833,7 @@ def restaged(plan: MemberPlan, fitted: list[tuple[int, BoostingStages]], *, X: n
     """
     staged = None
     for n_stages in range(1, len(fitted[0][1].stages) + 1 if fitted else 1):
-        grown = [(member, BoostingStages(estimator.stages[:n_stages]))
-                 for member, estimator in fitted]
+        grown = [(member, estimator.first(n_stages)) for member, estimator in fitted]
         staged = advance_stages(plan, grown, X=X, keys=keys, residue_of_row=residue_of_row,
                                 previous=staged)
     return staged

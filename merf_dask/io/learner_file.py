@@ -45,6 +45,7 @@ import zipfile
 import joblib
 import skops.io
 
+from ..core.binning import FeatureBins
 from ..core.ensemble import BoostingStages, FoldEnsemble
 
 __all__ = ["SKOPS_FILE", "PICKLE_FILE", "TRUSTED_TYPES", "UntrustedModelError", "LightGBMText",
@@ -105,9 +106,11 @@ def _type_name(cls: type) -> str:
 #: (:mod:`merf_dask.learners`) and the parts of scikit-learn's regressors fitted with their
 #: defaults. A learner with any other type is pickled (see the module notes).
 TRUSTED_TYPES: tuple[str, ...] = (
-    # merf-dask: a cross-fit's ensemble, a warm-started member, a fitted LightGBM model as text
+    # merf-dask: a cross-fit's ensemble, a warm-started member and its bins, a fitted LightGBM
+    # model as text
     _type_name(FoldEnsemble),
     _type_name(BoostingStages),
+    _type_name(FeatureBins),
     _type_name(LightGBMText),
     # the named learners: scikit-learn's trees (forests, extra trees), histogram boosting's
     # trees, LightGBM's scikit-learn regressor (unfitted templates) and its best scores
@@ -165,7 +168,7 @@ def _as_data(learner):
     if isinstance(learner, FoldEnsemble):
         return FoldEnsemble([_as_data(member) for member in learner.members])
     if isinstance(learner, BoostingStages):
-        return BoostingStages([_as_data(stage) for stage in learner.stages])
+        return BoostingStages([_as_data(stage) for stage in learner.stages], learner.bins)
     return LightGBMText.of(learner) if _is_fitted_lightgbm(learner) else learner
 
 
@@ -176,7 +179,7 @@ def _from_data(learner):
     if isinstance(learner, FoldEnsemble):
         return FoldEnsemble([_from_data(member) for member in learner.members])
     if isinstance(learner, BoostingStages):
-        return BoostingStages([_from_data(stage) for stage in learner.stages])
+        return BoostingStages([_from_data(stage) for stage in learner.stages], learner.bins)
     return learner.regressor() if isinstance(learner, LightGBMText) else learner
 
 
