@@ -595,6 +595,11 @@ def test_a_warm_boosted_count_fit_is_the_same_on_a_local_cluster(dask_client, de
     in_process = MERF(boosting, **params).fit(frame)
     assert [[stage.n_iter_ for stage in member.stages]
             for member in in_process.fe_model_.members] == [[2] * 10] * 2
+    # weighted rows: each member binned them once, and its stages see the bins' indices
+    for member in in_process.fe_model_.members:
+        X = frame[["x"]].to_numpy(dtype=float)
+        np.testing.assert_array_equal(member.predict(X), np.sum(
+            [stage.predict(member.bins.transform(X)) for stage in member.stages], axis=0))
     column = formula.split("| ")[1].split(")")[0]
     lake = dd.from_pandas(frame.sort_values(column), npartitions=3, sort=False)
     distributed = MERF(boosting, client=dask_client, **params).fit(lake)

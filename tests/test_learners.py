@@ -176,8 +176,7 @@ def test_warm_boosting_grows_over_the_first_m_steps_then_stays(fitted, data, mon
     X = data_features(model)
     np.testing.assert_allclose(
         model.fe_model_.members[0].predict(X),
-        np.sum([stage.predict(model.fe_model_.members[0].bins.transform(X))
-                for stage in model.fe_model_.members[0].stages], axis=0),
+        np.sum([stage.predict(X) for stage in model.fe_model_.members[0].stages], axis=0),
         rtol=1e-12)
     member_fits = []
     grow = ensemble._fit_fold_member

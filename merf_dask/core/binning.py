@@ -8,7 +8,8 @@ per bin edge: 0.18 s for 10,000 rows of 3 features against 0.008 s for a whole 1
 without weights. :class:`FeatureBins` takes each feature's quantiles once, from the member's
 first M-step, and gives every stage the bin index of each value: fewer distinct values than the
 booster's bins, which it then takes as they are. The bins of values that tie are merged, and a
-missing value stays missing.
+missing value stays missing. Unweighted fits keep the booster's own binning, which subsamples
+big data and was faster (2M rows: 25 s against 41 s for the whole fit, bench/README.md).
 
 Classes
 -------

@@ -25,9 +25,9 @@ are and EM converges the variance components. As in GPBoost, the boosting and th
 are fitted together, at the price of one boosting of the learner's rounds in all, not one per
 iteration. Every block keeps its rows' running sums of the stages (:class:`StagePredictions`:
 the honest prediction, and the in-sample one of the row's own member, which the next stage
-boosts from), so an M-step predicts only its new stage, never the whole ensemble again; and a
-member bins its rows once, in its first M-step, for all its stages
-(:class:`~merf_dask.core.binning.FeatureBins`).
+boosts from), so an M-step predicts only its new stage, never the whole ensemble again; and in
+binary and count fits (weighted rows) a member bins its rows once, in its first M-step, for all
+its stages (:class:`~merf_dask.core.binning.FeatureBins`).
 
 Which rows a member sees is decided per row from a stable hash of its cluster id and its
 values, never from the partition the row sits in or the process that runs the
@@ -569,8 +569,12 @@ def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray
     if plan.rounds_per_step:
         if len(stages) == plan.growing_steps:
             return grown
-        bins = FeatureBins().fit(X) if grown is None else grown.bins
-        X = bins.transform(X)
+        # weighted fits only: scikit-learn bins them by weighted percentiles at every stage
+        # (bench/results/families.md); unweighted, its own binning was faster (2M rows)
+        bins = grown.bins if grown is not None else (
+            None if weights is None else FeatureBins().fit(X))
+        if bins is not None:
+            X = bins.transform(X)
         name = _round_parameter(plan.learner)
         rounds = min(plan.rounds_per_step,
                      plan.learner.get_params()[name] - plan.rounds_per_step * len(stages))
@@ -727,8 +731,9 @@ class BoostingStages(RegressorMixin, BaseEstimator):
     Parameters
     ----------
     stages : list of fitted estimators
-    bins : FeatureBins
-        The member's bins, fitted on its rows in its first M-step.
+    bins : FeatureBins or None
+        The member's bins, fitted on its rows in its first M-step (weighted fits); None: the
+        stages take the features as they are.
     """
 
     def __init__(self, stages=(), bins=None):
@@ -737,7 +742,8 @@ class BoostingStages(RegressorMixin, BaseEstimator):
 
     def predict(self, X):
         """Sum of the stages' predictions, shape (n_samples,)."""
-        X = self.bins.transform(X)
+        if self.bins is not None:
+            X = self.bins.transform(X)
         return np.sum([_predict(stage, X, trees=False) for stage in self.stages], axis=0)
 
     def first(self, n_stages: int) -> "BoostingStages":
