@@ -51,8 +51,7 @@ from .io.checkpoint import fit_key, read_checkpoint, remove_checkpoint, write_ch
 from .core.em import MAX_CLUSTER_ROWS, InMemoryEMData, logger, run_em
 from .core.families import BINOMIAL, FAMILIES
 from .core.state import ModelState
-from .core.ensemble import is_bagged_forest, is_warm_started, plan_members, \
-    predict_fixed_effects
+from .core.ensemble import is_bagged_forest, plan_members, predict_fixed_effects
 from .learners import default_learner, is_linear_model
 
 __all__ = ["MERF", "SingularFitWarning"]
@@ -345,13 +344,13 @@ class MERF(RegressorMixin, BaseEstimator):
                                      n_jobs=learner.n_jobs if is_bagged_forest(learner) else None)
             n_partitions = 1
         seed, start, on_state = self._checkpointing(em_data)
-        if start is not None and start.members is None and is_warm_started(learner):
-            logger.warning("the checkpoint %s holds no members of the warm-started learner: "
-                           "starting afresh", self.checkpoint)
-            start = None
         plan = plan_members(learner, honest=honest, n_rows=em_data.n_rows,
                             n_folds=self.n_folds, member_rows=self.member_rows, seed=seed,
                             cluster_hashes=em_data.cluster_hashes)
+        if start is not None and start.members is None and plan.rounds_per_step:
+            logger.warning("the checkpoint %s holds no members of the warm-started learner: "
+                           "starting afresh", self.checkpoint)
+            start = None
         with copies:
             result = run_em(em_data, plan=plan, max_iterations=self.max_iterations, tol=tol,
                             validation_mse=validation, start=start, on_state=on_state,

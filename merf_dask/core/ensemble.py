@@ -170,6 +170,11 @@ def _round_parameter(learner: BaseEstimator) -> str | None:
     return next((name for name in _ROUND_PARAMS if name in params), None)
 
 
+def _total_rounds(learner: BaseEstimator) -> int:
+    """A warm-started learner's rounds in all (its ``max_iter`` or ``n_estimators``)."""
+    return learner.get_params()[_round_parameter(learner)]
+
+
 def is_warm_started(learner: BaseEstimator) -> bool:
     """True for a boosted learner with ``warm_start=True`` (a parameter counting its rounds,
     ``max_iter`` or ``n_estimators``), which goes on boosting from one M-step to the next; a
@@ -237,8 +242,7 @@ class MemberPlan:
         scratch): EM must not stop before they hold all their rounds."""
         if not self.rounds_per_step:
             return 0
-        return math.ceil(self.learner.get_params()[_round_parameter(self.learner)]
-                         / self.rounds_per_step)
+        return math.ceil(_total_rounds(self.learner) / self.rounds_per_step)
 
     def residue_of(self, hashes: np.ndarray) -> np.ndarray:
         """The residue class of clusters with these hashes: the hash modulo ``stride``, or the
@@ -419,8 +423,7 @@ def plan_members(learner: BaseEstimator, *, honest: bool, n_rows: int, n_folds: 
         class_table = _dealt_classes(hashes, stride, seed)
     rounds_per_step = 0
     if is_warm_started(learner):
-        rounds = learner.get_params()[_round_parameter(learner)]
-        rounds_per_step = max(1, math.ceil(rounds / WARM_START_STEPS))
+        rounds_per_step = max(1, math.ceil(_total_rounds(learner) / WARM_START_STEPS))
     rng = np.random.default_rng(seed)
     residues = rng.permutation(stride)[np.arange(n_members) % stride]
     seeds = rng.integers(0, np.iinfo(np.uint32).max, n_members, dtype=np.uint32)
@@ -575,11 +578,10 @@ def _fit_fold_member(plan: MemberPlan, member: int, X: np.ndarray, y: np.ndarray
             None if weights is None else FeatureBins().fit(X))
         if bins is not None:
             X = bins.transform(X)
-        name = _round_parameter(plan.learner)
         rounds = min(plan.rounds_per_step,
-                     plan.learner.get_params()[name] - plan.rounds_per_step * len(stages))
+                     _total_rounds(plan.learner) - plan.rounds_per_step * len(stages))
         seed = (int(plan.seeds[member]) + len(stages)) & 0x7FFFFFFF  # stages draw apart
-        estimator.set_params(**{name: rounds, "warm_start": False},
+        estimator.set_params(**{_round_parameter(plan.learner): rounds, "warm_start": False},
                              **({"random_state": seed}
                                 if "random_state" in estimator.get_params(deep=False) else {}))
     try:

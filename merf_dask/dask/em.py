@@ -396,6 +396,10 @@ class DaskEMData:
         on boosting from (none for other learners)."""
         if not plan.rounds_per_step or self.chunks is None:
             return []
+        return self._chunks_holding(members)
+
+    def _chunks_holding(self, members: np.ndarray) -> list:
+        """The member chunks that hold any of ``members``."""
         return [chunk for chunk, held in zip(self.chunks, self.chunk_members)
                 if np.isin(held, members).any()]
 
@@ -412,8 +416,7 @@ class DaskEMData:
         serving = self.plan.members_serving(residues)
         if own:
             serving = np.union1d(serving, np.flatnonzero(np.isin(self.plan.residues, residues)))
-        return [chunk for chunk, members in zip(self.chunks, self.chunk_members)
-                if np.isin(members, serving).any()]
+        return self._chunks_holding(serving)
 
     def _honest_inputs(self) -> list:
         """What every partition's E-step predicts f with: its serving chunks, or its stage
